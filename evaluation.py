@@ -1,0 +1,120 @@
+"""Evaluate a policy on held-out prompts: sample answers, parse them like the reward does, and score them.
+
+Shared by train_grpo.py (its before/after summary) and test_lora_adapter*.py (the full report).
+
+Metrics, per model, on the same prompts and sampling seeds:
+- valid rate: answers whose final message holds exactly one action in range (harmony.parse_final_action);
+- accuracy: answers that chose argmax Q (invalid answers count as wrong);
+- mean reward: the Boltzmann reward of the chosen action, reward_action_<a>; an invalid answer earns 0;
+- mean regret: max Q - Q of the chosen action, in the data's Q units; an invalid answer gets the row's worst
+  regret (max Q - min Q), as if the controller had done the worst thing;
+- the action distribution and a predicted-versus-optimal count table.
+References on the same rows: uniform guessing (mean reward over the actions), the best single constant action,
+and the optimal policy (argmax Q).
+"""
+
+import time
+
+import numpy as np
+import torch
+
+import harmony
+from data_reward import optimal_actions, q_matrix, reward_matrix
+
+
+def generate_answers(model, tokenizer, prompts, samples=4, temperature=1.0, top_p=1.0, max_new_tokens=64,
+                     seed=0, batch_size=64, stop_ids=None, log=None):
+    """Sample `samples` Harmony completions for every prompt; returns answers[prompt][sample] with special tokens.
+
+    Seeds are fixed per batch, so two models evaluated with the same arguments see the same random streams.
+    """
+    stop_ids = stop_ids or [tokenizer.convert_tokens_to_ids(t) for t in harmony.STOP_TOKENS]
+    device = next(model.parameters()).device
+    jobs = [(i, prompt) for i, prompt in enumerate(prompts) for _ in range(samples)]
+    answers = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    start = time.time()
+    for b, first in enumerate(range(0, len(jobs), batch_size)):
+        batch = jobs[first:first + batch_size]
+        encoded = tokenizer([p for _, p in batch], add_special_tokens=False, padding=True, padding_side="left",
+                            return_tensors="pt").to(device)
+        torch.manual_seed(seed + b)
+        with torch.no_grad():
+            out = model.generate(**encoded, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                 max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                                 pad_token_id=tokenizer.pad_token_id)
+        for (i, _), ids in zip(batch, out[:, encoded["input_ids"].shape[1]:].tolist()):
+            answers[i].append(decode_completion(tokenizer, ids, stop_ids))
+        if log and (b % 10 == 0 or first + batch_size >= len(jobs)):
+            done = min(first + batch_size, len(jobs))
+            log(f"  generated {done}/{len(jobs)} answers ({time.time() - start:.0f} s)")
+    model.train(was_training)
+    return answers
+
+
+def decode_completion(tokenizer, ids, stop_ids):
+    """Completion token ids -> text with special tokens, cut after the first stop token (drops padding)."""
+    for k, token in enumerate(ids):
+        if token in stop_ids:
+            ids = ids[:k + 1]
+            break
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def parse_answers(answers, num_actions):
+    """answers[prompt][sample] -> int array [prompts, samples] of chosen actions, -1 where invalid."""
+    parsed = [[harmony.parse_final_action(a, num_actions) for a in row] for row in answers]
+    return np.array([[-1 if a is None else a for a in row] for row in parsed], dtype=np.int64)
+
+
+def score_actions(frame, actions):
+    """Metrics of chosen actions [prompts, samples] (-1 = invalid) on the rows of `frame`."""
+    rewards, q, best = reward_matrix(frame), q_matrix(frame), optimal_actions(frame)
+    n_actions = rewards.shape[1]
+    valid = actions >= 0
+    safe = np.where(valid, actions, 0)
+    rows = np.arange(len(frame))[:, None]
+    chosen_reward = np.where(valid, rewards[rows, safe], 0.0)
+    worst_regret = (q.max(axis=1) - q.min(axis=1))[:, None]
+    chosen_regret = np.where(valid, q.max(axis=1)[:, None] - q[rows, safe], worst_regret)
+    counts = np.zeros((n_actions, n_actions + 1), dtype=np.int64)  # [optimal, predicted or invalid(last)]
+    for a_opt, row in zip(best, actions):
+        for a in row:
+            counts[a_opt, a if a >= 0 else n_actions] += 1
+    return {
+        "answers": int(actions.size),
+        "valid_rate": float(valid.mean()),
+        "accuracy": float((actions == best[:, None]).mean()),
+        "mean_reward": float(chosen_reward.mean()),
+        "mean_regret": float(chosen_regret.mean()),
+        "action_distribution": {str(a): float((actions == a).mean()) for a in range(n_actions)} | {
+            "invalid": float((~valid).mean())},
+        "optimal_vs_predicted": counts.tolist(),
+    }
+
+
+def reference_scores(frame):
+    """What uniform guessing, the best single constant action and the optimal policy earn on these rows."""
+    rewards, q, best = reward_matrix(frame), q_matrix(frame), optimal_actions(frame)
+    rows = np.arange(len(frame))
+    constant = rewards.mean(axis=0)
+    best_constant = int(constant.argmax())
+    regret = q.max(axis=1)[:, None] - q
+    return {
+        "uniform": {"mean_reward": float(rewards.mean()), "accuracy": 1.0 / rewards.shape[1],
+                    "mean_regret": float(regret.mean())},
+        "best_constant": {"action": best_constant, "mean_reward": float(constant[best_constant]),
+                          "accuracy": float((best == best_constant).mean()),
+                          "mean_regret": float(regret[:, best_constant].mean())},
+        "optimal": {"mean_reward": float(rewards[rows, best].mean()), "accuracy": 1.0, "mean_regret": 0.0},
+    }
+
+
+def evaluate_model(model, tokenizer, frame, samples=4, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=0,
+                   batch_size=64, log=None):
+    """Sample, parse and score one model on the rows of `frame` (its `prompt` column must be Harmony)."""
+    answers = generate_answers(model, tokenizer, frame["prompt"].tolist(), samples, temperature, top_p,
+                               max_new_tokens, seed, batch_size, log=log)
+    actions = parse_answers(answers, reward_matrix(frame).shape[1])
+    return score_actions(frame, actions), answers, actions

@@ -1,0 +1,508 @@
+"""Build stand-in gpt-oss checkpoints in the real format, for machines where the real weights are out of reach.
+
+    python tiny_gpt_oss.py                 # the tiny stand-in (default), cached under runs/stand-ins/
+    python tiny_gpt_oss.py --rebuild       # build it again even if the cached one is current
+    python tiny_gpt_oss.py --shape 20b     # the exact openai/gpt-oss-20b shape, random weights (~13 GB, GPU advised)
+
+Both are complete model directories that load like openai/gpt-oss-20b does
+(`AutoModelForCausalLM.from_pretrained(dir, quantization_config=Mxfp4Config(dequantize=True))`):
+a `GptOssForCausalLM` whose experts are stored as MXFP4 `*_blocks` / `*_scales` tensors, a config with the
+mxfp4 `quantization_config`, a byte-level BPE tokenizer that carries the Harmony special tokens and the original
+gpt-oss chat template, and a generation config that stops at <|return|>, <|endoftext|> and <|call|>.
+
+- tiny: ~3x10^5 parameters, small enough to train on 2 CPU cores, with sliding and full attention layers, sinks,
+  and top-2 routing over 4 experts. Its tokenizer is trained on the project's own prompts. It is warm-started
+  on Harmony answers to the training prompts in data/ with *random* actions, so it knows the format (an analysis
+  message, then a final message holding one bracketed action) but not the policy: that is what GRPO must teach.
+  The last warm-start steps run with the experts already rounded to MXFP4 and frozen, so the saved checkpoint
+  behaves exactly like the model that was trained. Deterministic: the same recipe gives the same weights.
+- 20b: openai/gpt-oss-20b's published configuration with random weights (no warm start), written layer by layer;
+  its tokenizer is the tiny one padded to the real vocabulary size, the Harmony special tokens at their real ids.
+
+A build is written into a temporary directory and renamed when complete, so an interrupted build is never
+mistaken for a finished one; `recipe.json` inside records what it was built from and the cache is rebuilt when
+the recipe changes.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import re
+import zlib
+from pathlib import Path
+
+import torch
+
+import harmony
+
+ROOT = Path(__file__).resolve().parent
+# -----------------------------------------------------------------------------
+STAND_IN_DIR = ROOT / "runs" / "stand-ins"  # where built stand-ins are cached
+DATA_FILE = ROOT / "data" / "dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset.csv"  # prompts to learn from
+PROMPT_DATE = "2025-05-05"  # the 'Current date' pinned into rendered prompts (the data's first day)
+BPE_VOCAB = 2048  # learned byte-level BPE entries before the special tokens (fewer tokens per prompt = faster)
+# tiny architecture: sizes are multiples of 32 as MXFP4 needs; layer 0 slides, layer 1 sees everything
+TINY_HIDDEN = 64  # hidden size
+TINY_INTERMEDIATE = 64  # expert intermediate size
+TINY_LAYERS = 2  # decoder layers, alternating sliding / full attention like the real model
+TINY_EXPERTS = 4  # experts per layer
+TINY_TOP_K = 2  # experts per token
+TINY_HEADS = 4  # query heads
+TINY_KV_HEADS = 2  # key/value heads
+TINY_HEAD_DIM = 16  # per-head dimension
+TINY_SLIDING_WINDOW = 128  # tokens a sliding layer sees (the real model's window)
+# warm start: supervised on Harmony answers with random actions, loss on the completion only
+WARM_STEPS = 500  # optimiser steps with all weights free
+WARM_QUANTIZED_STEPS = 100  # further steps with experts rounded to MXFP4 and frozen
+WARM_BATCH = 32  # sequences per step
+WARM_LR = 3e-3  # AdamW learning rate
+SEED = 1234  # one seed for tokenizer order, weights, and the warm-start batches
+# -----------------------------------------------------------------------------
+
+SPECIAL_TOKEN = re.compile(r"<\|[a-z_0-9]+\|>")
+
+GPT_OSS_20B = dict(  # openai/gpt-oss-20b config.json, as published
+    num_hidden_layers=24,
+    num_local_experts=32,
+    num_experts_per_tok=4,
+    vocab_size=201088,
+    hidden_size=2880,
+    intermediate_size=2880,
+    head_dim=64,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    sliding_window=128,
+    layer_types=["sliding_attention", "full_attention"] * 12,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 150000.0,
+        "factor": 32.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "original_max_position_embeddings": 4096,
+        "truncate": False,
+    },
+    attention_bias=True,
+    attention_dropout=0.0,
+    swiglu_limit=7.0,
+    router_aux_loss_coef=0.9,
+    tie_word_embeddings=False,
+    initializer_range=0.02,
+    hidden_act="silu",
+    output_router_logits=False,
+    use_cache=True,
+)
+
+
+def read_training_prompts(path=DATA_FILE):
+    """The legacy-text prompts of the training split, in file order."""
+    import pandas as pd
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: the stand-in learns its tokenizer and format from this file; regenerate it "
+                                "with `python data/make_tes_dataset.py` (see data/README.md)")
+    frame = pd.read_csv(path, keep_default_na=False)
+    return frame.loc[frame["split"] == "train", "prompt"].tolist()
+
+
+def write_analysis(prompt):
+    """The analysis message of a warm-start answer: the plain reading of the situation, copied from the prompt.
+
+    Repeating the situation's plain words right before the decision gives a tiny model a short path from
+    the words that matter to the action token; which action those words call for is left for GRPO to learn.
+    """
+    co2 = re.search(r"CO2 now is (\w+)", prompt)
+    tank = re.search(r"Tank: [^)]*\), ([\w ]+)\.", prompt)
+    load = re.search(r"Cooling load this hour: [^,]*, (\w+)\.", prompt)
+    if not (co2 and tank and load):
+        return "I compare the CO2 factor now with the coming hours and look at the tank and the load."
+    return f"CO2 is {co2[1]} now, the tank is {tank[1]}, the load is {load[1]}."
+
+
+def byte_level_pre_tokenizer():
+    """Digits one by one, everything else free to merge across spaces.
+
+    Whole phrases that every prompt repeats (the system message, the developer instructions, the wording of
+    the situation) become a few tokens, which makes prompts short for a small model on a CPU, while numbers
+    stay readable digit by digit.
+    """
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+
+
+def train_bpe(texts, vocab_size):
+    """A byte-level BPE `tokenizers.Tokenizer` learned from `texts` (deterministic for the same texts)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = byte_level_pre_tokenizer()
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def pad_bpe(tokenizer, size):
+    """Pad a BPE vocabulary with unreachable filler entries so that the next added token gets id `size`."""
+    from tokenizers import Tokenizer, decoders, models
+
+    state = json.loads(tokenizer.to_str())
+    vocab, merges = state["model"]["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                              for m in state["model"]["merges"]]
+    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), size)})
+    padded = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    padded.pre_tokenizer = byte_level_pre_tokenizer()
+    padded.decoder = decoders.ByteLevel()
+    return padded
+
+
+def rendered_examples(prompts):
+    """Harmony prompt + answer texts the tokenizer learns from: what the model will actually read and write."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    renderer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()))  # only its chat template is used
+    renderer.chat_template = harmony.load_chat_template()
+    for i, prompt in enumerate(prompts):
+        effort = harmony.REASONING_EFFORTS[i % 3]
+        yield harmony.render_prompt(renderer, prompt, effort, PROMPT_DATE) + harmony.format_answer(
+            write_analysis(prompt), i % 4
+        )
+
+
+def build_tokenizer(prompts, real_ids=False):
+    """A fast tokenizer with the Harmony special tokens and the gpt-oss chat template.
+
+    With `real_ids` the vocabulary is padded so the special tokens sit at their ids in the real
+    o200k_harmony vocabulary and the size is the real 201088.
+    """
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [piece for text in rendered_examples(prompts) for piece in SPECIAL_TOKEN.split(text) if piece]
+    bpe = train_bpe(texts, BPE_VOCAB)
+    specials = sorted(harmony.SPECIAL_TOKEN_IDS, key=harmony.SPECIAL_TOKEN_IDS.get)
+    if real_ids:
+        bpe = pad_bpe(bpe, min(harmony.SPECIAL_TOKEN_IDS.values()))
+        last = max(harmony.SPECIAL_TOKEN_IDS.values())
+        specials += [f"<|reserved_{i}|>" for i in range(last + 1, GPT_OSS_20B["vocab_size"])]
+    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|startoftext|>",
+        eos_token="<|return|>",
+        pad_token="<|endoftext|>",
+        model_max_length=131072,
+    )
+    tokenizer.chat_template = harmony.load_chat_template()
+    if real_ids:
+        for token, token_id in harmony.SPECIAL_TOKEN_IDS.items():
+            assert tokenizer.convert_tokens_to_ids(token) == token_id, token
+        assert len(tokenizer) == GPT_OSS_20B["vocab_size"], len(tokenizer)
+    return tokenizer
+
+
+def tiny_config(tokenizer):
+    """GptOssConfig of the tiny stand-in, sized to its tokenizer."""
+    from transformers import GptOssConfig
+
+    return GptOssConfig(
+        num_hidden_layers=TINY_LAYERS,
+        num_local_experts=TINY_EXPERTS,
+        num_experts_per_tok=TINY_TOP_K,
+        vocab_size=len(tokenizer),
+        hidden_size=TINY_HIDDEN,
+        intermediate_size=TINY_INTERMEDIATE,
+        head_dim=TINY_HEAD_DIM,
+        num_attention_heads=TINY_HEADS,
+        num_key_value_heads=TINY_KV_HEADS,
+        sliding_window=TINY_SLIDING_WINDOW,
+        layer_types=["sliding_attention", "full_attention"] * (TINY_LAYERS // 2),
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        **special_ids(tokenizer),
+    )
+
+
+def gpt_oss_20b_config():
+    """GptOssConfig equal to openai/gpt-oss-20b's published config.json (its token ids are the real ones)."""
+    from transformers import GptOssConfig
+
+    return GptOssConfig(**GPT_OSS_20B, eos_token_id=harmony.SPECIAL_TOKEN_IDS["<|return|>"],
+                        pad_token_id=harmony.SPECIAL_TOKEN_IDS["<|endoftext|>"])
+
+
+def special_ids(tokenizer):
+    return dict(
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|return|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+
+
+def generation_config(tokenizer):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in harmony.STOP_TOKENS],
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        do_sample=True,
+    )
+
+
+def make_warm_start_batch(encode, prompts, generator, pad_id):
+    """One batch of (input_ids, labels, attention_mask): random prompt, reasoning effort and action.
+
+    `encode(prompt_index, effort, action)` returns (prompt ids, answer ids); labels cover the answer only.
+    """
+    picks = torch.randint(len(prompts), (WARM_BATCH,), generator=generator).tolist()
+    efforts = torch.randint(3, (WARM_BATCH,), generator=generator).tolist()
+    actions = torch.randint(4, (WARM_BATCH,), generator=generator).tolist()
+    rows = []
+    for pick, effort, action in zip(picks, efforts, actions):
+        p_ids, a_ids = encode(pick, effort, action)
+        rows.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+    attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+    return input_ids, labels, attention
+
+
+def make_encoder(tokenizer, prompts):
+    """Cached (prompt index, effort, action) -> (prompt ids, answer ids): rendering is the slow part of a step."""
+    import functools
+
+    @functools.lru_cache(maxsize=None)
+    def encode_prompt(pick, effort):
+        text = harmony.render_prompt(tokenizer, prompts[pick], harmony.REASONING_EFFORTS[effort], PROMPT_DATE)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @functools.lru_cache(maxsize=None)
+    def encode_answer(pick, action):
+        return tokenizer(harmony.format_answer(write_analysis(prompts[pick]), action), add_special_tokens=False)[
+            "input_ids"]
+
+    return lambda pick, effort, action: (encode_prompt(pick, effort), encode_answer(pick, action))
+
+
+def round_experts_to_mxfp4(model):
+    """Replace every expert weight by its MXFP4 value (what the saved checkpoint will hold)."""
+    from mxfp4 import dequantize_expert_weights, quantize_expert_weights
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                packed = quantize_expert_weights(name, param)
+                blocks, scales = (packed[k] for k in sorted(packed))  # *_blocks sorts before *_scales
+                param.copy_(dequantize_expert_weights(blocks, scales, dtype=param.dtype))
+
+
+def warm_start(model, tokenizer, prompts, log=print):
+    """Teach the format: supervised steps on random-action Harmony answers, the last ones with MXFP4 experts."""
+    generator = torch.Generator().manual_seed(SEED)
+    encode = make_encoder(tokenizer, prompts)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=WARM_LR, weight_decay=0.0)
+    start = time.time()
+    for step in range(WARM_STEPS + WARM_QUANTIZED_STEPS):
+        if step == WARM_STEPS:
+            round_experts_to_mxfp4(model)
+            for name, param in model.named_parameters():
+                if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                    param.requires_grad_(False)
+        input_ids, labels, attention = make_warm_start_batch(encode, prompts, generator, tokenizer.pad_token_id)
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == WARM_STEPS + WARM_QUANTIZED_STEPS - 1:
+            log(f"  warm start step {step:4d}  loss {loss.item():.3f}  ({time.time() - start:.0f} s)")
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def recipe_fingerprint():
+    """Hash of everything a tiny build depends on: this file, harmony.py, mxfp4.py and the data."""
+    digest = hashlib.sha256()
+    for path in (Path(__file__), ROOT / "harmony.py", ROOT / "mxfp4.py", DATA_FILE):
+        digest.update(path.read_bytes())
+    digest.update(torch.__version__.split("+")[0].encode())
+    return digest.hexdigest()[:16]
+
+
+def write_model_dir(state_dict, config, tokenizer, out_dir, recipe):
+    """Write a complete MXFP4 model directory: weights, config, generation config, tokenizer, recipe.json."""
+    from mxfp4 import save_mxfp4_checkpoint
+
+    save_mxfp4_checkpoint(state_dict, config, out_dir)
+    generation_config(tokenizer).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (Path(out_dir) / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+
+
+def publish(tmp_dir, final_dir):
+    """Move a finished build into place, replacing an older one (rename is atomic within a filesystem)."""
+    final_dir = Path(final_dir)
+    if final_dir.exists():
+        old = final_dir.with_name(final_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final_dir.rename(old)
+        Path(tmp_dir).rename(final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        Path(tmp_dir).rename(final_dir)
+    return final_dir
+
+
+def build_tiny(out_dir=None, log=print):
+    """Build the tiny stand-in into `out_dir` (default runs/stand-ins/gpt-oss-tiny) and return its path."""
+    from transformers import GptOssForCausalLM
+
+    out_dir = Path(out_dir or STAND_IN_DIR / "gpt-oss-tiny")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    torch.manual_seed(SEED)
+    prompts = read_training_prompts()
+    tokenizer = build_tokenizer(prompts)
+    config = tiny_config(tokenizer)
+    model = GptOssForCausalLM(config)
+    model.set_attn_implementation("eager")
+    log(f"building the tiny stand-in: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"vocabulary {len(tokenizer)}, {len(prompts)} training prompts")
+    warm_start(model, tokenizer, prompts, log)
+    round_experts_to_mxfp4(model)  # already exact after the frozen phase; kept so the saved weights are its values
+    tmp_dir = Path(tempfile.mkdtemp(prefix=out_dir.name + ".partial-", dir=out_dir.parent))
+    try:
+        recipe = {"kind": "tiny", "fingerprint": recipe_fingerprint(), "seed": SEED, "build_seconds": None}
+        recipe["build_seconds"] = round(time.time() - start, 1)
+        write_model_dir(model.state_dict(), config, tokenizer, tmp_dir, recipe)
+        publish(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    log(f"wrote {out_dir} in {time.time() - start:.0f} s")
+    return out_dir
+
+
+def is_current(model_dir):
+    """True when `model_dir` holds a finished tiny build of the current recipe."""
+    recipe = Path(model_dir) / "recipe.json"
+    if not recipe.is_file():
+        return False
+    return json.loads(recipe.read_text()).get("fingerprint") == recipe_fingerprint()
+
+
+def ensure_tiny_model(rebuild=False, log=None):
+    """Path of the tiny stand-in, building it first when missing, outdated or when asked to."""
+    out_dir = STAND_IN_DIR / "gpt-oss-tiny"
+    if rebuild or not is_current(out_dir):
+        build_tiny(out_dir, log=log or (lambda msg: print(msg, file=sys.stderr)))
+    return out_dir
+
+
+def load_tiny_tokenizer():
+    """The tiny stand-in's tokenizer: from the cached build when current, else built on its own (a second)."""
+    from transformers import AutoTokenizer
+
+    out_dir = STAND_IN_DIR / "gpt-oss-tiny"
+    if is_current(out_dir):
+        return AutoTokenizer.from_pretrained(out_dir)
+    return build_tokenizer(read_training_prompts())
+
+
+def random_tensor(shape, name, device):
+    """Random weights in the spirit of the model's own initialisation (normal 0.02; norms 1; biases 0).
+
+    Each tensor has its own seed, derived from its name, so the values do not depend on the order of writing.
+    """
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, device=device, dtype=torch.bfloat16)
+    if name.endswith(("bias", "_bias")):
+        return torch.zeros(shape, device=device, dtype=torch.bfloat16)
+    generator = torch.Generator(device=device).manual_seed(SEED + zlib.crc32(name.encode()))
+    return (torch.randn(shape, device=device, generator=generator) * 0.02).to(torch.bfloat16)
+
+
+def build_20b(out_dir=None, device=None, log=print):
+    """Write the gpt-oss-20b-shaped stand-in (random weights, MXFP4 experts) layer by layer; return its path."""
+    from transformers import GptOssForCausalLM
+
+    from mxfp4 import save_mxfp4_checkpoint
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir = Path(out_dir or STAND_IN_DIR / "gpt-oss-20b-shape")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    tokenizer = build_tokenizer(read_training_prompts(), real_ids=True)
+    config = gpt_oss_20b_config()
+    with torch.device("meta"):
+        shapes = {name: tuple(p.shape) for name, p in GptOssForCausalLM(config).state_dict().items()}
+    # A lazy mapping: each tensor is made when the writer asks for it, so the whole model never sits in memory.
+    state_dict = LazyRandomStateDict(shapes, device)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=out_dir.name + ".partial-", dir=out_dir.parent))
+    try:
+        save_mxfp4_checkpoint(state_dict, config, tmp_dir)
+        generation_config(tokenizer).save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
+        recipe = {"kind": "20b", "seed": SEED, "device": device, "build_seconds": round(time.time() - start, 1)}
+        (tmp_dir / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        publish(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    log(f"wrote {out_dir} in {time.time() - start:.0f} s")
+    return out_dir
+
+
+class LazyRandomStateDict(dict):
+    """name -> random tensor, made on access (a dict of shapes underneath, so keys() and len() work)."""
+
+    def __init__(self, shapes, device):
+        super().__init__(shapes)
+        self.device = device
+
+    def __getitem__(self, name):
+        return random_tensor(super().__getitem__(name), name, self.device)
+
+    def items(self):
+        return ((name, self[name]) for name in self.keys())
+
+    def values(self):
+        return (self[name] for name in self.keys())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="build the tiny stand-in (the default)")
+    parser.add_argument("--shape", choices=["tiny", "20b"], default="tiny", help="which stand-in to build")
+    parser.add_argument("--rebuild", action="store_true", help="build even if a current one is cached")
+    parser.add_argument("--out", default=None, help="output directory (default under runs/stand-ins/)")
+    args = parser.parse_args(argv)
+    if args.shape == "20b":
+        build_20b(args.out)
+    elif args.out:
+        build_tiny(args.out)
+    else:
+        path = ensure_tiny_model(rebuild=args.rebuild, log=print)
+        print(f"tiny stand-in: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""Fine-tune gpt-oss with GRPO and LoRA to choose thermal-storage actions whose Q-values are best.
+
+    python train_grpo.py --tiny                          # the main job on any machine: embedded stand-in, CPU, < 10 min
+    python train_grpo.py                                 # openai/gpt-oss-20b on one 80 GB GPU
+    python train_grpo.py --total-steps 50 --out runs/my-run --learning-rate 2e-5
+    python train_grpo.py --resume --out runs/my-run      # continue a killed or stopped run at its last checkpoint
+
+Every constant below can be overridden from the command line (`TOTAL_STEPS` -> `--total-steps`); `--tiny` swaps
+in the embedded stand-in (tiny_gpt_oss.py) and the CPU-sized settings of TINY_SETTINGS, under any flags you give.
+
+What it does, in order:
+1. validates the data files (data_reward.validate_data_files) before any model is loaded: every problem is listed
+   as file:row, and the prompts must be Harmony (run convert_to_harmony.py first);
+2. loads MODEL_ID through model_loader (MXFP4 experts dequantised to bf16 on GPU / fp32 on CPU, eager attention)
+   and wraps it with a PEFT LoRA adapter (`all-linear` = attention q/k/v/o on gpt-oss; LORA_EXPERTS adds the
+   experts' gate_up_proj/down_proj through `target_parameters`);
+3. feeds TRL's GRPOTrainer from StepStream (step_stream.py) with two rewards (data_reward.py): the Boltzmann
+   reward of the action in the final Harmony message (None when invalid) and a format penalty for invalid answers;
+4. writes into OUT: the adapter and tokenizer, checkpoints every SAVE_STEPS (adapter, optimiser, trainer state),
+   run_config.json (the resolved settings), TensorBoard logs (runs/<run>/logs; `tensorboard --logdir runs`),
+   completions.csv (every scored completion, see data_reward.CompletionLog) and summary.json / summary.md.
+At the end it evaluates the untrained and the trained policy on the held-out split (EVAL_SAMPLES answers per
+prompt at temperature 1) beside uniform guessing, the best constant action and the optimal policy.
+
+Deviations from textbook GRPO (TRL 1.x defaults unless set here): DAPO loss (token-level normalisation),
+no KL term (beta = 0), one optimiser step per generation batch (on-policy; steps_per_generation = gradient
+accumulation), no prompt truncation (over-long prompts are left out of the stream and reported).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+# -----------------------------------------------------------------------------
+# Model and data
+MODEL_ID = "openai/gpt-oss-20b"  # Hub id, local model directory, or 'tiny' (the embedded stand-in)
+DATA_FILES = ["data/dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"]  # Harmony CSVs with rewards
+TRAIN_SPLIT = "train"  # rows of this `split` train; EVAL_SPLIT rows are held out for the final evaluation
+EVAL_SPLIT = "eval"
+OUT = "runs/grpo-gpt-oss-20b"  # run directory: adapter, checkpoints, logs, summary
+# GRPO batch: PROMPTS_PER_STEP * NUM_GENERATIONS completions per optimiser step,
+# processed TRAIN_BATCH_SIZE at a time over GRADIENT_ACCUMULATION micro-batches
+NUM_GENERATIONS = 8  # completions per prompt (one GRPO group)
+PROMPTS_PER_STEP = 4  # prompts (groups) per optimiser step
+TRAIN_BATCH_SIZE = 8  # completions per forward/backward micro-batch
+GRADIENT_ACCUMULATION = 4  # micro-batches per optimiser step (= PROMPTS_PER_STEP * NUM_GENERATIONS / TRAIN_BATCH_SIZE)
+MAX_PROMPT_LEN = 1024  # prompts longer than this (in tokens) are left out and reported
+MAX_COMPLETION_LEN = 256  # tokens a completion may use before it counts as truncated (invalid)
+# Optimisation
+TOTAL_STEPS = 200  # optimiser steps
+SAVE_STEPS = 25  # checkpoint every this many steps
+LEARNING_RATE = 1e-5  # AdamW learning rate of the LoRA weights
+LOSS_TYPE = "dapo"  # TRL loss: dapo | grpo | dr_grpo | bnpo | ...
+BETA = 0.0  # KL penalty to the base model (0 = none, TRL's default; saves a reference forward pass)
+FORMAT_PENALTY = 1.0  # reward of an invalid answer (no final action, truncated, ambiguous): -FORMAT_PENALTY
+GRADIENT_CHECKPOINTING = True  # recompute activations in backward: less memory, ~30% slower
+# LoRA
+LORA_RANK = 16  # adapter rank
+LORA_ALPHA = 32  # adapter scale numerator (scale = alpha / rank)
+LORA_TARGETS = "all-linear"  # PEFT target_modules; on gpt-oss 'all-linear' is attention q/k/v/o
+LORA_EXPERTS = False  # also adapt the MoE experts (gate_up_proj, down_proj) through target_parameters
+# Generation
+REASONING_EFFORT = "low"  # only checked against the prompts' 'Reasoning:' line (it is rendered into them)
+TEMPERATURE = 1.0  # sampling temperature of the GRPO rollouts
+TOP_P = 1.0  # nucleus sampling of the rollouts
+# Evaluation and logging
+EVAL_SAMPLES = 0  # answers per held-out prompt in the final before/after evaluation (0 = skip)
+EVAL_MAX_PROMPTS = 0  # held-out prompts evaluated (0 = all)
+REPORT_TO = "tensorboard"  # TRL/transformers trackers: tensorboard | wandb | trackio | none
+SEED = 42  # seeds the stream, the sampling and the adapter's initialisation
+# The main job on a CPU: the embedded stand-in with settings sized for 2 cores and < 10 minutes
+TINY_SETTINGS = dict(
+    MODEL_ID="tiny",
+    OUT="runs/grpo-tiny",
+    NUM_GENERATIONS=8,
+    PROMPTS_PER_STEP=4,
+    TRAIN_BATCH_SIZE=32,
+    GRADIENT_ACCUMULATION=1,
+    MAX_COMPLETION_LEN=64,
+    TOTAL_STEPS=300,
+    SAVE_STEPS=100,
+    LEARNING_RATE=2e-3,
+    GRADIENT_CHECKPOINTING=False,
+    EVAL_SAMPLES=4,
+)
+# -----------------------------------------------------------------------------
+SETTINGS = [name for name in list(globals()) if name.isupper() and name not in ("ROOT", "TINY_SETTINGS")]
+
+
+def build_parser():
+    """argparse from the constants block: NAME -> --name-with-dashes, typed like its default."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="embedded stand-in and CPU-sized settings")
+    parser.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint")
+    for name in SETTINGS:
+        default = globals()[name]
+        flag = "--" + name.lower().replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=parse_bool, default=None, metavar="true|false")
+        elif isinstance(default, list):
+            parser.add_argument(flag, nargs="+", default=None)
+        else:
+            parser.add_argument(flag, type=type(default), default=None)
+    return parser
+
+
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def resolve_settings(args):
+    """Constants, then TINY_SETTINGS when --tiny, then explicit flags."""
+    settings = {name: globals()[name] for name in SETTINGS}
+    if args.tiny:
+        settings.update(TINY_SETTINGS)
+    for name in SETTINGS:
+        value = getattr(args, name.lower())
+        if value is not None:
+            settings[name] = value
+    return settings
+
+
+def check_settings(s):
+    """Inconsistent batch settings -> one message naming them."""
+    completions = s["PROMPTS_PER_STEP"] * s["NUM_GENERATIONS"]
+    if s["NUM_GENERATIONS"] < 2:
+        raise SystemExit("error: NUM_GENERATIONS must be at least 2: GRPO compares completions within a group")
+    if completions != s["TRAIN_BATCH_SIZE"] * s["GRADIENT_ACCUMULATION"]:
+        raise SystemExit(
+            f"error: PROMPTS_PER_STEP * NUM_GENERATIONS = {completions} completions per step, but TRAIN_BATCH_SIZE * "
+            f"GRADIENT_ACCUMULATION = {s['TRAIN_BATCH_SIZE'] * s['GRADIENT_ACCUMULATION']}: make them equal "
+            f"(e.g. --gradient-accumulation {max(1, completions // s['TRAIN_BATCH_SIZE'])} if that divides evenly)"
+        )
+    if s["TRAIN_BATCH_SIZE"] % s["NUM_GENERATIONS"] and s["NUM_GENERATIONS"] % s["TRAIN_BATCH_SIZE"]:
+        raise SystemExit("error: TRAIN_BATCH_SIZE and NUM_GENERATIONS must divide one another")
+
+
+def find_last_checkpoint(out):
+    checkpoints = sorted(Path(out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def check_run_dir(out, resume):
+    """A run directory is never overwritten: continue it with --resume or pick another --out."""
+    out = Path(out)
+    holds_run = out.exists() and any((out / name).exists() for name in
+                                     ("run_config.json", "adapter_config.json", "completions.csv")) or (
+        out.exists() and find_last_checkpoint(out) is not None)
+    if resume:
+        if find_last_checkpoint(out) is None:
+            raise SystemExit(f"error: --resume: {out} has no checkpoint-* directory to continue from")
+    elif holds_run:
+        raise SystemExit(f"error: {out} already holds a run; continue it with --resume, or choose another --out")
+
+
+def read_data(settings):
+    """Validated data frames of the training and held-out splits (exits with file:row messages on bad data)."""
+    import harmony
+    from data_reward import DataError, validate_data_files
+
+    paths = [str(ROOT / p) if not os.path.isabs(p) else p for p in settings["DATA_FILES"]]
+    try:
+        frames = validate_data_files(paths, require_rewards=True)
+    except DataError as error:
+        raise SystemExit(f"error: the training data has problems:\n{error}") from None
+    problems = []
+    for path, frame in frames.items():
+        if not frame["prompt"].map(harmony.is_harmony_prompt).all():
+            problems.append(f"{path}: prompts are not Harmony; run `python convert_to_harmony.py {path}` and train "
+                            "on the _harmony.csv it writes")
+        if "split" not in frame:
+            problems.append(f"{path}: no `split` column; mark rows train / eval")
+    if problems:
+        raise SystemExit("error: " + "\n".join(problems))
+    train = {p: f[f["split"] == settings["TRAIN_SPLIT"]] for p, f in frames.items()}
+    held_out = {p: f[f["split"] == settings["EVAL_SPLIT"]] for p, f in frames.items()}
+    return train, held_out
+
+
+def lora_config(settings):
+    from peft import LoraConfig
+
+    targets = settings["LORA_TARGETS"]
+    return LoraConfig(
+        r=settings["LORA_RANK"],
+        lora_alpha=settings["LORA_ALPHA"],
+        lora_dropout=0.0,  # must be 0 for target_parameters (expert LoRA)
+        target_modules=targets if targets == "all-linear" else targets.split(","),
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if settings["LORA_EXPERTS"] else None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def grpo_config(settings, device):
+    from trl import GRPOConfig
+
+    out = settings["OUT"]
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(out) / "logs"))  # transformers 5 has no logging_dir
+    return GRPOConfig(
+        output_dir=out,
+        max_steps=settings["TOTAL_STEPS"],
+        save_steps=settings["SAVE_STEPS"],
+        save_strategy="steps",
+        logging_steps=1,
+        learning_rate=settings["LEARNING_RATE"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        per_device_train_batch_size=settings["TRAIN_BATCH_SIZE"],
+        gradient_accumulation_steps=settings["GRADIENT_ACCUMULATION"],
+        steps_per_generation=settings["GRADIENT_ACCUMULATION"],
+        num_generations=settings["NUM_GENERATIONS"],
+        max_completion_length=settings["MAX_COMPLETION_LEN"],
+        temperature=settings["TEMPERATURE"],
+        top_p=settings["TOP_P"],
+        loss_type=settings["LOSS_TYPE"],
+        beta=settings["BETA"],
+        reward_weights=[1.0, 1.0],
+        shuffle_dataset=False,  # StepStream already orders prompts (no repeats, fair across files)
+        gradient_checkpointing=settings["GRADIENT_CHECKPOINTING"],
+        bf16=device == "cuda",
+        use_cpu=device == "cpu",
+        report_to=[] if settings["REPORT_TO"] in ("none", "") else [settings["REPORT_TO"]],
+        seed=settings["SEED"],
+        data_seed=settings["SEED"],
+        log_completions=False,  # completions.csv holds them, with the Harmony markers kept
+        save_only_model=False,
+        dataloader_num_workers=0,
+    )
+
+
+def summarize_log(log_history):
+    """Reward, valid rate and accuracy at the start and end of training, from the trainer's log history."""
+    rows = [r for r in log_history if "rewards/action_reward/mean" in r or "train/valid_rate" in r]
+    def window(part):
+        keys = {"reward": "rewards/action_reward/mean", "valid_rate": "valid_rate", "accuracy": "accuracy"}
+        out = {}
+        for label, key in keys.items():
+            values = [r[key] for r in part if key in r and not math.isnan(r[key])]
+            out[label] = sum(values) / len(values) if values else None
+        return out
+    k = max(1, min(10, len(rows) // 5))
+    return {"steps": len(rows), "first_steps": window(rows[:k]), "last_steps": window(rows[-k:]), "window": k}
+
+
+def write_summary(out, summary):
+    """summary.json for programs, summary.md for people."""
+    from data_reward import write_text_atomically
+
+    write_text_atomically(json.dumps(summary, indent=2) + "\n", Path(out) / "summary.json")
+    write_text_atomically(render_summary(summary), Path(out) / "summary.md")
+
+
+def render_summary(summary):
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.3f}"
+    t = summary["training"]
+    lines = [f"# GRPO run {summary['out']}", "",
+             f"{summary['steps_done']} steps in {summary['train_seconds']:.0f} s on {summary['device']}.", "",
+             "| during training | reward | valid rate | accuracy |", "|---|---|---|---|"]
+    for label, key in (("first steps", "first_steps"), ("last steps", "last_steps")):
+        w = t[key]
+        lines.append(f"| {label} ({t['window']}) | {fmt(w['reward'])} | {fmt(w['valid_rate'])} | "
+                     f"{fmt(w['accuracy'])} |")
+    if summary.get("held_out"):
+        h = summary["held_out"]
+        lines += ["", f"Held-out split: {h['prompts']} prompts x {h['samples']} answers at temperature "
+                  f"{h['temperature']} (invalid answers earn 0).", "",
+                  "| policy | mean reward | valid rate | accuracy | mean regret |", "|---|---|---|---|---|"]
+        for name in ("untrained", "trained"):
+            m = h[name]
+            lines.append(f"| {name} | {fmt(m['mean_reward'])} | {fmt(m['valid_rate'])} | {fmt(m['accuracy'])} | "
+                         f"{fmt(m['mean_regret'])} |")
+        r = h["references"]
+        lines.append(f"| uniform guessing | {fmt(r['uniform']['mean_reward'])} | 1.000 | "
+                     f"{fmt(r['uniform']['accuracy'])} | {fmt(r['uniform']['mean_regret'])} |")
+        lines.append(f"| best constant [{r['best_constant']['action']}] | {fmt(r['best_constant']['mean_reward'])} | "
+                     f"1.000 | {fmt(r['best_constant']['accuracy'])} | {fmt(r['best_constant']['mean_regret'])} |")
+        lines.append(f"| optimal (argmax Q) | {fmt(r['optimal']['mean_reward'])} | 1.000 | 1.000 | 0.000 |")
+        lines += ["", f"Gain over the untrained policy: {h['trained']['mean_reward'] - h['untrained']['mean_reward']:+.3f} "
+                  "mean reward."]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_held_out(model, tokenizer, held_out, settings, log):
+    """Untrained (adapter disabled) and trained policy on the held-out split, same prompts and seeds."""
+    import pandas as pd
+
+    from evaluation import evaluate_model, reference_scores
+
+    frame = pd.concat(list(held_out.values()), ignore_index=True)
+    if settings["EVAL_MAX_PROMPTS"]:
+        frame = frame.iloc[: settings["EVAL_MAX_PROMPTS"]]
+    kwargs = dict(samples=settings["EVAL_SAMPLES"], temperature=1.0, max_new_tokens=settings["MAX_COMPLETION_LEN"],
+                  seed=settings["SEED"], log=log)
+    log(f"held-out evaluation: {len(frame)} prompts x {settings['EVAL_SAMPLES']} answers, untrained policy")
+    with model.disable_adapter():
+        untrained, _, _ = evaluate_model(model, tokenizer, frame, **kwargs)
+    log("held-out evaluation: trained policy")
+    trained, _, _ = evaluate_model(model, tokenizer, frame, **kwargs)
+    return {"prompts": len(frame), "samples": settings["EVAL_SAMPLES"], "temperature": 1.0,
+            "untrained": untrained, "trained": trained, "references": reference_scores(frame)}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    settings = resolve_settings(args)
+    check_settings(settings)
+    out = Path(settings["OUT"])
+    if not out.is_absolute():
+        out = ROOT / out
+        settings["OUT"] = str(out)
+    check_run_dir(out, args.resume)
+    train_frames, held_out = read_data(settings)  # before any model is loaded
+
+    import torch
+
+    import model_loader
+    from data_reward import CompletionLog, make_reward_functions
+    from step_stream import StepStream, make_pool
+
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    device = model_loader.pick_device()
+    torch.manual_seed(settings["SEED"])
+    try:
+        tokenizer = model_loader.load_tokenizer(settings["MODEL_ID"])
+        pool, too_long = make_pool(train_frames, tokenizer, settings["MAX_PROMPT_LEN"])
+        if too_long:
+            log(f"warning: {len(too_long)} prompts are longer than MAX_PROMPT_LEN={settings['MAX_PROMPT_LEN']} "
+                f"tokens and are left out (first: {too_long[0]}); raise --max-prompt-len to keep them")
+        log(f"{len(pool)} training prompts from {len(train_frames)} file(s); loading {settings['MODEL_ID']} on {device}")
+        start = time.time()
+        model = model_loader.load_model(settings["MODEL_ID"], device=device)
+        log(f"model loaded in {time.time() - start:.0f} s")
+    except model_loader.ModelLoadError as error:
+        raise SystemExit(f"error: {error}") from None
+
+    from peft import get_peft_model
+    from trl import GRPOTrainer
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = get_peft_model(model, lora_config(settings))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"LoRA: {trainable:,} trainable parameters")
+    settings["MODEL_PATH"] = model_loader.resolve_model_id(settings["MODEL_ID"])
+    from data_reward import write_text_atomically
+
+    write_text_atomically(json.dumps(settings, indent=2) + "\n", out / "run_config.json")
+
+    completion_log = None
+    if os.environ.get("GRPO_LOG_COMPLETIONS", "1") != "0":
+        steps_per_generation = int(os.environ.get("GRPO_STEPS_PER_GENERATION", settings["GRADIENT_ACCUMULATION"]))
+        completion_log = CompletionLog(os.environ.get("GRPO_COMPLETION_LOG_PATH", out / "completions.csv"),
+                                       steps_per_generation)
+    checkpoint = find_last_checkpoint(out) if args.resume else None
+    if checkpoint is not None and completion_log is not None:
+        step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+        dropped = completion_log.drop_rows_from(step)
+        log(f"resuming from {checkpoint.name} (step {step}); dropped {dropped} completion-log rows of later steps")
+
+    stream = StepStream(pool, seed=settings["SEED"])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=make_reward_functions(tokenizer, settings["FORMAT_PENALTY"], completion_log),
+        args=grpo_config(settings, device),
+        train_dataset=stream.as_dataset(),
+        processing_class=tokenizer,
+    )
+    start = time.time()
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except KeyboardInterrupt:
+        trainer._save_checkpoint(trainer.model, trial=None)
+        raise SystemExit(f"\ninterrupted at step {trainer.state.global_step}: checkpoint saved in {out}; "
+                         f"continue with: python train_grpo.py --resume --out {out}") from None
+    except torch.OutOfMemoryError:
+        raise SystemExit(
+            "error: the GPU ran out of memory. Reduce memory with --train-batch-size (and raise "
+            "--gradient-accumulation to keep the batch), --max-completion-len, --num-generations, "
+            "--prompts-per-step or --lora-rank, and keep --gradient-checkpointing true."
+        ) from None
+    train_seconds = time.time() - start
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    trainer.save_state()
+
+    summary = {"out": str(out), "device": device_name(device), "steps_done": trainer.state.global_step,
+               "train_seconds": train_seconds, "training": summarize_log(trainer.state.log_history)}
+    if settings["EVAL_SAMPLES"] > 0:
+        summary["held_out"] = evaluate_held_out(trainer.model, tokenizer, held_out, settings, log)
+    write_summary(out, summary)
+    print(render_summary(summary))
+
+
+def device_name(device):
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+if __name__ == "__main__":
+    main()
