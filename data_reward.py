@@ -233,12 +233,14 @@ def read_data_csv(path):
         raise DataError("\n".join(list_row_problems(
             path, bad, lambda row: f"{counts[row]} field(s) but the header has {len(header)}; "
                                    "fix the row (a blank line, a lost comma or a stray quote)")))
-    if CSV_ENGINE == "pyarrow":
+    # pyarrow's reader cannot take line breaks inside quoted fields (Harmony prompts have them)
+    engine = CSV_ENGINE if len(LINE_ENDING.findall(text.rstrip("\r\n"))) == len(counts) else "c"
+    if engine == "pyarrow":
         options = {"na_values": []}
     else:
         options = {"na_filter": False, "skip_blank_lines": False, "index_col": False}
     try:
-        df = pd.read_csv(path, engine=CSV_ENGINE, dtype=str, keep_default_na=False,
+        df = pd.read_csv(path, engine=engine, dtype=str, keep_default_na=False,
                          encoding="utf-8-sig", **options)
     except (pd.errors.ParserError, ValueError) as error:
         raise DataError(f"{path}: not a readable CSV ({str(error).strip()})") from None

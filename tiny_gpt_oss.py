@@ -61,9 +61,11 @@ WARM_STEPS = 500  # optimiser steps with all weights free
 WARM_QUANTIZED_STEPS = 100  # further steps with experts rounded to MXFP4 and frozen
 WARM_BATCH = 32  # sequences per step
 WARM_LR = 3e-3  # AdamW learning rate
+PROBE_WEIGHT = 1.0  # weight of the auxiliary probe loss (see warm_start)
 SEED = 1234  # one seed for tokenizer order, weights, and the warm-start batches
 # -----------------------------------------------------------------------------
 
+PLAIN_WORDS = (("low", "average", "high"), ("empty", "low", "half full", "high", "full"), ("small", "moderate", "large"))
 SPECIAL_TOKEN = re.compile(r"<\|[a-z_0-9]+\|>")
 
 GPT_OSS_20B = dict(  # openai/gpt-oss-20b config.json, as published
@@ -112,18 +114,34 @@ def read_training_prompts(path=DATA_FILE):
     return frame.loc[frame["split"] == "train", "prompt"].tolist()
 
 
+def read_plain_words(prompt):
+    """The prompt's plain reading of the situation: (CO2 now, tank, load) words, or None if it has none."""
+    co2 = re.search(r"CO2 now is (high|low|about)", prompt)
+    tank = re.search(r"Tank: [^)]*\), (empty|low|half full|high|full)\.", prompt)
+    load = re.search(r"Cooling load this hour: [^,]*, (small|moderate|large)\.", prompt)
+    if not (co2 and tank and load):
+        return None
+    return co2[1].replace("about", "average"), tank[1], load[1]
+
+
 def write_analysis(prompt):
     """The analysis message of a warm-start answer: the plain reading of the situation, copied from the prompt.
 
     Repeating the situation's plain words right before the decision gives a tiny model a short path from
     the words that matter to the action token; which action those words call for is left for GRPO to learn.
     """
-    co2 = re.search(r"CO2 now is (\w+)", prompt)
-    tank = re.search(r"Tank: [^)]*\), ([\w ]+)\.", prompt)
-    load = re.search(r"Cooling load this hour: [^,]*, (\w+)\.", prompt)
-    if not (co2 and tank and load):
+    words = read_plain_words(prompt)
+    if words is None:
         return "I compare the CO2 factor now with the coming hours and look at the tank and the load."
-    return f"CO2 is {co2[1]} now, the tank is {tank[1]}, the load is {load[1]}."
+    return "CO2 is {} now, the tank is {}, the load is {}.".format(*words)
+
+
+def word_labels(prompt):
+    """Class indices of the plain words, the targets of the warm start's auxiliary probe (-100 when absent)."""
+    words = read_plain_words(prompt)
+    if words is None:
+        return [-100] * len(PLAIN_WORDS)
+    return [choices.index(word) for choices, word in zip(PLAIN_WORDS, words)]
 
 
 def byte_level_pre_tokenizer():
@@ -265,22 +283,25 @@ def generation_config(tokenizer):
 
 
 def make_warm_start_batch(encode, prompts, generator, pad_id):
-    """One batch of (input_ids, labels, attention_mask): random prompt, reasoning effort and action.
+    """One batch of (input_ids, labels, attention_mask, decision positions, word labels).
 
-    `encode(prompt_index, effort, action)` returns (prompt ids, answer ids); labels cover the answer only.
+    Random prompt, reasoning effort and action; `encode(prompt_index, effort, action)` returns (prompt ids,
+    answer ids); labels cover the answer only. The decision position is the '[' before the action digit.
     """
     picks = torch.randint(len(prompts), (WARM_BATCH,), generator=generator).tolist()
     efforts = torch.randint(3, (WARM_BATCH,), generator=generator).tolist()
     actions = torch.randint(4, (WARM_BATCH,), generator=generator).tolist()
-    rows = []
+    rows, positions, words = [], [], []
     for pick, effort, action in zip(picks, efforts, actions):
         p_ids, a_ids = encode(pick, effort, action)
         rows.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))
+        positions.append(len(p_ids) + len(a_ids) - 4)  # '[' digit ']' <|return|>
+        words.append(word_labels(prompts[pick]))
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in rows])
     labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
     attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
-    return input_ids, labels, attention
+    return input_ids, labels, attention, torch.tensor(positions), torch.tensor(words)
 
 
 def make_encoder(tokenizer, prompts):
@@ -313,11 +334,20 @@ def round_experts_to_mxfp4(model):
 
 
 def warm_start(model, tokenizer, prompts, log=print):
-    """Teach the format: supervised steps on random-action Harmony answers, the last ones with MXFP4 experts."""
+    """Teach the format, and give the decision position a reading of the situation; not the policy.
+
+    Supervised steps on Harmony answers with *random* actions (loss on the answer only), the last
+    WARM_QUANTIZED_STEPS with the experts rounded to MXFP4 and frozen. Beside the language-model loss, a linear
+    probe (thrown away afterwards) must read the prompt's plain words (CO2 high/low, tank level, load size) from
+    the final hidden state at the '[' before the action digit. A real pretrained model carries such features
+    everywhere; without the probe a model this small keeps none at the decision position (its actions are
+    random), and GRPO would first have to grow them. The probe says nothing about which action is good.
+    """
     generator = torch.Generator().manual_seed(SEED)
     encode = make_encoder(tokenizer, prompts)
+    probes = torch.nn.ModuleList(torch.nn.Linear(model.config.hidden_size, len(c)) for c in PLAIN_WORDS)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=WARM_LR, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(probes.parameters()), lr=WARM_LR, weight_decay=0.0)
     start = time.time()
     for step in range(WARM_STEPS + WARM_QUANTIZED_STEPS):
         if step == WARM_STEPS:
@@ -325,13 +355,19 @@ def warm_start(model, tokenizer, prompts, log=print):
             for name, param in model.named_parameters():
                 if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
                     param.requires_grad_(False)
-        input_ids, labels, attention = make_warm_start_batch(encode, prompts, generator, tokenizer.pad_token_id)
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        input_ids, labels, attention, positions, words = make_warm_start_batch(
+            encode, prompts, generator, tokenizer.pad_token_id)
+        out = model(input_ids=input_ids, attention_mask=attention, labels=labels, output_hidden_states=True)
+        decision = out.hidden_states[-1][torch.arange(len(positions)), positions]
+        probe_loss = sum(torch.nn.functional.cross_entropy(probe(decision), words[:, k], ignore_index=-100)
+                         for k, probe in enumerate(probes))
+        loss = out.loss + PROBE_WEIGHT * probe_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % 50 == 0 or step == WARM_STEPS + WARM_QUANTIZED_STEPS - 1:
-            log(f"  warm start step {step:4d}  loss {loss.item():.3f}  ({time.time() - start:.0f} s)")
+            log(f"  warm start step {step:4d}  loss {out.loss.item():.3f}  probe {probe_loss.item():.3f}  "
+                f"({time.time() - start:.0f} s)")
     model.eval()
     for param in model.parameters():
         param.requires_grad_(True)

@@ -58,6 +58,7 @@ LEARNING_RATE = 1e-5  # AdamW learning rate of the LoRA weights
 LOSS_TYPE = "dapo"  # TRL loss: dapo | grpo | dr_grpo | bnpo | ...
 BETA = 0.0  # KL penalty to the base model (0 = none, TRL's default; saves a reference forward pass)
 FORMAT_PENALTY = 1.0  # reward of an invalid answer (no final action, truncated, ambiguous): -FORMAT_PENALTY
+TOP_ENTROPY_QUANTILE = 1.0  # train only on this top fraction of tokens by entropy (1.0 = all; 0.2 in arXiv:2506.01939)
 GRADIENT_CHECKPOINTING = True  # recompute activations in backward: less memory, ~30% slower
 # LoRA
 LORA_RANK = 16  # adapter rank
@@ -68,6 +69,7 @@ LORA_EXPERTS = False  # also adapt the MoE experts (gate_up_proj, down_proj) thr
 REASONING_EFFORT = "low"  # only checked against the prompts' 'Reasoning:' line (it is rendered into them)
 TEMPERATURE = 1.0  # sampling temperature of the GRPO rollouts
 TOP_P = 1.0  # nucleus sampling of the rollouts
+CONTINUOUS_BATCHING = True  # generate with transformers' continuous batching (GPU; ~1.8x faster than generate())
 # Evaluation and logging
 EVAL_SAMPLES = 0  # answers per held-out prompt in the final before/after evaluation (0 = skip)
 EVAL_MAX_PROMPTS = 0  # held-out prompts evaluated (0 = all)
@@ -82,10 +84,11 @@ TINY_SETTINGS = dict(
     TRAIN_BATCH_SIZE=32,
     GRADIENT_ACCUMULATION=1,
     MAX_COMPLETION_LEN=64,
-    TOTAL_STEPS=300,
+    TOTAL_STEPS=500,
     SAVE_STEPS=100,
     LEARNING_RATE=2e-3,
     GRADIENT_CHECKPOINTING=False,
+    CONTINUOUS_BATCHING=False,
     EVAL_SAMPLES=4,
 )
 # -----------------------------------------------------------------------------
@@ -222,8 +225,10 @@ def grpo_config(settings, device):
         max_completion_length=settings["MAX_COMPLETION_LEN"],
         temperature=settings["TEMPERATURE"],
         top_p=settings["TOP_P"],
+        use_transformers_continuous_batching=settings["CONTINUOUS_BATCHING"] and device == "cuda",
         loss_type=settings["LOSS_TYPE"],
         beta=settings["BETA"],
+        top_entropy_quantile=settings["TOP_ENTROPY_QUANTILE"],
         reward_weights=[1.0, 1.0],
         shuffle_dataset=False,  # StepStream already orders prompts (no repeats, fair across files)
         gradient_checkpointing=settings["GRADIENT_CHECKPOINTING"],
@@ -238,6 +243,73 @@ def grpo_config(settings, device):
     )
 
 
+def make_progress_printer(total_steps, every):
+    """A TrainerCallback that prints one compact line every `every` steps (the full metrics go to TensorBoard)."""
+    from transformers import TrainerCallback
+
+    class ProgressPrinter(TrainerCallback):
+        def __init__(self):
+            self.start, self.window = None, []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start, self.first_step = time.time(), state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs:
+                self.window.append(logs)
+            if state.global_step % every and state.global_step != total_steps or not self.window:
+                return
+            def mean(key):
+                values = [log[key] for log in self.window if isinstance(log.get(key), (int, float))]
+                return sum(values) / len(values) if values else float("nan")
+
+            done = state.global_step - self.first_step
+            per_step = (time.time() - self.start) / max(done, 1)
+            print(f"step {state.global_step:5d}/{total_steps}  reward {mean('rewards/action_reward/mean'):.3f}  "
+                  f"valid {mean('valid_rate'):.3f}  accuracy {mean('accuracy'):.3f}  "
+                  f"{per_step:.2f} s/step  eta {per_step * (total_steps - state.global_step) / 60:.1f} min",
+                  flush=True)
+            self.window = []
+
+    return ProgressPrinter()
+
+
+def time_generation(trainer):
+    """Log each step's generation seconds and generated tokens (TRL times generation for wandb only).
+
+    Wraps the trainer's `_generate`; if a TRL release renames it, training runs on without these two figures.
+    """
+    original = getattr(trainer, "_generate", None)
+    if original is None:
+        return
+
+    def timed(prompts, *args, **kwargs):
+        start = time.perf_counter()
+        result = original(prompts, *args, **kwargs)
+        trainer._log_metric("timing/generation_seconds", time.perf_counter() - start)
+        trainer._log_metric("timing/generated_tokens", float(sum(len(ids) for ids in result[1])))
+        return result
+
+    trainer._generate = timed
+
+
+def summarize_speed(log_history, device):
+    """Seconds per step (generation and the rest), generated tokens per second, peak GPU memory."""
+    import torch
+
+    rows = [r for r in log_history if "step_time" in r]
+    def mean(key):
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        return sum(values) / len(values) if values else None
+    step, generation, tokens = mean("step_time"), mean("timing/generation_seconds"), mean("timing/generated_tokens")
+    speed = {"seconds_per_step": step, "generation_seconds_per_step": generation,
+             "update_seconds_per_step": step - generation if step is not None and generation is not None else None,
+             "generated_tokens_per_second": tokens / generation if tokens and generation else None}
+    if device == "cuda":
+        speed["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return speed
+
+
 def summarize_log(log_history):
     """Reward, valid rate and accuracy at the start and end of training, from the trainer's log history."""
     rows = [r for r in log_history if "rewards/action_reward/mean" in r or "train/valid_rate" in r]
@@ -245,7 +317,7 @@ def summarize_log(log_history):
         keys = {"reward": "rewards/action_reward/mean", "valid_rate": "valid_rate", "accuracy": "accuracy"}
         out = {}
         for label, key in keys.items():
-            values = [r[key] for r in part if key in r and not math.isnan(r[key])]
+            values = [r[key] for r in part if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
             out[label] = sum(values) / len(values) if values else None
         return out
     k = max(1, min(10, len(rows) // 5))
@@ -264,8 +336,10 @@ def render_summary(summary):
     def fmt(x):
         return "n/a" if x is None else f"{x:.3f}"
     t = summary["training"]
-    lines = [f"# GRPO run {summary['out']}", "",
+    out = Path(summary["out"])
+    lines = [f"# GRPO run {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", "",
              f"{summary['steps_done']} steps in {summary['train_seconds']:.0f} s on {summary['device']}.", "",
+             render_speed(summary["speed"]), "",
              "| during training | reward | valid rate | accuracy |", "|---|---|---|---|"]
     for label, key in (("first steps", "first_steps"), ("last steps", "last_steps")):
         w = t[key]
@@ -289,6 +363,17 @@ def render_summary(summary):
         lines += ["", f"Gain over the untrained policy: {h['trained']['mean_reward'] - h['untrained']['mean_reward']:+.3f} "
                   "mean reward."]
     return "\n".join(lines) + "\n"
+
+
+def render_speed(speed):
+    def fmt(x, unit):
+        return "n/a" if x is None else f"{x:.2f} {unit}"
+    line = (f"Per step: {fmt(speed['seconds_per_step'], 's')} ({fmt(speed['generation_seconds_per_step'], 's')} "
+            f"generation, {fmt(speed['update_seconds_per_step'], 's')} the rest); "
+            f"{fmt(speed['generated_tokens_per_second'], 'generated tokens/s')}")
+    if "peak_gpu_memory_gib" in speed:
+        line += f"; peak GPU memory {speed['peak_gpu_memory_gib']:.1f} GiB"
+    return line + "."
 
 
 def evaluate_held_out(model, tokenizer, held_out, settings, log):
@@ -374,7 +459,13 @@ def main(argv=None):
         args=grpo_config(settings, device),
         train_dataset=stream.as_dataset(),
         processing_class=tokenizer,
+        callbacks=[make_progress_printer(settings["TOTAL_STEPS"], max(1, settings["TOTAL_STEPS"] // 20))],
     )
+    time_generation(trainer)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)  # one compact line per PROGRESS window instead of a dict per step
+    trainer.remove_callback(PrinterCallback)
     start = time.time()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -394,7 +485,8 @@ def main(argv=None):
     trainer.save_state()
 
     summary = {"out": str(out), "device": device_name(device), "steps_done": trainer.state.global_step,
-               "train_seconds": train_seconds, "training": summarize_log(trainer.state.log_history)}
+               "train_seconds": train_seconds, "training": summarize_log(trainer.state.log_history),
+               "speed": summarize_speed(trainer.state.log_history, device)}
     if settings["EVAL_SAMPLES"] > 0:
         summary["held_out"] = evaluate_held_out(trainer.model, tokenizer, held_out, settings, log)
     write_summary(out, summary)
