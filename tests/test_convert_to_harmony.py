@@ -1,0 +1,87 @@
+"""convert_to_harmony.py: rendering through the chat template, pinned dates, refusals, bad input."""
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import convert_to_harmony
+
+ROOT = Path(__file__).resolve().parents[1]
+LEGACY = ROOT / "data" / "dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset.csv"
+GOLDEN = Path(__file__).parent / "golden" / "harmony_prompt_row0_low_2025-05-05.txt"
+
+
+@pytest.fixture
+def legacy_copy(tmp_path):
+    path = tmp_path / "situations.csv"
+    frame = pd.read_csv(LEGACY, dtype=str, keep_default_na=False).head(5)
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_first_prompt_matches_the_golden_harmony_rendering(legacy_copy):
+    assert convert_to_harmony.main([str(legacy_copy), "--date", "2025-05-05"]) == 0
+    out = pd.read_csv(legacy_copy.with_name("situations_harmony.csv"), dtype=str, keep_default_na=False)
+    assert out["prompt"][0] == GOLDEN.read_text()
+
+
+def test_committed_harmony_data_is_the_documented_conversion(tmp_path):
+    source = tmp_path / LEGACY.name
+    shutil.copy(LEGACY, source)
+    assert convert_to_harmony.main([str(source), "--date", "2025-05-05"]) == 0
+    committed = LEGACY.with_name(LEGACY.stem + "_harmony.csv")
+    assert source.with_name(committed.name).read_bytes() == committed.read_bytes()
+
+
+def test_every_other_column_is_kept(legacy_copy):
+    convert_to_harmony.main([str(legacy_copy), "--date", "2025-05-05"])
+    before = pd.read_csv(legacy_copy, dtype=str, keep_default_na=False)
+    after = pd.read_csv(legacy_copy.with_name("situations_harmony.csv"), dtype=str, keep_default_na=False)
+    assert list(after.columns) == list(before.columns)
+    pd.testing.assert_frame_equal(after.drop(columns="prompt"), before.drop(columns="prompt"))
+    assert all(p.endswith("<|start|>assistant") and l in p for p, l in zip(after["prompt"], before["prompt"]))
+
+
+def test_reasoning_effort_and_date_go_into_the_system_message(legacy_copy):
+    convert_to_harmony.main([str(legacy_copy), "--reasoning-effort", "high", "--date", "2024-12-31"])
+    prompt = pd.read_csv(legacy_copy.with_name("situations_harmony.csv"), keep_default_na=False)["prompt"][0]
+    assert "Reasoning: high" in prompt and "Current date: 2024-12-31" in prompt
+
+
+def test_without_date_the_system_message_has_todays_date(legacy_copy):
+    import datetime
+
+    convert_to_harmony.main([str(legacy_copy)])
+    prompt = pd.read_csv(legacy_copy.with_name("situations_harmony.csv"), keep_default_na=False)["prompt"][0]
+    assert f"Current date: {datetime.date.today().isoformat()}" in prompt
+
+
+def test_a_converted_file_is_refused(legacy_copy, capsys):
+    convert_to_harmony.main([str(legacy_copy), "--date", "2025-05-05"])
+    converted = legacy_copy.with_name("situations_harmony.csv")
+    before = converted.read_bytes()
+    assert convert_to_harmony.main([str(converted)]) == 2
+    assert "converted file already" in capsys.readouterr().err
+    renamed = legacy_copy.with_name("renamed.csv")
+    shutil.copy(converted, renamed)
+    assert convert_to_harmony.main([str(renamed)]) == 2
+    assert "renamed.csv:2: the prompt is already a Harmony prompt" in capsys.readouterr().err
+    assert converted.read_bytes() == before and not renamed.with_name("renamed_harmony.csv").exists()
+
+
+@pytest.mark.parametrize("problem", ["missing", "no prompt column", "bad date"])
+def test_bad_input_exits_2_naming_the_file_and_writes_nothing(tmp_path, legacy_copy, capsys, problem):
+    args = [str(legacy_copy)]
+    if problem == "missing":
+        args = [str(tmp_path / "nowhere.csv")]
+    elif problem == "no prompt column":
+        pd.read_csv(legacy_copy, dtype=str).drop(columns="prompt").to_csv(legacy_copy, index=False)
+    else:
+        args += ["--date", "5 May"]
+    assert convert_to_harmony.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert ("nowhere.csv" in err) if problem == "missing" else True
+    assert not list(tmp_path.glob("*_harmony.csv"))
