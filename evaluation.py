@@ -34,7 +34,7 @@ def generate_answers(model, tokenizer, prompts, samples=4, temperature=1.0, top_
     answers = [[] for _ in prompts]
     was_training = model.training
     model.eval()
-    start = time.time()
+    start = last_log = time.time()
     for b, first in enumerate(range(0, len(jobs), batch_size)):
         batch = jobs[first:first + batch_size]
         encoded = tokenizer([p for _, p in batch], add_special_tokens=False, padding=True, padding_side="left",
@@ -46,9 +46,10 @@ def generate_answers(model, tokenizer, prompts, samples=4, temperature=1.0, top_
                                  pad_token_id=tokenizer.pad_token_id)
         for (i, _), ids in zip(batch, out[:, encoded["input_ids"].shape[1]:].tolist()):
             answers[i].append(decode_completion(tokenizer, ids, stop_ids))
-        if log and (b % 10 == 0 or first + batch_size >= len(jobs)):
-            done = min(first + batch_size, len(jobs))
-            log(f"  generated {done}/{len(jobs)} answers ({time.time() - start:.0f} s)")
+        done = min(first + batch_size, len(jobs))
+        if log and (time.time() - last_log > 15 or done == len(jobs)):  # a line every 15 s, whatever the model
+            last_log = time.time()
+            log(f"  generated {done}/{len(jobs)} answers ({last_log - start:.0f} s)")
     model.train(was_training)
     return answers
 

@@ -157,13 +157,11 @@ def find_last_checkpoint(out):
 def check_run_dir(out, resume):
     """A run directory is never overwritten: continue it with --resume or pick another --out."""
     out = Path(out)
-    holds_run = out.exists() and any((out / name).exists() for name in
-                                     ("run_config.json", "adapter_config.json", "completions.csv")) or (
-        out.exists() and find_last_checkpoint(out) is not None)
-    if resume:
-        if find_last_checkpoint(out) is None:
-            raise SystemExit(f"error: --resume: {out} has no checkpoint-* directory to continue from")
-    elif holds_run:
+    run_files = ("run_config.json", "adapter_config.json", "completions.csv")
+    holds_run = any((out / name).exists() for name in run_files) or find_last_checkpoint(out) is not None
+    if resume and find_last_checkpoint(out) is None:
+        raise SystemExit(f"error: --resume: {out} has no checkpoint-* directory to continue from")
+    if holds_run and not resume:
         raise SystemExit(f"error: {out} already holds a run; continue it with --resume, or choose another --out")
 
 

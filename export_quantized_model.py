@@ -1,0 +1,323 @@
+"""Merge a trained LoRA adapter into gpt-oss and write a complete MXFP4 model directory (for Ollama, vLLM, the Hub).
+
+    python export_quantized_model.py                               # newest run -> runs/export/gpt-oss-tes
+    python export_quantized_model.py --adapter-path runs/grpo-tiny --out runs/export/tiny --overwrite true
+    HF_TOKEN=hf_... HF_REPO_ID=me/gpt-oss-tes python export_quantized_model.py --push-to-hub true
+
+Steps: check the inputs (adapter directory, adapter against base, output directory, Hub token) before any model is
+loaded; load the base through model_loader in bf16 (MXFP4 experts dequantised exactly) and the PEFT adapter; merge
+(`merge_and_unload`, in place); bring the experts back to MXFP4 with mxfp4.py: experts the adapter did not touch are
+the base checkpoint's own `_blocks` / `_scales` bytes, experts changed by expert LoRA are quantised with the base's
+scales as `like_scales`; write safetensors shards (each expert's blocks and scales in one shard, blocks first),
+config.json with the mxfp4 quantization_config, generation_config.json, tokenizer and chat template,
+export_report.json. Everything is written into a temporary directory beside the target and renamed into place only
+after the export verified itself, so an interrupted or failed export never leaves a half model:
+- mxfp4.check_mxfp4_checkpoint on the directory; tensor names equal to the base checkpoint's;
+- every stored tensor compared byte for byte with the base checkpoint: with an attention-only adapter every expert
+  tensor must be identical;
+- the directory reloaded through model_loader, its logits on VERIFY_PROMPTS held-out prompts compared with the
+  in-memory merged model's (after its experts were rounded to the stored MXFP4 values): they must agree within
+  LOGIT_TOLERANCE. With expert LoRA the report adds the quantisation error: relative error of the expert weights
+  and of their LoRA update, and the logit difference to the merged model before rounding.
+An output directory that already holds an export is refused unless --overwrite true. With PUSH_TO_HUB the finished
+directory is uploaded to the private Hub repo HF_REPO_ID (created if needed) with the token in HF_TOKEN (never
+printed); a push without a token is refused before any work. Time and peak memory (CPU RSS; CUDA allocated on a
+GPU) are printed and recorded in export_report.json.
+
+Memory. The merge runs on model_loader's device (a CUDA GPU when present) in bf16 and holds one copy of the
+model: merged in place, freed before the export is reloaded for the check. Tensors go to the CPU one at a time
+while a shard (MAX_SHARD_BYTES) is written; untouched experts are read from the base checkpoint only when written;
+changed experts wait on the CPU as MXFP4 (0.53 byte a weight). For openai/gpt-oss-20b (20.9 B parameters = 38.9 GiB
+in bf16; 24 layers x 32 experts x 24.9 M = 19.1 B expert weights = 9.5 GiB in MXFP4), measured on an H100 80GB
+with the 20b-shaped stand-in (benchmarks/RESULTS.md): 18 s, 42.8 GiB of GPU memory and 15.0 GiB of CPU RAM with an
+attention-only adapter; 30 s, 48.2 GiB and 15.7 GiB with expert LoRA.
+- a CPU-only machine: all of the above in RAM: ~45 GiB (1.2x the bf16 model), ~55 GiB with expert LoRA; plan for
+  64 GiB, and hours of bf16 matmuls on the CPU. model_loader refuses models above 2 B parameters on a CPU
+  (MAX_CPU_PARAMETERS), so without a GPU this script exports the tiny stand-in and small models only.
+"""
+
+import gc
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import adapter_evaluation as ae
+
+# -----------------------------------------------------------------------------
+ADAPTER_PATH = ""  # run directory holding adapter_config.json; '' = the newest under runs/
+BASE_MODEL_ID = ""  # '' = the adapter's base_model_name_or_path; or a Hub id, a local model directory, 'tiny'
+EXPORT_DIR = "runs/export/gpt-oss-tes"  # output model directory (the Modelfile's FROM points here)
+OVERWRITE = False  # replace an existing export in EXPORT_DIR
+MAX_SHARD_BYTES = 5_000_000_000  # safetensors shard size (what save_pretrained uses)
+PROMPT_PATH = "data/dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"  # verification prompts
+SPLIT = "eval"  # verification prompts come from this split
+VERIFY_PROMPTS = 4  # held-out prompts whose logits are compared after reloading the export
+VERIFY_POSITIONS = 64  # last tokens of each prompt compared (the 20b has 201088 logits a token)
+LOGIT_TOLERANCE = 1e-3  # reloaded vs in-memory logits may differ by this much, relative to the largest logit
+PUSH_TO_HUB = False  # upload the export to the private Hub repo $HF_REPO_ID with the token in $HF_TOKEN
+HF_REPO_ID = ""  # Hub repo to push to; '' = $HF_REPO_ID
+# -----------------------------------------------------------------------------
+SETTINGS = [name for name in list(globals()) if name.isupper()]
+REPORT_FILE = "export_report.json"
+BASE_FILES = ("LICENSE", "USAGE_POLICY")  # copied from the base model directory when there (openai/gpt-oss-20b has)
+EXPORT_MARKERS = ("config.json", REPORT_FILE, "model.safetensors", "model.safetensors.index.json")
+
+
+class VerificationError(RuntimeError):
+    """The written export does not reproduce the merged model; nothing was published."""
+
+
+def holds_export(path):
+    path = Path(path)
+    return path.is_dir() and (any((path / name).exists() for name in EXPORT_MARKERS) or any(path.glob("*.safetensors")))
+
+
+def check_output_dir(out, overwrite):
+    """Refuse an output directory that holds an export (unless overwrite) or anything else."""
+    out = Path(out)
+    if holds_export(out) and not overwrite:
+        raise ae.InputError(f"{out} already holds an export; pass --overwrite true to replace it, or choose another "
+                            "--out")
+    if out.exists() and not holds_export(out) and (not out.is_dir() or any(out.iterdir())):
+        raise ae.InputError(f"{out} exists and is not an export; choose another --out")
+
+
+def check_not_an_input(out, inputs):
+    """Refuse an output directory that is, or holds, one of the inputs (--overwrite would delete it)."""
+    for path in inputs:
+        if Path(out).resolve() == Path(path).resolve() or Path(path).resolve().is_relative_to(Path(out).resolve()):
+            raise ae.InputError(f"--out {out} would replace {path}, an input of this export; choose another --out")
+
+
+def hub_target(settings):
+    """(repo id, token) for --push-to-hub; InputError before any work when either is missing."""
+    token = os.environ.get("HF_TOKEN", "").strip()
+    repo_id = settings["HF_REPO_ID"] or os.environ.get("HF_REPO_ID", "").strip()
+    if not token:
+        raise ae.InputError("--push-to-hub needs a Hugging Face write token in the environment variable HF_TOKEN")
+    if not repo_id:
+        raise ae.InputError("--push-to-hub needs the repo to push to: set HF_REPO_ID (e.g. you/gpt-oss-tes) or pass "
+                            "--hf-repo-id")
+    return repo_id, token
+
+
+def push_to_hub(export_dir, repo_id, token):
+    """Create the private model repo if needed and upload the export directory (the token is never printed)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=True, exist_ok=True, repo_type="model")
+    api.upload_folder(folder_path=str(export_dir), repo_id=repo_id, repo_type="model",
+                      commit_message=f"Export of {Path(export_dir).name} (merged LoRA, MXFP4 experts)")
+    return f"https://huggingface.co/{repo_id}"
+
+
+def publish(tmp_dir, out):
+    """Rename the finished temporary directory into place, replacing an older export.
+
+    mkdtemp makes the directory private (0700) and safetensors writes 0600: give both the usual modes first, so
+    that another user (an Ollama service, a Hub uploader) can read the export.
+    """
+    out = Path(out)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(tmp_dir).iterdir():
+        os.chmod(path, 0o666 & ~umask)
+    os.chmod(tmp_dir, 0o777 & ~umask)
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp_dir, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, out)
+
+
+def compare_bytes(export_dir, base_reader):
+    """Per tensor of the export: identical bytes to the base checkpoint's tensor of that name, or not."""
+    import torch
+
+    from adapter_merge import CheckpointReader
+
+    export = CheckpointReader(export_dir)
+    result = {"same_names": sorted(export.names()) == sorted(base_reader.names()),
+              "expert_identical": 0, "expert_changed": [], "other_identical": 0, "other_changed": 0}
+    for name in export.names():
+        if name not in base_reader:
+            continue
+        a, b = export.get(name), base_reader.get(name)
+        same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                         b.reshape(-1).view(torch.uint8))
+        if name.endswith(("_blocks", "_scales")):
+            if same:
+                result["expert_identical"] += 1
+            else:
+                result["expert_changed"].append(name)
+        else:
+            result["other_identical" if same else "other_changed"] += 1
+    return result
+
+
+def memory_use(device):
+    """Peak CPU RSS and (on a GPU) peak CUDA memory allocated so far, in GiB."""
+    import torch
+
+    use = {"peak_cpu_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 3)}
+    if device == "cuda":
+        use["peak_cuda_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return use
+
+
+def export(settings, log=ae.log):
+    """The whole export; returns the report. Inputs are checked first (InputError), nothing is written before."""
+    hub = hub_target(settings) if settings["PUSH_TO_HUB"] else None
+    adapter_dir = ae.resolve_adapter_dir(settings["ADAPTER_PATH"])
+    adapter_config = ae.read_adapter_config(adapter_dir)
+    base = ae.resolve_base_model(adapter_config, settings["BASE_MODEL_ID"], adapter_dir)
+    out = ae.resolve_path(settings["EXPORT_DIR"])
+    check_output_dir(out, settings["OVERWRITE"])
+    import model_loader
+
+    try:
+        fit = ae.check_adapter_fits_base(adapter_dir, base)
+    except model_loader.ModelLoadError as error:
+        raise ae.InputError(f"{error} (base model of {adapter_dir}; pass --base-model-id)") from None
+    ae.check_run_tokenizer(adapter_dir, base)
+    check_not_an_input(out, [adapter_dir, fit["base_path"]])
+    frame = ae.read_prompt_frame(settings["PROMPT_PATH"], settings["SPLIT"], settings["VERIFY_PROMPTS"])
+    prompts = frame["prompt"].tolist()
+
+    import torch
+
+    from adapter_merge import (CheckpointReader, add_converter_config_keys, compare_logits, export_state_dict,
+                               expert_quantization_error, load_quantized_experts, local_checkpoint_dir,
+                               lora_expert_parameters, prompt_logits, quantize_experts)
+    from mxfp4 import check_mxfp4_checkpoint, save_mxfp4_checkpoint
+
+    start, seconds = time.time(), {}
+    device = model_loader.pick_device()
+    base_dir = local_checkpoint_dir(base)
+    reader = CheckpointReader(base_dir)
+    log(f"merging {adapter_dir} into {base} on {device} (bf16)")
+    model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device, dtype=torch.bfloat16)
+    changed = lora_expert_parameters(model)
+    model = model.merge_and_unload()
+    seconds["load_and_merge"] = round(time.time() - start, 1)
+    merged_logits = prompt_logits(model, tokenizer, prompts, settings["VERIFY_POSITIONS"])
+
+    t = time.time()
+    packed = quantize_experts(model, set(changed), reader)
+    quantization = expert_quantization_error(model, packed, reader, set(changed)) if changed else None
+    load_quantized_experts(model, packed, set(changed))  # the in-memory model now holds exactly what is stored
+    stored_logits = prompt_logits(model, tokenizer, prompts, settings["VERIFY_POSITIONS"])
+    seconds["quantize"] = round(time.time() - t, 1)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        t = time.time()
+        config = add_converter_config_keys(json.loads((base_dir / "config.json").read_text()))
+        files = save_mxfp4_checkpoint(export_state_dict(model, packed), config, str(tmp_dir),
+                                      max_shard_bytes=settings["MAX_SHARD_BYTES"])
+        if (base_dir / "generation_config.json").is_file():
+            shutil.copy2(base_dir / "generation_config.json", tmp_dir / "generation_config.json")
+        else:
+            model.generation_config.save_pretrained(str(tmp_dir))
+        for name in BASE_FILES:  # the base's licence terms travel with its derivative
+            if (base_dir / name).is_file():
+                shutil.copy2(base_dir / name, tmp_dir / name)
+        tokenizer.save_pretrained(str(tmp_dir))
+        seconds["write"] = round(time.time() - t, 1)
+        del model, packed
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+        t = time.time()
+        check_mxfp4_checkpoint(str(tmp_dir))
+        stored = compare_bytes(tmp_dir, reader)
+        reloaded = model_loader.load_model(str(tmp_dir), device=device, dtype=torch.bfloat16)
+        reloaded_logits = prompt_logits(reloaded, tokenizer, prompts, settings["VERIFY_POSITIONS"])
+        del reloaded
+        seconds["verify"] = round(time.time() - t, 1)
+        logits = {"reloaded_vs_stored_precision": compare_logits(stored_logits, reloaded_logits),
+                  "reloaded_vs_merged": compare_logits(merged_logits, reloaded_logits)}
+        problems = []
+        if not stored["same_names"]:
+            problems.append("its tensor names differ from the base checkpoint's")
+        if not changed and stored["expert_changed"]:
+            problems.append(f"{len(stored['expert_changed'])} expert tensors differ from the base checkpoint's "
+                            f"although the adapter has no expert LoRA (first: {stored['expert_changed'][0]})")
+        if logits["reloaded_vs_stored_precision"]["max_rel_diff"] > settings["LOGIT_TOLERANCE"]:
+            problems.append(f"reloaded logits differ from the merged model's by "
+                            f"{logits['reloaded_vs_stored_precision']['max_rel_diff']:.2e} (relative), more than "
+                            f"LOGIT_TOLERANCE={settings['LOGIT_TOLERANCE']}")
+        seconds["total"] = round(time.time() - start, 1)
+        report = {
+            "export_dir": str(out), "adapter_path": str(adapter_dir), "base_model": base, "base_dir": str(base_dir),
+            "adapter": {key: adapter_config.get(key)
+                        for key in ("r", "lora_alpha", "target_modules", "target_parameters")},
+            "expert_lora": bool(changed), "changed_expert_weights": changed,
+            "files": files, "tensors": {k: (len(v) if isinstance(v, list) else v) for k, v in stored.items()},
+            "experts_bit_identical_to_base": not stored["expert_changed"],
+            "quantization_error": quantization, "logits": logits, "verify_prompts": len(prompts),
+            "logit_tolerance": settings["LOGIT_TOLERANCE"], "verified": not problems, "problems": problems,
+            "device": device if device == "cpu" else torch.cuda.get_device_name(), "dtype": "bfloat16",
+            "seconds": seconds, "memory": memory_use(device),
+            "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                         "peft": __import__("peft").__version__},
+            "pushed_to": None,
+        }
+        ae.write_json(report, tmp_dir / REPORT_FILE)
+        if problems:
+            raise VerificationError(f"the export failed its check, {out} left as it was: " + "; ".join(problems))
+        publish(tmp_dir, out)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    print_report(report, log)
+    if hub:
+        log(f"pushing {out} to the private Hub repo {hub[0]}")
+        report["pushed_to"] = push_to_hub(out, *hub)
+        ae.write_json(report, out / REPORT_FILE)
+        log(f"pushed: {report['pushed_to']}")
+    return report
+
+
+def print_report(report, log):
+    s, m, logits = report["seconds"], report["memory"], report["logits"]
+    log(f"wrote {report['export_dir']}: {len(report['files'])} shard(s); expert tensors identical to the base: "
+        f"{report['tensors']['expert_identical']}, changed: {report['tensors']['expert_changed']}")
+    stored = logits["reloaded_vs_stored_precision"]
+    log(f"reloaded vs merged (stored precision): max |logit diff| {stored['max_abs_diff']:.3g}, "
+        f"argmax agreement {stored['argmax_agreement']:.4f}")
+    q = report["quantization_error"]
+    if q:
+        log(f"expert LoRA re-quantised to MXFP4: weight relative error max {q['weight_relative_error_max']:.3g}, "
+            f"LoRA update relative error mean {q['update_relative_error_mean']:.3g}; reloaded vs merged before "
+            f"rounding: max |logit diff| {logits['reloaded_vs_merged']['max_abs_diff']:.3g}, argmax agreement "
+            f"{logits['reloaded_vs_merged']['argmax_agreement']:.4f}")
+    log(f"time {s['total']:.1f} s (load+merge {s['load_and_merge']}, quantise {s['quantize']}, write {s['write']}, "
+        f"verify {s['verify']}); peak CPU RSS {m['peak_cpu_rss_gib']:.2f} GiB"
+        + (f", peak CUDA allocated {m['peak_cuda_allocated_gib']:.2f} GiB" if "peak_cuda_allocated_gib" in m else ""))
+
+
+def main(argv=None):
+    constants = {name: globals()[name] for name in SETTINGS}
+    parser = ae.build_parser(__doc__, constants)
+    parser.add_argument("--out", dest="export_dir", type=str, default=None, help="same as --export-dir")
+    settings = ae.read_settings(parser, constants, argv)
+    try:
+        return export(settings)
+    except ae.InputError as error:
+        ae.fail(error)
+    except VerificationError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Evaluate a LoRA adapter with the base kept in MXFP4, beside the dequantised (bf16) evaluation, and report deltas.
+
+    python test_lora_adapter_quantized.py                         # newest run under runs/, held-out split
+    python test_lora_adapter_quantized.py --adapter-path runs/grpo-tiny --max-prompts 100 --samples 4
+
+Three evaluations of the same adapter on the same prompts and sampling seeds (test_lora_adapter.py's metrics):
+1. reference: the base dequantised by model_loader (bf16 on a GPU, fp32 on a CPU) + the PEFT adapter, and the base
+   alone (adapter disabled);
+2. MXFP4 base + the PEFT adapter, and the MXFP4 base alone. Real MXFP4 inference needs a CUDA GPU (compute
+   capability >= 7.5), triton, the `kernels` package and OpenAI's triton kernels downloaded from the Hub at run
+   time (kernels-community/gpt-oss-triton-kernels); without any of these transformers silently dequantises instead.
+   The script probes for them, checks after loading that the experts really are MXFP4 modules, and otherwise says
+   why and SIMULATES this model exactly: the dequantised base holds the very same weights as the MXFP4 checkpoint
+   (dequantisation is exact; verified by re-quantising every expert back to the checkpoint's bytes), so the MXFP4
+   base and an attention-only adapter on it have the reference's weights and the delta is zero by construction
+   (not re-run). Only the kernels' arithmetic is left out. Expert LoRA (adapter_config target_parameters) cannot
+   be put on packed MXFP4 experts by PEFT and is silently ignored there: the script says so, and simulates it by
+   evaluating the adapter with its expert LoRA switched off;
+3. export: the adapter merged and the experts re-quantised to MXFP4 exactly as export_quantized_model.py writes them
+   (simulated in the evaluation dtype: expert values as stored, other weights not rounded to bf16). Identical to the
+   reference for attention-only adapters up to the merge's float rounding; with expert LoRA it shows what the
+   quantisation costs.
+Besides the sampled metrics it compares the logits of each variant with the reference on LOGIT_PROMPTS prompts.
+
+Reads what test_lora_adapter.py reads; bad input ends with a one-line reason on stderr and exit code 2, nothing
+written. Writes into ADAPTER_PATH (atomically): eval_quantized_report.json, eval_quantized_summary.md,
+eval_quantized_action_counts.png (optimal versus chosen action for the three adapter variants).
+"""
+
+import gc
+import importlib.util
+import time
+
+import adapter_evaluation as ae
+
+# -----------------------------------------------------------------------------
+ADAPTER_PATH = ""  # run directory holding adapter_config.json; '' = the newest under runs/
+BASE_MODEL_ID = ""  # '' = the adapter's base_model_name_or_path; or a Hub id, a local model directory, 'tiny'
+PROMPT_PATH = "data/dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"  # Harmony CSV with Q/rewards
+SPLIT = "eval"  # rows of this `split` are evaluated ('' = every row): the held-out split by default
+MAX_PROMPTS = 0  # evaluate N of those rows, spread evenly over them (0 = all)
+SAMPLES = 4  # answers sampled per prompt and model
+TEMPERATURE = 1.0  # sampling temperature (gpt-oss's recommended 1.0, as in training)
+TOP_P = 1.0  # nucleus sampling (1.0 = off)
+MAX_NEW_TOKENS = 256  # tokens an answer may use; one cut off there is invalid (training's MAX_COMPLETION_LEN)
+BATCH_SIZE = 64  # sequences generated at once
+SEED = 0  # seeds the sampling; every variant gets the same streams
+LOGIT_PROMPTS = 4  # prompts whose logits are compared between the variants
+# -----------------------------------------------------------------------------
+SETTINGS = [name for name in list(globals()) if name.isupper()]
+PREFIX = "eval_quantized"
+KERNEL_REPO = "kernels-community/gpt-oss-triton-kernels"  # what transformers' MXFP4 integration downloads
+
+
+def probe_mxfp4_kernels(device):
+    """(True, what) when transformers can run MXFP4 experts natively here, else (False, why not)."""
+    import torch
+
+    if device != "cuda":
+        return False, ("no CUDA GPU: transformers runs MXFP4 experts only through OpenAI's triton kernels on a GPU; "
+                       "on a CPU it dequantises them")
+    if torch.cuda.get_device_capability() < (7, 5):
+        return False, f"{torch.cuda.get_device_name()} has compute capability below 7.5, which the MXFP4 kernels need"
+    for package in ("triton", "kernels"):
+        if importlib.util.find_spec(package) is None:
+            return False, (f"the `{package}` package is not installed (pip install {package}); transformers would "
+                           "dequantise")
+    try:
+        from transformers.integrations.hub_kernels import get_kernel
+
+        get_kernel(KERNEL_REPO, version=1)
+    except Exception as error:  # reported, not swallowed: it decides the mode and goes into the report
+        return False, (f"the triton kernels ({KERNEL_REPO}) could not be loaded from the Hub or its cache "
+                       f"({type(error).__name__}: {ae.one_line(error)[:200]})")
+    return True, f"MXFP4 kernels from {KERNEL_REPO} on {torch.cuda.get_device_name()}"
+
+
+def load_mxfp4_base(base, device):
+    """(model, native): the base with its experts kept in MXFP4 (transformers' Mxfp4Config() without dequantize)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    import model_loader
+
+    model = AutoModelForCausalLM.from_pretrained(model_loader.resolve_model_id(base), dtype=torch.bfloat16,
+                                                 attn_implementation="eager", device_map=device,
+                                                 quantization_config=Mxfp4Config())
+    native = any(type(m).__name__ == "Mxfp4GptOssExperts" for m in model.modules())
+    return model, native
+
+
+def release_memory():
+    """Return freed tensors' memory now (call after `del`): two copies of a 20b model do not fit one GPU."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    constants = {name: globals()[name] for name in SETTINGS}
+    settings = ae.read_settings(ae.build_parser(__doc__, constants), constants, argv)
+    try:
+        adapter_dir, adapter_config, base, frame, fit = ae.check_inputs(settings)
+    except ae.InputError as error:
+        ae.fail(error)
+
+    import evaluation
+    import model_loader
+    from adapter_merge import (CheckpointReader, compare_logits, expert_lora_disabled, load_quantized_experts,
+                               local_checkpoint_dir, lora_expert_parameters, prompt_logits, quantize_experts,
+                               requantize_matches_checkpoint)
+
+    start = time.time()
+    device = model_loader.pick_device()
+    expert_targets = ae.expert_lora_targets(adapter_config)
+    prompts = frame["prompt"].tolist()[:settings["LOGIT_PROMPTS"]]
+    kwargs = ae.decoding_settings(settings)
+    notes = []
+    if expert_targets:
+        notes.append(f"The adapter has expert LoRA ({', '.join(expert_targets)}). PEFT cannot wrap packed MXFP4 "
+                     "expert tensors, so on an MXFP4 base that part of the adapter is silently ignored: the 'MXFP4 "
+                     "base + adapter' numbers are those of the adapter without its expert LoRA. Merge and export "
+                     "(export_quantized_model.py) to keep it.")
+
+    ae.log(f"1/3 reference: {adapter_dir} on the dequantised base {base} ({device})")
+    model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device)
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    reference, reference_actions, _ = ae.evaluate_base_and_adapter(model, tokenizer, frame, settings)
+    with model.disable_adapter():
+        logits = {"base": prompt_logits(model, tokenizer, prompts)}
+    logits["adapter"] = prompt_logits(model, tokenizer, prompts)
+
+    available, why = probe_mxfp4_kernels(device)
+    mxfp4, mxfp4_actions, mxfp4_logits, by_construction, roundtrip = {}, {}, {}, [], None
+    mode = "mxfp4-kernels" if available else "simulated"
+    if available:
+        del model
+        release_memory()
+        ae.log(f"2/3 MXFP4 base: {why}")
+        mx_base, native = load_mxfp4_base(base, device)
+        if native:
+            from peft import PeftModel
+
+            mx_model = PeftModel.from_pretrained(mx_base, str(adapter_dir))
+            mx_model.eval()
+            mxfp4, mxfp4_actions, _ = ae.evaluate_base_and_adapter(mx_model, tokenizer, frame, settings)
+            with mx_model.disable_adapter():
+                mxfp4_logits["base"] = prompt_logits(mx_model, tokenizer, prompts)
+            mxfp4_logits["adapter"] = prompt_logits(mx_model, tokenizer, prompts)
+            del mx_model
+        else:
+            mode, why = "simulated", ("transformers fell back to dequantising the experts while loading (see its "
+                                      "warning above), so MXFP4 kernels did not run")
+        del mx_base
+        release_memory()
+        model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device)
+    reader = CheckpointReader(local_checkpoint_dir(base))
+    if mode == "simulated":
+        ae.log(f"2/3 MXFP4 base: simulated ({why})")
+        roundtrip = requantize_matches_checkpoint(model, reader)
+        if roundtrip["bit_identical"] != roundtrip["expert_weights"]:
+            notes.append(f"Only {roundtrip['bit_identical']} of {roundtrip['expert_weights']} dequantised expert "
+                         "weights re-quantise to the checkpoint's bytes: the base is not exactly its MXFP4 checkpoint.")
+        mxfp4["base"], mxfp4_actions["base"], mxfp4_logits["base"] = (reference["base"], reference_actions["base"],
+                                                                      logits["base"])
+        by_construction.append("base")
+        if expert_targets:
+            with expert_lora_disabled(model):
+                mxfp4["adapter"], _, mxfp4_actions["adapter"] = evaluation.evaluate_model(
+                    model, tokenizer, frame, log=ae.log, **kwargs)
+                mxfp4_logits["adapter"] = prompt_logits(model, tokenizer, prompts)
+        else:
+            mxfp4["adapter"], mxfp4_actions["adapter"], mxfp4_logits["adapter"] = (
+                reference["adapter"], reference_actions["adapter"], logits["adapter"])
+            by_construction.append("adapter")
+
+    ae.log("3/3 export: adapter merged, experts re-quantised to MXFP4 as export_quantized_model.py writes them")
+    changed = set(lora_expert_parameters(model))
+    merged = model.merge_and_unload()
+    packed = quantize_experts(merged, changed, reader)
+    load_quantized_experts(merged, packed, changed)
+    export_scores, _, export_actions = evaluation.evaluate_model(merged, tokenizer, frame, log=ae.log, **kwargs)
+    export_logits = prompt_logits(merged, tokenizer, prompts)
+
+    delta = {"mxfp4_base": ae.compare_scores(reference["base"], mxfp4["base"], reference_actions["base"],
+                                             mxfp4_actions["base"]),
+             "mxfp4_adapter": ae.compare_scores(reference["adapter"], mxfp4["adapter"], reference_actions["adapter"],
+                                                mxfp4_actions["adapter"]),
+             "export_adapter": ae.compare_scores(reference["adapter"], export_scores, reference_actions["adapter"],
+                                                 export_actions)}
+    logit_delta = {"mxfp4_base": compare_logits(logits["base"], mxfp4_logits["base"]),
+                   "mxfp4_adapter": compare_logits(logits["adapter"], mxfp4_logits["adapter"]),
+                   "export_adapter": compare_logits(logits["adapter"], export_logits)}
+    plots = {"action_counts": f"{PREFIX}_action_counts.png"}
+    ae.plot_action_counts([(f"reference adapter ({dtype})", reference["adapter"]["optimal_vs_predicted"]),
+                           ("MXFP4 base + adapter" + (" (simulated)" if mode == "simulated" else ""),
+                            mxfp4["adapter"]["optimal_vs_predicted"]),
+                           ("export: merged, MXFP4 experts", export_scores["optimal_vs_predicted"])],
+                          adapter_dir / plots["action_counts"],
+                          f"{len(frame)} held-out prompts x {settings['SAMPLES']} answers, same seeds")
+    report = {
+        "adapter_path": str(adapter_dir), "base_model": base, "adapter_fit": fit,
+        "adapter": {key: adapter_config.get(key) for key in ("r", "lora_alpha", "target_modules", "target_parameters")},
+        "expert_lora": expert_targets,
+        "mode": mode,
+        "mxfp4_kernels": {"available": mode == "mxfp4-kernels", "reason": why},
+        "what_was_done": describe(mode, why, expert_targets, dtype),
+        "notes": notes,
+        "prompt_path": str(ae.resolve_path(settings["PROMPT_PATH"])), "split": settings["SPLIT"],
+        "prompts": len(frame), "decoding": kwargs, "logit_prompts": len(prompts),
+        "reference": {"dtype": dtype, "base": reference["base"], "adapter": reference["adapter"]},
+        "mxfp4": {"base": mxfp4["base"], "adapter": mxfp4["adapter"], "by_construction": by_construction},
+        "export": {"adapter": export_scores, "changed_expert_weights": sorted(changed)},
+        "delta": delta, "logits": logit_delta, "requantize_roundtrip": roundtrip,
+        "references": evaluation.reference_scores(frame), "plots": plots,
+        "device": device, "seconds": round(time.time() - start, 1), "settings": settings,
+    }
+    ae.write_json(report, adapter_dir / f"{PREFIX}_report.json")
+    summary = render_summary(report)
+    from data_reward import write_text_atomically
+
+    write_text_atomically(summary, adapter_dir / f"{PREFIX}_summary.md")
+    print(summary)
+    ae.log(f"wrote {PREFIX}_report.json, {PREFIX}_summary.md and {plots['action_counts']} into {adapter_dir} "
+           f"({report['seconds']:.0f} s)")
+    return report
+
+
+def describe(mode, why, expert_targets, dtype):
+    """One paragraph saying plainly what was run and what was simulated."""
+    if mode == "mxfp4-kernels":
+        text = f"Ran the base with MXFP4 experts on the GPU kernels ({why}) against the dequantised {dtype} base."
+    else:
+        text = (f"MXFP4 inference could not run here: {why}. Instead the MXFP4 base was simulated by the dequantised "
+                f"base ({dtype}), which holds exactly the checkpoint's MXFP4 weights, so its delta is zero by "
+                "construction and only the kernels' arithmetic is not covered.")
+        text += (" The adapter on the MXFP4 base was simulated with its expert LoRA switched off (what PEFT on an "
+                 "MXFP4 base computes)." if expert_targets else
+                 " An attention-only adapter on the MXFP4 base has the same weights as the reference: zero by "
+                 "construction.")
+    return text + " The export variant merges the adapter and rounds the experts to MXFP4 as the exporter stores them."
+
+
+def render_summary(report):
+    r, m, e, d, lg = report["reference"], report["mxfp4"], report["export"], report["delta"], report["logits"]
+    mark = " (simulated)" if report["mode"] == "simulated" else ""
+    lines = [f"# Adapter evaluation with an MXFP4 base: {report['adapter_path']}", "",
+             f"Base `{report['base_model']}`; {report['prompts']} prompts x {report['decoding']['samples']} answers, "
+             f"same prompts and seeds for every variant. Mode: **{report['mode']}**.", "", report["what_was_done"], ""]
+    lines += [f"- {note}" for note in report["notes"]] + ([""] if report["notes"] else [])
+    lines += ae.scores_table([(f"reference base ({r['dtype']})", r["base"]),
+                              (f"reference adapter ({r['dtype']})", r["adapter"]),
+                              (f"MXFP4 base{mark}", m["base"]), (f"MXFP4 base + adapter{mark}", m["adapter"]),
+                              ("export (merged, MXFP4 experts)", e["adapter"])], report["references"])
+    lines += ["", "| variant minus its reference | valid rate | accuracy | mean reward | mean regret | same action | "
+              "max abs logit diff | argmax agreement |", "|---|---|---|---|---|---|---|---|"]
+    for key, label in (("mxfp4_base", "MXFP4 base"), ("mxfp4_adapter", "MXFP4 base + adapter"),
+                       ("export_adapter", "export")):
+        x, g = d[key], lg[key]
+        by_construction = key != "export_adapter" and key.removeprefix("mxfp4_") in m["by_construction"]
+        construction = " (by construction)" if by_construction else ""
+        lines.append(f"| {label}{construction} | {ae.fmt(x['valid_rate'], True)} | {ae.fmt(x['accuracy'], True)} | "
+                     f"{ae.fmt(x['mean_reward'], True)} | {ae.fmt(x['mean_regret'], True)} | "
+                     f"{100 * x['same_action_rate']:.1f}% | {g['max_abs_diff']:.3g} | {g['argmax_agreement']:.4f} |")
+    if report["requantize_roundtrip"]:
+        rt = report["requantize_roundtrip"]
+        lines += ["", f"Re-quantising the dequantised base: {rt['bit_identical']} of {rt['expert_weights']} expert "
+                  "weights give the checkpoint's bytes back."]
+    lines += ["", f"Plot: `{report['plots']['action_counts']}`", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

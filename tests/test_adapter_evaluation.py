@@ -1,0 +1,201 @@
+"""Tests for adapter_evaluation.py and test_lora_adapter.py: metrics by hand, the report, and bad input."""
+
+import contextlib
+import json
+import os
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import adapter_evaluation as ae
+import evaluation
+import harmony
+import test_lora_adapter as evaluate_script
+from lora_fixtures import HARMONY_CSV, make_adapter, make_foreign_adapter, write_prompt_subset
+from tiny_gpt_oss import ensure_tiny_model
+
+# Three rows, four actions; the optimal actions (argmax Q) are 1, 0 and 2.
+Q = [[1.0, 3.0, 2.0, 0.0], [5.0, 4.0, 4.5, 1.0], [0.0, 0.0, 2.0, 1.0]]
+REWARDS = [[0.1, 0.6, 0.25, 0.05], [0.5, 0.2, 0.28, 0.02], [0.1, 0.1, 0.5, 0.3]]
+CUT_OFF = f"{harmony.ANALYSIS_HEADER}I compare the CO2"  # no final message: invalid
+BASE_ANSWERS = [[harmony.format_answer("a", 1), CUT_OFF],
+                [harmony.format_answer("a", 2), harmony.format_answer("a", 0)],
+                [harmony.format_answer("a", 3), harmony.format_answer("a", 2)]]
+ADAPTER_ANSWERS = [[harmony.format_answer("a", 1), harmony.format_answer("a", 1)],
+                   [harmony.format_answer("a", 0), harmony.format_answer("a", 0)],
+                   [harmony.format_answer("a", 2), CUT_OFF]]
+SETTINGS = dict(SAMPLES=2, TEMPERATURE=1.0, TOP_P=1.0, MAX_NEW_TOKENS=48, SEED=0, BATCH_SIZE=64)
+
+
+def toy_frame():
+    frame = pd.DataFrame({"row_id": [0, 1, 2], "prompt": ["p0", "p1", "p2"]})
+    for a in range(4):
+        frame[f"q_action_{a}"] = [row[a] for row in Q]
+        frame[f"reward_action_{a}"] = [row[a] for row in REWARDS]
+    return frame
+
+
+class StubModel:
+    """Stands in for a PeftModel: generation is stubbed, only disable_adapter() is needed."""
+
+    def disable_adapter(self):
+        return contextlib.nullcontext()
+
+
+@pytest.fixture
+def stubbed_generation(monkeypatch):
+    """evaluation.generate_answers returns the base's fixed answers first, then the adapter's."""
+    queue = [BASE_ANSWERS, ADAPTER_ANSWERS]
+    monkeypatch.setattr(evaluation, "generate_answers", lambda *args, **kwargs: queue.pop(0))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir():
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_dir, tmp_path_factory):
+    return make_adapter(tmp_path_factory.mktemp("runs") / "attention-run")
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    return write_prompt_subset(tmp_path_factory.mktemp("prompts") / "held_out.csv", rows=3)
+
+
+def run_main(main, argv, capsys):
+    """Run a script's main, expecting it to exit; return (exit code, last stderr line)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    return exit_info.value.code, lines[-1] if lines else ""
+
+
+def test_base_metrics_match_hand_computation(stubbed_generation):
+    scores, actions, _ = ae.evaluate_base_and_adapter(StubModel(), None, toy_frame(), SETTINGS, log=lambda m: None)
+    base = scores["base"]
+    assert actions["base"].tolist() == [[1, -1], [2, 0], [3, 2]]
+    assert base["valid_rate"] == pytest.approx(5 / 6)
+    assert base["accuracy"] == pytest.approx(3 / 6)  # [1] on row 0, [0] on row 1, [2] on row 2
+    assert base["mean_reward"] == pytest.approx((0.6 + 0 + 0.28 + 0.5 + 0.3 + 0.5) / 6)  # invalid earns 0
+    # regrets: 0, worst of row 0 (3 - 0) for the invalid answer, 0.5, 0, 1, 0
+    assert base["mean_regret"] == pytest.approx((0 + 3 + 0.5 + 0 + 1 + 0) / 6)
+    assert base["action_distribution"] == pytest.approx({"0": 1 / 6, "1": 1 / 6, "2": 2 / 6, "3": 1 / 6,
+                                                         "invalid": 1 / 6})
+    expected_counts = np.zeros((4, 5), dtype=int)
+    for optimal, chosen in ((1, 1), (1, 4), (0, 2), (0, 0), (2, 3), (2, 2)):
+        expected_counts[optimal, chosen] += 1
+    assert base["optimal_vs_predicted"] == expected_counts.tolist()
+
+
+def test_adapter_metrics_and_delta_match_hand_computation(stubbed_generation):
+    scores, actions, _ = ae.evaluate_base_and_adapter(StubModel(), None, toy_frame(), SETTINGS, log=lambda m: None)
+    adapter = scores["adapter"]
+    assert adapter["valid_rate"] == pytest.approx(5 / 6)
+    assert adapter["accuracy"] == pytest.approx(5 / 6)
+    assert adapter["mean_reward"] == pytest.approx((0.6 + 0.6 + 0.5 + 0.5 + 0.5 + 0) / 6)
+    assert adapter["mean_regret"] == pytest.approx(2 / 6)  # only the invalid answer on row 2: 2 - 0
+    delta = ae.compare_scores(scores["base"], adapter, actions["base"], actions["adapter"])
+    assert delta["accuracy"] == pytest.approx(2 / 6)
+    assert delta["mean_reward"] == pytest.approx((2.7 - 2.18) / 6)
+    assert delta["mean_regret"] == pytest.approx((2 - 4.5) / 6)
+    assert delta["same_action_rate"] == pytest.approx(2 / 6)  # (1, 1) on row 0 and (0, 0) on row 1
+
+
+def test_reference_policies_match_hand_computation():
+    references = evaluation.reference_scores(toy_frame())
+    assert references["uniform"]["mean_reward"] == pytest.approx(0.25)
+    assert references["uniform"]["mean_regret"] == pytest.approx((6 + 5.5 + 5) / 12)
+    assert references["best_constant"]["action"] == 2  # column means 0.233, 0.3, 0.343, 0.123
+    assert references["best_constant"]["mean_reward"] == pytest.approx(1.03 / 3)
+    assert references["best_constant"]["accuracy"] == pytest.approx(1 / 3)
+    assert references["best_constant"]["mean_regret"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert references["optimal"]["mean_reward"] == pytest.approx((0.6 + 0.5 + 0.5) / 3)
+
+
+def test_newest_run_is_found_and_stand_ins_are_skipped(tmp_path):
+    for name in ("older", "newer", "stand-ins"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ae.ADAPTER_CONFIG).write_text("{}")
+    (tmp_path / "no-adapter").mkdir()
+    now = time.time()
+    os.utime(tmp_path / "older" / ae.ADAPTER_CONFIG, (now - 100, now - 100))
+    os.utime(tmp_path / "stand-ins" / ae.ADAPTER_CONFIG, (now + 100, now + 100))
+    assert ae.find_newest_run(tmp_path) == tmp_path / "newer"
+
+
+def test_max_prompts_spreads_rows_over_the_split():
+    frame = ae.read_prompt_frame(HARMONY_CSV, "eval", 4)
+    all_rows = ae.read_prompt_frame(HARMONY_CSV, "eval", 0)
+    assert len(frame) == 4
+    assert frame["row_id"].iat[0] == all_rows["row_id"].iat[0]
+    assert frame["row_id"].iat[-1] == all_rows["row_id"].iat[-1]
+
+
+def test_report_has_both_models_references_and_plots(run_dir, prompt_file):
+    report = evaluate_script.main(["--adapter-path", str(run_dir), "--prompt-path", str(prompt_file),
+                                   "--samples", "2", "--max-new-tokens", "48"])
+    stored = json.loads((run_dir / "eval_report.json").read_text())
+    assert stored["models"].keys() == {"base", "adapter"}
+    for scores in stored["models"].values():
+        assert {"valid_rate", "accuracy", "mean_reward", "mean_regret", "action_distribution",
+                "optimal_vs_predicted"} <= scores.keys()
+        assert scores["answers"] == 3 * 2
+    assert stored["references"].keys() == {"uniform", "best_constant", "optimal"}
+    assert stored["delta"]["mean_reward"] == pytest.approx(
+        stored["models"]["adapter"]["mean_reward"] - stored["models"]["base"]["mean_reward"])
+    assert stored["prompts"] == 3 and stored["adapter_fit"]["matches_recorded_base"]
+    assert stored["training"]["steps_logged"] == 30
+    for name in stored["plots"].values():
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (run_dir / "eval_summary.md").read_text()
+    assert "base (adapter disabled)" in summary and "| adapter |" in summary and "optimal (argmax Q)" in summary
+    assert len(pd.read_csv(run_dir / "eval_answers.csv")) == 2 * 3 * 2
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    assert report["models"]["adapter"] == stored["models"]["adapter"]
+
+
+def test_missing_adapter_directory_exits_2(tmp_path, capsys):
+    code, message = run_main(evaluate_script.main, ["--adapter-path", str(tmp_path / "nowhere")], capsys)
+    assert code == 2
+    assert message.startswith("error: ") and "no such adapter directory" in message
+
+
+def test_adapter_for_another_base_exits_2_and_writes_nothing(tiny_dir, tmp_path, capsys):
+    foreign = make_foreign_adapter(tmp_path / "foreign-run", tiny_dir, hidden_size=128)
+    code, message = run_main(evaluate_script.main, ["--adapter-path", str(foreign)], capsys)
+    assert code == 2
+    assert "does not fit the base model" in message and "(8, 128)" in message and "(8, 64)" in message
+    assert not (foreign / "eval_report.json").exists()
+
+
+def test_adapter_saved_with_another_tokenizer_exits_2(run_dir, tmp_path, capsys):
+    """An adapter trained on an earlier build of the base fits its shapes but not its vocabulary."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    stale = tmp_path / "stale-run"
+    shutil.copytree(run_dir, stale)
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
+    tokenizer.add_tokens(["<|not_in_the_base|>"])
+    tokenizer.save_pretrained(str(stale))
+    code, message = run_main(evaluate_script.main, ["--adapter-path", str(stale)], capsys)
+    assert code == 2 and "tokenizer differs" in message
+
+
+def test_prompt_file_without_q_columns_exits_2(run_dir, tmp_path, capsys):
+    bad = write_prompt_subset(tmp_path / "no_q.csv", drop_columns=[f"q_action_{a}" for a in range(4)])
+    code, message = run_main(evaluate_script.main, ["--adapter-path", str(run_dir), "--prompt-path", str(bad)], capsys)
+    assert code == 2
+    assert "not usable as a prompt file" in message and "q_action_" in message
+
+
+def test_prompt_file_without_split_column_exits_2(run_dir, tmp_path, capsys):
+    bad = write_prompt_subset(tmp_path / "no_split.csv", drop_columns=["split"])
+    code, message = run_main(evaluate_script.main, ["--adapter-path", str(run_dir), "--prompt-path", str(bad)], capsys)
+    assert code == 2
+    assert "no `split` column" in message

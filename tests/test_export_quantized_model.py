@@ -1,0 +1,187 @@
+"""Tests for export_quantized_model.py: round trip, quantisation report, atomic output, Hub push (mocked), bad input."""
+
+import json
+from unittest import mock
+
+import pytest
+import torch
+
+import export_quantized_model as exporter
+import mxfp4
+from adapter_merge import CheckpointReader
+from lora_fixtures import make_adapter, make_foreign_adapter, write_prompt_subset
+from tiny_gpt_oss import ensure_tiny_model
+
+TOKEN = "hf_secret_token_for_tests_0123456789"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir():
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    return write_prompt_subset(tmp_path_factory.mktemp("prompts") / "held_out.csv", rows=3)
+
+
+@pytest.fixture(scope="module")
+def attention_run(tiny_dir, tmp_path_factory):
+    return make_adapter(tmp_path_factory.mktemp("runs") / "attention-run")
+
+
+@pytest.fixture(scope="module")
+def attention_export(attention_run, prompt_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "attention"
+    report = exporter.main(["--adapter-path", str(attention_run), "--out", str(out), "--prompt-path", str(prompt_file),
+                            "--verify-prompts", "2"])
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def expert_export(tiny_dir, prompt_file, tmp_path_factory):
+    run = make_adapter(tmp_path_factory.mktemp("runs") / "expert-run", expert_lora=True)
+    out = tmp_path_factory.mktemp("exports") / "expert"
+    report = exporter.main(["--adapter-path", str(run), "--out", str(out), "--prompt-path", str(prompt_file),
+                            "--verify-prompts", "2"])
+    return out, report
+
+
+def run_main(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        exporter.main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    return exit_info.value.code, lines[-1] if lines else "", captured
+
+
+def test_attention_only_export_keeps_expert_bytes_identical(attention_export, tiny_dir):
+    out, report = attention_export
+    base, export = CheckpointReader(tiny_dir), CheckpointReader(out)
+    experts = [name for name in base.names() if name.endswith(("_blocks", "_scales"))]
+    assert len(experts) == 8
+    for name in experts:  # compared here independently of the exporter's own check
+        assert torch.equal(export.get(name), base.get(name)), name
+    assert report["experts_bit_identical_to_base"] and report["verified"]
+    assert report["tensors"]["same_names"] and report["tensors"]["other_changed"] == 8  # q, k, v, o of 2 layers
+
+
+def test_attention_only_export_reloads_with_equal_logits(attention_export):
+    _, report = attention_export
+    assert report["logits"]["reloaded_vs_stored_precision"]["max_rel_diff"] <= exporter.LOGIT_TOLERANCE
+    assert report["logits"]["reloaded_vs_merged"]["argmax_agreement"] == 1.0
+    assert report["quantization_error"] is None
+
+
+def test_export_is_a_complete_mxfp4_model_directory(attention_export):
+    out, report = attention_export
+    mxfp4.check_mxfp4_checkpoint(str(out))
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "mxfp4"
+    assert config["experts_per_token"] == config["num_experts_per_tok"]
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 exporter.REPORT_FILE):
+        assert (out / name).is_file(), name
+    assert {"total", "load_and_merge", "write", "verify"} <= report["seconds"].keys()
+    assert report["memory"]["peak_cpu_rss_gib"] > 0
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def test_expert_lora_export_reports_quantisation_error(expert_export):
+    _, report = expert_export
+    error = report["quantization_error"]
+    assert report["expert_lora"] and len(report["changed_expert_weights"]) == 4
+    assert error["weights"] == 4 and 0 < error["weight_relative_error_max"] < 0.5
+    assert 0 < error["update_relative_error_mean"]
+    assert report["tensors"]["expert_changed"] == 8 and not report["experts_bit_identical_to_base"]
+    assert report["logits"]["reloaded_vs_stored_precision"]["max_rel_diff"] <= exporter.LOGIT_TOLERANCE
+    assert report["logits"]["reloaded_vs_merged"]["max_abs_diff"] > 0  # what MXFP4 rounding costs
+    assert report["verified"]
+
+
+def test_interrupted_export_leaves_neither_target_nor_temporary(attention_run, prompt_file, tmp_path, monkeypatch):
+    calls = []
+
+    def save_then_fail(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("interrupted while writing the second shard")
+        return mxfp4_save_file(tensors, path, metadata=metadata)
+
+    mxfp4_save_file = mxfp4.save_file
+    monkeypatch.setattr(mxfp4, "save_file", save_then_fail)
+    parent = tmp_path / "exports"
+    with pytest.raises(KeyboardInterrupt):
+        exporter.main(["--adapter-path", str(attention_run), "--out", str(parent / "model"), "--prompt-path",
+                       str(prompt_file), "--verify-prompts", "1", "--max-shard-bytes", "50000"])
+    assert len(calls) == 2  # it did stop mid-way
+    assert list(parent.iterdir()) == []
+
+
+def test_existing_export_is_refused_without_overwrite(attention_export, attention_run, capsys):
+    out, _ = attention_export
+    before = (out / exporter.REPORT_FILE).read_bytes()
+    code, message, _ = run_main(["--adapter-path", str(attention_run), "--out", str(out)], capsys)
+    assert code == 2 and "already holds an export" in message and "--overwrite" in message
+    assert (out / exporter.REPORT_FILE).read_bytes() == before
+
+
+def test_overwrite_replaces_an_existing_export(attention_run, prompt_file, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    report = exporter.main(["--adapter-path", str(attention_run), "--out", str(out), "--overwrite", "true",
+                            "--prompt-path", str(prompt_file), "--verify-prompts", "1"])
+    assert report["verified"]
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt_oss"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_push_creates_private_repo_and_uploads_without_printing_the_token(attention_run, prompt_file, tmp_path,
+                                                                         monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_REPO_ID", "someone/gpt-oss-tes")
+    out = tmp_path / "model"
+    with mock.patch("huggingface_hub.HfApi") as api_class:
+        report = exporter.main(["--adapter-path", str(attention_run), "--out", str(out), "--push-to-hub", "true",
+                                "--prompt-path", str(prompt_file), "--verify-prompts", "1"])
+    api_class.assert_called_once_with(token=TOKEN)
+    api = api_class.return_value
+    api.create_repo.assert_called_once_with("someone/gpt-oss-tes", private=True, exist_ok=True, repo_type="model")
+    api.upload_folder.assert_called_once()
+    assert api.upload_folder.call_args.kwargs["folder_path"] == str(out)
+    assert api.upload_folder.call_args.kwargs["repo_id"] == "someone/gpt-oss-tes"
+    assert report["pushed_to"] == "https://huggingface.co/someone/gpt-oss-tes"
+    captured = capsys.readouterr()
+    assert TOKEN not in captured.out + captured.err
+    assert TOKEN not in "".join(p.read_text(errors="ignore") for p in out.iterdir() if p.suffix in (".json", ".jinja"))
+
+
+def test_push_without_token_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_REPO_ID", "someone/gpt-oss-tes")
+    code, message, _ = run_main(["--adapter-path", str(tmp_path / "not-even-a-run"), "--out", str(tmp_path / "out"),
+                                 "--push-to-hub", "true"], capsys)
+    assert code == 2 and "HF_TOKEN" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_adapter_directory_exits_2(tmp_path, capsys):
+    code, message, _ = run_main(["--adapter-path", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "no such adapter directory" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_for_another_base_exits_2(tiny_dir, tmp_path, capsys):
+    foreign = make_foreign_adapter(tmp_path / "foreign-run", tiny_dir, hidden_size=128)
+    code, message, _ = run_main(["--adapter-path", str(foreign), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "does not fit the base model" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompt_file_without_needed_columns_exits_2(attention_run, tmp_path, capsys):
+    bad = write_prompt_subset(tmp_path / "no_prompt.csv", drop_columns=["prompt"])
+    code, message, _ = run_main(["--adapter-path", str(attention_run), "--out", str(tmp_path / "out"),
+                                 "--prompt-path", str(bad)], capsys)
+    assert code == 2 and "not usable as a prompt file" in message and "prompt" in message
+    assert not (tmp_path / "out").exists()

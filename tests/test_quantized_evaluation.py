@@ -1,0 +1,72 @@
+"""Tests for test_lora_adapter_quantized.py on a CPU: it must say MXFP4 kernels cannot run and what it did instead."""
+
+import json
+
+import pytest
+
+import test_lora_adapter_quantized as quantized_script
+from lora_fixtures import make_adapter, write_prompt_subset
+from tiny_gpt_oss import ensure_tiny_model
+
+ARGS = ["--samples", "2", "--max-new-tokens", "48", "--logit-prompts", "2"]
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    ensure_tiny_model()
+    return write_prompt_subset(tmp_path_factory.mktemp("prompts") / "held_out.csv", rows=3)
+
+
+@pytest.fixture(scope="module")
+def attention_report(prompt_file, tmp_path_factory):
+    run_dir = make_adapter(tmp_path_factory.mktemp("runs") / "attention-run")
+    quantized_script.main(["--adapter-path", str(run_dir), "--prompt-path", str(prompt_file), *ARGS])
+    return run_dir, json.loads((run_dir / "eval_quantized_report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def expert_report(prompt_file, tmp_path_factory):
+    run_dir = make_adapter(tmp_path_factory.mktemp("runs") / "expert-run", expert_lora=True)
+    quantized_script.main(["--adapter-path", str(run_dir), "--prompt-path", str(prompt_file), *ARGS])
+    return run_dir, json.loads((run_dir / "eval_quantized_report.json").read_text())
+
+
+def test_probe_says_why_mxfp4_cannot_run_on_a_cpu():
+    available, why = quantized_script.probe_mxfp4_kernels("cpu")
+    assert not available and "no CUDA GPU" in why
+
+
+def test_cpu_run_is_reported_as_simulated_with_the_reason(attention_report):
+    run_dir, report = attention_report
+    assert report["mode"] == "simulated"
+    assert report["mxfp4_kernels"] == {"available": False, "reason": quantized_script.probe_mxfp4_kernels("cpu")[1]}
+    assert "could not run here" in report["what_was_done"]
+    assert "simulated" in (run_dir / "eval_quantized_summary.md").read_text()
+    assert (run_dir / report["plots"]["action_counts"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dequantised_base_is_bit_for_bit_the_mxfp4_checkpoint(attention_report):
+    _, report = attention_report
+    roundtrip = report["requantize_roundtrip"]
+    assert roundtrip["expert_weights"] == 4 and roundtrip["bit_identical"] == 4  # 2 layers x (gate_up, down)
+
+
+def test_attention_only_adapter_has_zero_mxfp4_delta_by_construction(attention_report):
+    _, report = attention_report
+    assert report["mxfp4"]["by_construction"] == ["base", "adapter"]
+    for key in ("mxfp4_base", "mxfp4_adapter"):
+        assert report["delta"][key]["mean_reward"] == 0 and report["delta"][key]["same_action_rate"] == 1
+        assert report["logits"][key]["max_abs_diff"] == 0
+    # the export only adds the merge's float rounding: its logits stay within float error of the reference
+    assert report["logits"]["export_adapter"]["max_rel_diff"] < 1e-4
+    assert report["export"]["changed_expert_weights"] == []
+
+
+def test_expert_lora_is_reported_as_ignored_by_an_mxfp4_base(expert_report):
+    _, report = expert_report
+    assert report["expert_lora"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert any("silently ignored" in note for note in report["notes"])
+    assert report["mxfp4"]["by_construction"] == ["base"]  # the adapter without its expert LoRA was evaluated
+    assert report["logits"]["mxfp4_adapter"]["max_abs_diff"] > 0
+    assert len(report["export"]["changed_expert_weights"]) == 4
+    assert report["logits"]["export_adapter"]["max_abs_diff"] > 0  # MXFP4 rounding of the merged experts

@@ -1,0 +1,43 @@
+"""Tests for run_exported_model.py: answers and parsed actions printed, bad input refused with exit code 2."""
+
+import pytest
+
+import run_exported_model as runner
+from lora_fixtures import write_prompt_subset
+from tiny_gpt_oss import ensure_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    """The tiny stand-in is itself a complete MXFP4 model directory, like an export."""
+    return ensure_tiny_model()
+
+
+def test_prints_final_answer_and_parsed_action_per_prompt(model_dir, tmp_path, capsys):
+    prompts = write_prompt_subset(tmp_path / "held_out.csv", rows=2)
+    runner.main(["--model-path", str(model_dir), "--prompt-path", str(prompts), "--max-new-tokens", "48"])
+    out = capsys.readouterr().out
+    assert out.count("--- prompt ") == 2
+    assert out.count("final:") == 2 and out.count("action:") == 2 and out.count("best by Q:") == 2
+    assert "valid answers" in out.splitlines()[-1]
+
+
+def test_missing_export_directory_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main(["--model-path", str(tmp_path / "no-export")])
+    assert exit_info.value.code == 2
+    assert "no such model directory" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_prompt_file_without_needed_columns_exits_2(model_dir, tmp_path, capsys):
+    bad = write_prompt_subset(tmp_path / "no_rewards.csv", drop_columns=[f"reward_action_{a}" for a in range(4)])
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main(["--model-path", str(model_dir), "--prompt-path", str(bad)])
+    assert exit_info.value.code == 2
+    assert "reward_action_" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_hub_ids_are_told_apart_from_missing_local_paths():
+    assert runner.resolve_model("someone/gpt-oss-tes") == "someone/gpt-oss-tes"
+    with pytest.raises(runner.ae.InputError):
+        runner.resolve_model("runs/export/no-such-export")
