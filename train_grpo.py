@@ -66,7 +66,7 @@ LORA_ALPHA = 32  # adapter scale numerator (scale = alpha / rank)
 LORA_TARGETS = "all-linear"  # PEFT target_modules; on gpt-oss 'all-linear' is attention q/k/v/o
 LORA_EXPERTS = False  # also adapt the MoE experts (gate_up_proj, down_proj) through target_parameters
 # Generation
-REASONING_EFFORT = "low"  # only checked against the prompts' 'Reasoning:' line (it is rendered into them)
+REASONING_EFFORT = "low"  # must match the prompts' 'Reasoning:' line (convert_to_harmony.py renders it into them)
 TEMPERATURE = 1.0  # sampling temperature of the GRPO rollouts
 TOP_P = 1.0  # nucleus sampling of the rollouts
 CONTINUOUS_BATCHING = True  # generate with transformers' continuous batching (GPU; ~1.8x faster than generate())
@@ -182,6 +182,11 @@ def read_data(settings):
                             "on the _harmony.csv it writes")
         if "split" not in frame:
             problems.append(f"{path}: no `split` column; mark rows train / eval")
+        efforts = set(frame["prompt"].str.extract(r"Reasoning: (\w+)", expand=False).dropna())
+        if efforts - {settings["REASONING_EFFORT"]}:
+            problems.append(f"{path}: prompts were rendered with reasoning effort {', '.join(sorted(efforts))}, "
+                            f"REASONING_EFFORT is {settings['REASONING_EFFORT']!r}; convert again with "
+                            f"--reasoning-effort {settings['REASONING_EFFORT']} or pass the matching --reasoning-effort")
     if problems:
         raise SystemExit("error: " + "\n".join(problems))
     train = {p: f[f["split"] == settings["TRAIN_SPLIT"]] for p, f in frames.items()}

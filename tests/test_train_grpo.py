@@ -78,7 +78,7 @@ def test_resume_after_a_kill_continues_at_the_last_checkpoint_without_duplicate_
     out = tmp_path / "killed"
     shutil.copytree(short_run[0], out)
     shutil.rmtree(out / "checkpoint-3")  # killed after step 3's rows were logged, before its checkpoint
-    result = run_train(*FAST[:2], "--total-steps", "4", "--save-steps", "2", "--eval-samples", "0",
+    result = run_train("--tiny", "--total-steps", "4", "--save-steps", "2", "--eval-samples", "0",
                        "--out", str(out), "--resume")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resuming from checkpoint-2" in result.stdout
@@ -94,17 +94,13 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path):
 
 
 def test_bad_data_is_reported_by_file_and_row_before_any_model_is_loaded(tmp_path):
+    import pandas as pd
+
     source = ROOT / "data" / "dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"
-    lines = source.read_text(encoding="utf-8").split("\n")
+    frame = pd.read_csv(source, dtype=str, keep_default_na=False)
+    frame.loc[0, "q_action_1"] = "n/a"  # the first data row: row 2 as a spreadsheet counts
     bad = tmp_path / "bad.csv"
-    header = lines[0].split(",")
-    q = header.index("q_action_1")
-    # corrupt one Q value of the first record (the prompt spans lines; the Q values follow its closing quote)
-    record_end = next(i for i, line in enumerate(lines) if line.endswith(tuple("0123456789")) and i > 0)
-    fields = lines[record_end].split(",")
-    fields[q - len(header)] = "n/a"
-    lines[record_end] = ",".join(fields)
-    bad.write_text("\n".join(lines), encoding="utf-8")
+    frame.to_csv(bad, index=False)
     result = run_train(*FAST, "--out", str(tmp_path / "run"), "--data-files", str(bad))
     assert result.returncode != 0
     assert f"{bad}:2:" in result.stderr and "q_action_1" in result.stderr
@@ -122,3 +118,38 @@ def test_inconsistent_batch_settings_name_the_settings(tmp_path):
     result = run_train("--tiny", "--train-batch-size", "16", "--out", str(tmp_path / "run"))
     assert result.returncode != 0
     assert "TRAIN_BATCH_SIZE" in result.stderr and "GRADIENT_ACCUMULATION" in result.stderr
+
+
+def test_a_reasoning_effort_other_than_the_prompts_is_refused(tmp_path):
+    result = run_train(*FAST, "--out", str(tmp_path / "run"), "--reasoning-effort", "high")
+    assert result.returncode != 0
+    assert "reasoning effort low" in result.stderr and "--reasoning-effort high" in result.stderr
+
+
+def test_ctrl_c_leaves_a_checkpoint_that_resume_continues(tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train_grpo.py"), "--tiny", "--total-steps", "200", "--save-steps", "1000",
+         "--eval-samples", "0", "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        log = out / "completions.csv"
+        if log.exists() and len(read_log(log)) >= 3 * 32:
+            break
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "checkpoint saved" in stderr, stdout[-2000:] + stderr[-2000:]
+    checkpoint = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    assert step >= 2 and (checkpoint / "adapter_model.safetensors").is_file()
+    result = run_train("--tiny", "--total-steps", str(step + 1), "--save-steps", "1000", "--eval-samples", "0",
+                       "--out", str(out), "--resume")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == step + 1
