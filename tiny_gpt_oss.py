@@ -415,6 +415,9 @@ def build_tiny(out_dir=None, log=print):
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     torch.manual_seed(SEED)
+    # the experts' scatter/index_add backward is not bit-reproducible by default, even on a CPU
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
     prompts = read_training_prompts()
     tokenizer = build_tokenizer(prompts)
     config = tiny_config(tokenizer)
@@ -422,7 +425,10 @@ def build_tiny(out_dir=None, log=print):
     model.set_attn_implementation("eager")
     log(f"building the tiny stand-in: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"vocabulary {len(tokenizer)}, {len(prompts)} training prompts")
-    warm_start(model, tokenizer, prompts, log)
+    try:
+        warm_start(model, tokenizer, prompts, log)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
     round_experts_to_mxfp4(model)  # already exact after the frozen phase; kept so the saved weights are its values
     tmp_dir = Path(tempfile.mkdtemp(prefix=out_dir.name + ".partial-", dir=out_dir.parent))
     try:
