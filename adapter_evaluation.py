@@ -1,7 +1,7 @@
 """Evaluate a trained LoRA adapter against its base model: what test_lora_adapter*.py and the exporter share.
 
 - runs and settings: `find_newest_run` (the newest runs/<run>/ holding adapter_config.json, stand-ins left out),
-  `resolve_path`, `build_parser` / `read_settings` (argparse from a script's constants block);
+  `resolve_path`, `build_parser` / `read_settings` (argparse from a script's constants block, script_settings.py);
 - inputs, checked before any model is loaded; each failure is an InputError with a one-line reason, which the
   scripts print and exit with code 2 (`fail`): `read_adapter_config`, `resolve_base_model`, `read_prompt_frame`,
   `check_adapter_fits_base` (LoRA tensor names and shapes against the base model's modules, on the meta device),
@@ -13,7 +13,6 @@
   `write_json` / `save_figure` / `write_answers` (atomic: a reader never sees a half-written file).
 """
 
-import argparse
 import json
 import math
 import os
@@ -22,6 +21,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from script_settings import apply_flags, build_parser  # noqa: F401  (build_parser: used as ae.build_parser)
 
 ROOT = Path(__file__).resolve().parent
 # ----------------------------------------------------------------------------------------------
@@ -62,36 +63,9 @@ def log(message):
 # ---------------------------------------------------------------------------------------------- settings
 
 
-def parse_bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def build_parser(doc, constants):
-    """argparse from a constants block: NAME -> --name-with-dashes, typed like its default."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, default in constants.items():
-        flag = "--" + name.lower().replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, type=parse_bool, default=None, metavar="true|false")
-        else:
-            parser.add_argument(flag, type=type(default), default=None)
-    return parser
-
-
 def read_settings(parser, constants, argv=None):
     """The constants with the command line's flags applied."""
-    args = parser.parse_args(argv)
-    settings = dict(constants)
-    for name in constants:
-        value = getattr(args, name.lower())
-        if value is not None:
-            settings[name] = value
-    return settings
+    return apply_flags(parser.parse_args(argv), constants)
 
 
 def resolve_path(path):

@@ -393,6 +393,21 @@ def write_model_dir(state_dict, config, tokenizer, out_dir, recipe):
     (Path(out_dir) / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
 
 
+def write_then_publish(out_dir, write):
+    """Run `write(tmp_dir)` into a fresh temporary directory beside `out_dir`, then rename it into place.
+
+    Anything that goes wrong (Ctrl-C included) removes the temporary directory: a half-written build never sits
+    where a finished one is looked for.
+    """
+    tmp_dir = Path(tempfile.mkdtemp(prefix=out_dir.name + ".partial-", dir=out_dir.parent))
+    try:
+        write(tmp_dir)
+        publish(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
 def publish(tmp_dir, final_dir):
     """Move a finished build into place, replacing an older one (rename is atomic within a filesystem)."""
     final_dir = Path(final_dir)
@@ -430,15 +445,9 @@ def build_tiny(out_dir=None, log=print):
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
     round_experts_to_mxfp4(model)  # already exact after the frozen phase; kept so the saved weights are its values
-    tmp_dir = Path(tempfile.mkdtemp(prefix=out_dir.name + ".partial-", dir=out_dir.parent))
-    try:
-        recipe = {"kind": "tiny", "fingerprint": recipe_fingerprint(), "seed": SEED, "build_seconds": None}
-        recipe["build_seconds"] = round(time.time() - start, 1)
-        write_model_dir(model.state_dict(), config, tokenizer, tmp_dir, recipe)
-        publish(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+    recipe = {"kind": "tiny", "fingerprint": recipe_fingerprint(), "seed": SEED,
+              "build_seconds": round(time.time() - start, 1)}
+    write_then_publish(out_dir, lambda tmp_dir: write_model_dir(model.state_dict(), config, tokenizer, tmp_dir, recipe))
     log(f"wrote {out_dir} in {time.time() - start:.0f} s")
     return out_dir
 
@@ -498,17 +507,14 @@ def build_20b(out_dir=None, device=None, log=print):
         shapes = {name: tuple(p.shape) for name, p in GptOssForCausalLM(config).state_dict().items()}
     # A lazy mapping: each tensor is made when the writer asks for it, so the whole model never sits in memory.
     state_dict = LazyRandomStateDict(shapes, device)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=out_dir.name + ".partial-", dir=out_dir.parent))
-    try:
+    def write(tmp_dir):
         save_mxfp4_checkpoint(state_dict, config, tmp_dir)
         generation_config(tokenizer).save_pretrained(tmp_dir)
         tokenizer.save_pretrained(tmp_dir)
         recipe = {"kind": "20b", "seed": SEED, "device": device, "build_seconds": round(time.time() - start, 1)}
         (tmp_dir / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
-        publish(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+
+    write_then_publish(out_dir, write)
     log(f"wrote {out_dir} in {time.time() - start:.0f} s")
     return out_dir
 

@@ -27,13 +27,14 @@ no KL term (beta = 0), one optimiser step per generation batch (on-policy; steps
 accumulation), no prompt truncation (over-long prompts are left out of the stream and reported).
 """
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
+
+import script_settings
 
 ROOT = Path(__file__).resolve().parent
 # -----------------------------------------------------------------------------
@@ -97,29 +98,11 @@ SETTINGS = [name for name in list(globals()) if name.isupper() and name not in (
 
 
 def build_parser():
-    """argparse from the constants block: NAME -> --name-with-dashes, typed like its default."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Flags from the constants block (script_settings.py), plus --tiny and --resume."""
+    parser = script_settings.build_parser(__doc__, {name: globals()[name] for name in SETTINGS})
     parser.add_argument("--tiny", action="store_true", help="embedded stand-in and CPU-sized settings")
     parser.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint")
-    for name in SETTINGS:
-        default = globals()[name]
-        flag = "--" + name.lower().replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, type=parse_bool, default=None, metavar="true|false")
-        elif isinstance(default, list):
-            parser.add_argument(flag, nargs="+", default=None)
-        else:
-            parser.add_argument(flag, type=type(default), default=None)
     return parser
-
-
-def parse_bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def resolve_settings(args):
@@ -127,11 +110,7 @@ def resolve_settings(args):
     settings = {name: globals()[name] for name in SETTINGS}
     if args.tiny:
         settings.update(TINY_SETTINGS)
-    for name in SETTINGS:
-        value = getattr(args, name.lower())
-        if value is not None:
-            settings[name] = value
-    return settings
+    return script_settings.apply_flags(args, settings)
 
 
 def check_settings(s):
@@ -481,7 +460,8 @@ def main(argv=None):
         raise SystemExit(
             "error: the GPU ran out of memory. Reduce memory with --train-batch-size (and raise "
             "--gradient-accumulation to keep the batch), --max-completion-len, --num-generations, "
-            "--prompts-per-step or --lora-rank, and keep --gradient-checkpointing true."
+            "--prompts-per-step or --lora-rank, set --continuous-batching false (it reserves more memory for "
+            "generation), and keep --gradient-checkpointing true."
         ) from None
     train_seconds = time.time() - start
     trainer.save_model(str(out))

@@ -153,3 +153,21 @@ def test_ctrl_c_leaves_a_checkpoint_that_resume_continues(tmp_path):
                        "--out", str(out), "--resume")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == step + 1
+
+
+def test_out_of_memory_names_the_settings_that_reduce_memory(tmp_path, monkeypatch, capsys):
+    import torch
+    from trl import GRPOTrainer
+
+    import train_grpo
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(GRPOTrainer, "train", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        train_grpo.main(FAST + ["--out", str(tmp_path / "run")])
+    message = str(exit_info.value)
+    assert message.startswith("error: the GPU ran out of memory")
+    for flag in ("--train-batch-size", "--gradient-accumulation", "--max-completion-len", "--num-generations"):
+        assert flag in message
