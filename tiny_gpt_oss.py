@@ -10,12 +10,14 @@ a `GptOssForCausalLM` whose experts are stored as MXFP4 `*_blocks` / `*_scales` 
 mxfp4 `quantization_config`, a byte-level BPE tokenizer that carries the Harmony special tokens and the original
 gpt-oss chat template, and a generation config that stops at <|return|>, <|endoftext|> and <|call|>.
 
-- tiny: ~3x10^5 parameters, small enough to train on 2 CPU cores, with sliding and full attention layers, sinks,
-  and top-2 routing over 4 experts. Its tokenizer is trained on the project's own prompts. It is warm-started
-  on Harmony answers to the training prompts in data/ with *random* actions, so it knows the format (an analysis
-  message, then a final message holding one bracketed action) but not the policy: that is what GRPO must teach.
-  The last warm-start steps run with the experts already rounded to MXFP4 and frozen, so the saved checkpoint
-  behaves exactly like the model that was trained. Deterministic: the same recipe gives the same weights.
+- tiny: ~2.5x10^5 parameters, small enough to train on 2 CPU cores, with sliding and full attention layers,
+  sinks, and top-2 routing over 4 experts. Its tokenizer is trained on the project's own prompts. It is
+  warm-started on Harmony answers to the training prompts in data/ with *random* actions, so it knows the format
+  (an analysis message, then a final message holding one bracketed action) but not the policy: that is what GRPO
+  must teach (see warm_start for the probe that gives it a reading of the situation, as pretraining would).
+  The last warm-start steps run with the experts already rounded to MXFP4 and frozen, so the stored experts are
+  exactly the ones it was trained with; the other weights are stored in bf16, as in the real checkpoint.
+  Deterministic: the same recipe gives the same weights, bit for bit.
 - 20b: openai/gpt-oss-20b's published configuration with random weights (no warm start), written layer by layer;
   its tokenizer is the tiny one padded to the real vocabulary size, the Harmony special tokens at their real ids.
 
@@ -27,7 +29,6 @@ the recipe changes.
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile

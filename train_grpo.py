@@ -30,7 +30,6 @@ accumulation), no prompt truncation (over-long prompts are left out of the strea
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
