@@ -135,9 +135,9 @@ def same_model(a, b):
 
     def canonical(model_id):
         if model_id == model_loader.TINY:
-            from tiny_gpt_oss import STAND_IN_DIR
+            from tiny_gpt_oss import TINY_DIR
 
-            return os.path.realpath(STAND_IN_DIR / "gpt-oss-tiny")
+            return os.path.realpath(TINY_DIR)
         return os.path.realpath(model_id) if os.path.isdir(model_id) else model_id
 
     return canonical(a) == canonical(b)

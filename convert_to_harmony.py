@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import harmony
-from data_reward import PROMPT_COLUMN, DataError, read_data_csv, write_csv_atomically
+from data_reward import FIRST_DATA_ROW, PROMPT_COLUMN, DataError, read_data_csv, write_csv_atomically
 
 # -----------------------------------------------------------------------------
 MODEL_ID = "tiny"  # whose chat template renders the prompts: 'tiny', a local model directory or a Hub id
@@ -41,7 +41,7 @@ def check_convertible(path, frame):
         raise DataError(f"{path}: this is a converted file already ({SUFFIX}.csv); convert the original instead")
     converted = frame[PROMPT_COLUMN].map(harmony.is_harmony_prompt)
     if converted.any():
-        row = int(converted.to_numpy().nonzero()[0][0]) + 2  # spreadsheet numbering: header is row 1
+        row = int(converted.to_numpy().nonzero()[0][0]) + FIRST_DATA_ROW
         raise DataError(f"{path}:{row}: the prompt is already a Harmony prompt; convert the legacy-text file instead")
 
 

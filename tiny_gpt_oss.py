@@ -44,6 +44,7 @@ import harmony
 ROOT = Path(__file__).resolve().parent
 # -----------------------------------------------------------------------------
 STAND_IN_DIR = ROOT / "runs" / "stand-ins"  # where built stand-ins are cached
+TINY_DIR = STAND_IN_DIR / "gpt-oss-tiny"  # the tiny stand-in that MODEL_ID "tiny" names
 DATA_FILE = ROOT / "data" / "dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset.csv"  # prompts to learn from
 PROMPT_DATE = "2025-05-05"  # the 'Current date' pinned into rendered prompts (the data's first day)
 BPE_VOCAB = 2048  # learned byte-level BPE entries before the special tokens (fewer tokens per prompt = faster)
@@ -427,7 +428,7 @@ def build_tiny(out_dir=None, log=print):
     """Build the tiny stand-in into `out_dir` (default runs/stand-ins/gpt-oss-tiny) and return its path."""
     from transformers import GptOssForCausalLM
 
-    out_dir = Path(out_dir or STAND_IN_DIR / "gpt-oss-tiny")
+    out_dir = Path(out_dir or TINY_DIR)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     torch.manual_seed(SEED)
@@ -463,7 +464,7 @@ def is_current(model_dir):
 
 def ensure_tiny_model(rebuild=False, log=None):
     """Path of the tiny stand-in, building it first when missing, outdated or when asked to."""
-    out_dir = STAND_IN_DIR / "gpt-oss-tiny"
+    out_dir = TINY_DIR
     if rebuild or not is_current(out_dir):
         build_tiny(out_dir, log=log or (lambda msg: print(msg, file=sys.stderr)))
     return out_dir
@@ -473,7 +474,7 @@ def load_tiny_tokenizer():
     """The tiny stand-in's tokenizer: from the cached build when current, else built on its own (a second)."""
     from transformers import AutoTokenizer
 
-    out_dir = STAND_IN_DIR / "gpt-oss-tiny"
+    out_dir = TINY_DIR
     if is_current(out_dir):
         return AutoTokenizer.from_pretrained(out_dir)
     return build_tokenizer(read_training_prompts())

@@ -225,6 +225,12 @@ def grpo_config(settings, device):
     )
 
 
+def mean_of(logs, key):
+    """Mean of `key` over trainer log rows that hold a number for it (NaN and None left out); None if none do."""
+    values = [log[key] for log in logs if isinstance(log.get(key), (int, float)) and not math.isnan(log[key])]
+    return sum(values) / len(values) if values else None
+
+
 def make_progress_printer(total_steps, every):
     """A TrainerCallback that prints one compact line every `every` steps (the full metrics go to TensorBoard)."""
     from transformers import TrainerCallback
@@ -242,8 +248,8 @@ def make_progress_printer(total_steps, every):
             if state.global_step % every and state.global_step != total_steps or not self.window:
                 return
             def mean(key):
-                values = [log[key] for log in self.window if isinstance(log.get(key), (int, float))]
-                return sum(values) / len(values) if values else float("nan")
+                value = mean_of(self.window, key)
+                return float("nan") if value is None else value
 
             done = state.global_step - self.first_step
             per_step = (time.time() - self.start) / max(done, 1)
@@ -280,10 +286,8 @@ def summarize_speed(log_history, device):
     import torch
 
     rows = [r for r in log_history if "step_time" in r]
-    def mean(key):
-        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-        return sum(values) / len(values) if values else None
-    step, generation, tokens = mean("step_time"), mean("timing/generation_seconds"), mean("timing/generated_tokens")
+    step, generation, tokens = (mean_of(rows, key) for key in
+                                ("step_time", "timing/generation_seconds", "timing/generated_tokens"))
     speed = {"seconds_per_step": step, "generation_seconds_per_step": generation,
              "update_seconds_per_step": step - generation if step is not None and generation is not None else None,
              "generated_tokens_per_second": tokens / generation if tokens and generation else None}
@@ -297,11 +301,7 @@ def summarize_log(log_history):
     rows = [r for r in log_history if "rewards/action_reward/mean" in r or "train/valid_rate" in r]
     def window(part):
         keys = {"reward": "rewards/action_reward/mean", "valid_rate": "valid_rate", "accuracy": "accuracy"}
-        out = {}
-        for label, key in keys.items():
-            values = [r[key] for r in part if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
-            out[label] = sum(values) / len(values) if values else None
-        return out
+        return {label: mean_of(part, key) for label, key in keys.items()}
     k = max(1, min(10, len(rows) // 5))
     return {"steps": len(rows), "first_steps": window(rows[:k]), "last_steps": window(rows[-k:]), "window": k}
 
