@@ -23,13 +23,16 @@ from data_reward import optimal_actions, q_matrix, reward_matrix
 
 
 def generate_answers(model, tokenizer, prompts, samples=4, temperature=1.0, top_p=1.0, max_new_tokens=64,
-                     seed=0, batch_size=64, stop_ids=None, log=None):
+                     seed=0, batch_size=64, stop_ids=None, backend="auto", log=None):
     """Sample `samples` Harmony completions for every prompt; returns answers[prompt][sample] with special tokens.
 
     Seeds are fixed per batch, so two models evaluated with the same arguments see the same random streams.
+    backend: 'engine' (rollout_engine.py: CUDA graphs on a GPU), 'generate' (transformers), or 'auto' (the engine
+    on a GPU when the model is one it can run, generate otherwise).
     """
     stop_ids = stop_ids or [tokenizer.convert_tokens_to_ids(t) for t in harmony.STOP_TOKENS]
     device = next(model.parameters()).device
+    backend = pick_backend(model, backend, device)
     jobs = [(i, prompt) for i, prompt in enumerate(prompts) for _ in range(samples)]
     answers = [[] for _ in prompts]
     was_training = model.training
@@ -37,14 +40,14 @@ def generate_answers(model, tokenizer, prompts, samples=4, temperature=1.0, top_
     start = last_log = time.time()
     for b, first in enumerate(range(0, len(jobs), batch_size)):
         batch = jobs[first:first + batch_size]
-        encoded = tokenizer([p for _, p in batch], add_special_tokens=False, padding=True, padding_side="left",
-                            return_tensors="pt").to(device)
         torch.manual_seed(seed + b)
-        with torch.no_grad():
-            out = model.generate(**encoded, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                                 max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                                 pad_token_id=tokenizer.pad_token_id)
-        for (i, _), ids in zip(batch, out[:, encoded["input_ids"].shape[1]:].tolist()):
+        if backend == "engine":
+            completions = sample_with_engine(model, tokenizer, [p for _, p in batch], temperature, top_p,
+                                             max_new_tokens)
+        else:
+            completions = sample_with_generate(model, tokenizer, [p for _, p in batch], temperature, top_p,
+                                               max_new_tokens, stop_ids, device)
+        for (i, _), ids in zip(batch, completions):
             answers[i].append(decode_completion(tokenizer, ids, stop_ids))
         done = min(first + batch_size, len(jobs))
         if log and (time.time() - last_log > 15 or done == len(jobs)):  # a line every 15 s, whatever the model
@@ -52,6 +55,33 @@ def generate_answers(model, tokenizer, prompts, samples=4, temperature=1.0, top_
             log(f"  generated {done}/{len(jobs)} answers ({last_log - start:.0f} s)")
     model.train(was_training)
     return answers
+
+
+def pick_backend(model, backend, device):
+    """'auto' -> 'engine' on a GPU for a model the engine runs (plain experts), else 'generate'."""
+    if backend != "auto":
+        return backend
+    from rollout_engine import supports
+
+    return "engine" if device.type == "cuda" and supports(model) else "generate"
+
+
+def sample_with_engine(model, tokenizer, prompts, temperature, top_p, max_new_tokens):
+    from rollout_engine import engine_for
+
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    completions, _ = engine_for(model, tokenizer).generate(prompt_ids, max_new_tokens, temperature=temperature,
+                                                           top_p=top_p)
+    return completions
+
+
+def sample_with_generate(model, tokenizer, prompts, temperature, top_p, max_new_tokens, stop_ids, device):
+    encoded = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left",
+                        return_tensors="pt").to(device)
+    with torch.no_grad():
+        out = model.generate(**encoded, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                             max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    return out[:, encoded["input_ids"].shape[1]:].tolist()
 
 
 def decode_completion(tokenizer, ids, stop_ids):
@@ -113,9 +143,9 @@ def reference_scores(frame):
 
 
 def evaluate_model(model, tokenizer, frame, samples=4, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=0,
-                   batch_size=64, log=None):
+                   batch_size=64, backend="auto", log=None):
     """Sample, parse and score one model on the rows of `frame` (its `prompt` column must be Harmony)."""
     answers = generate_answers(model, tokenizer, frame["prompt"].tolist(), samples, temperature, top_p,
-                               max_new_tokens, seed, batch_size, log=log)
+                               max_new_tokens, seed, batch_size, backend=backend, log=log)
     actions = parse_answers(answers, reward_matrix(frame).shape[1])
     return score_actions(frame, actions), answers, actions

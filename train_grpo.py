@@ -69,7 +69,7 @@ LORA_EXPERTS = False  # also adapt the MoE experts (gate_up_proj, down_proj) thr
 REASONING_EFFORT = "low"  # must match the prompts' 'Reasoning:' line (convert_to_harmony.py renders it into them)
 TEMPERATURE = 1.0  # sampling temperature of the GRPO rollouts
 TOP_P = 1.0  # nucleus sampling of the rollouts
-CONTINUOUS_BATCHING = True  # generate with transformers' continuous batching (GPU; ~1.8x faster than generate())
+GENERATION_BACKEND = "auto"  # engine (rollout_engine.py, CUDA graphs) | continuous-batching | generate; auto: engine on a GPU, generate on a CPU
 # Evaluation and logging
 EVAL_SAMPLES = 0  # answers per held-out prompt in the final before/after evaluation (0 = skip)
 EVAL_MAX_PROMPTS = 0  # held-out prompts evaluated (0 = all)
@@ -89,7 +89,6 @@ TINY_SETTINGS = dict(
     LEARNING_RATE=2e-3,
     BETA=0.05,  # a little KL to the untrained stand-in keeps its Harmony format while the LoRA learns
     GRADIENT_CHECKPOINTING=False,
-    CONTINUOUS_BATCHING=False,
     EVAL_SAMPLES=4,
 )
 # -----------------------------------------------------------------------------
@@ -125,6 +124,41 @@ def check_settings(s):
         )
     if s["TRAIN_BATCH_SIZE"] % s["NUM_GENERATIONS"] and s["NUM_GENERATIONS"] % s["TRAIN_BATCH_SIZE"]:
         raise SystemExit("error: TRAIN_BATCH_SIZE and NUM_GENERATIONS must divide one another")
+    if s["GENERATION_BACKEND"] not in ("auto", *GENERATION_BACKENDS):
+        raise SystemExit(f"error: GENERATION_BACKEND {s['GENERATION_BACKEND']!r} is not one of auto, "
+                         f"{', '.join(GENERATION_BACKENDS)}")
+
+
+GENERATION_BACKENDS = ("engine", "continuous-batching", "generate")
+# Said whenever generation runs out of memory: the settings that shrink it, most effective first.
+MEMORY_ADVICE = (
+    "Reduce memory with --train-batch-size (and raise --gradient-accumulation to keep the batch), "
+    "--max-completion-len, --num-generations, --prompts-per-step or --lora-rank, keep --gradient-checkpointing "
+    "true, and use --generation-backend engine (it holds only a static KV cache of the step's size) or generate."
+)
+
+
+def resolve_backend(backend, device):
+    """'auto' -> the engine on a GPU, TRL's generate on a CPU; continuous batching needs a GPU."""
+    if backend == "auto":
+        return "engine" if device == "cuda" else "generate"
+    if backend == "continuous-batching" and device != "cuda":
+        raise SystemExit("error: --generation-backend continuous-batching needs a CUDA GPU; use generate or engine")
+    return backend
+
+
+def continuous_batching_config(settings):
+    """transformers' continuous batching sized to one step's work instead of a share of free GPU memory.
+
+    Its default takes 90 % of the memory left after loading for the KV cache and lets a prefill batch grow until
+    the full-vocabulary logits alone ask for 16 GiB: at real prompt lengths on an 80 GB card that runs out of memory.
+    Here: enough 256-token blocks for every completion of a step at the longest prompt, and prefill batches of at
+    most 2,048 tokens (1.6 GiB of fp32 logits).
+    """
+    block = 256
+    rows = settings["PROMPTS_PER_STEP"] * settings["NUM_GENERATIONS"]
+    blocks_per_row = math.ceil((settings["MAX_PROMPT_LEN"] + settings["MAX_COMPLETION_LEN"]) / block)
+    return {"block_size": block, "num_blocks": rows * blocks_per_row + 8, "max_batch_tokens": 2048}
 
 
 def find_last_checkpoint(out):
@@ -186,7 +220,7 @@ def lora_config(settings):
     )
 
 
-def grpo_config(settings, device):
+def grpo_config(settings, device, backend):
     from trl import GRPOConfig
 
     out = settings["OUT"]
@@ -207,7 +241,9 @@ def grpo_config(settings, device):
         max_completion_length=settings["MAX_COMPLETION_LEN"],
         temperature=settings["TEMPERATURE"],
         top_p=settings["TOP_P"],
-        use_transformers_continuous_batching=settings["CONTINUOUS_BATCHING"] and device == "cuda",
+        use_transformers_continuous_batching=backend == "continuous-batching",
+        transformers_continuous_batching_config=(continuous_batching_config(settings)
+                                                 if backend == "continuous-batching" else None),
         loss_type=settings["LOSS_TYPE"],
         beta=settings["BETA"],
         top_entropy_quantile=settings["TOP_ENTROPY_QUANTILE"],
@@ -262,18 +298,31 @@ def make_progress_printer(total_steps, every):
     return ProgressPrinter()
 
 
-def time_generation(trainer):
+class GenerationFailed(RuntimeError):
+    """Generation gave no usable completions (transformers' continuous batching logs its out-of-memory and returns
+    nothing, and TRL then fails on the empty result)."""
+
+
+def time_generation(trainer, backend):
     """Log each step's generation seconds and generated tokens (TRL times generation for wandb only).
 
     Wraps the trainer's `_generate`; if a TRL release renames it, training runs on without these two figures.
     """
+    import torch
+
     original = getattr(trainer, "_generate", None)
     if original is None:
         return
 
     def timed(prompts, *args, **kwargs):
         start = time.perf_counter()
-        result = original(prompts, *args, **kwargs)
+        try:
+            result = original(prompts, *args, **kwargs)
+        except (IndexError, RuntimeError) as error:
+            if backend != "continuous-batching" or isinstance(error, torch.OutOfMemoryError):
+                raise
+            raise GenerationFailed(f"continuous batching returned no completions ({error.__class__.__name__}: "
+                                   f"{error}); its log above says why, usually 'out of memory'") from error
         trainer._log_metric("timing/generation_seconds", time.perf_counter() - start)
         trainer._log_metric("timing/generated_tokens", float(sum(len(ids) for ids in result[1])))
         return result
@@ -320,7 +369,8 @@ def render_summary(summary):
     t = summary["training"]
     out = Path(summary["out"])
     lines = [f"# GRPO run {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", "",
-             f"{summary['steps_done']} steps in {summary['train_seconds']:.0f} s on {summary['device']}.", "",
+             f"{summary['steps_done']} steps in {summary['train_seconds']:.0f} s on {summary['device']} "
+             f"(generation: {summary.get('generation_backend', 'n/a')}).", "",
              render_speed(summary["speed"]), "",
              "| during training | reward | valid rate | accuracy |", "|---|---|---|---|"]
     for label, key in (("first steps", "first_steps"), ("last steps", "last_steps")):
@@ -358,7 +408,7 @@ def render_speed(speed):
     return line + "."
 
 
-def evaluate_held_out(model, tokenizer, held_out, settings, log):
+def evaluate_held_out(model, tokenizer, held_out, settings, backend, log):
     """Untrained (adapter disabled) and trained policy on the held-out split, same prompts and seeds."""
     import pandas as pd
 
@@ -368,7 +418,7 @@ def evaluate_held_out(model, tokenizer, held_out, settings, log):
     if settings["EVAL_MAX_PROMPTS"]:
         frame = frame.iloc[: settings["EVAL_MAX_PROMPTS"]]
     kwargs = dict(samples=settings["EVAL_SAMPLES"], temperature=1.0, max_new_tokens=settings["MAX_COMPLETION_LEN"],
-                  seed=settings["SEED"], log=log)
+                  seed=settings["SEED"], backend="engine" if backend == "engine" else "generate", log=log)
     log(f"held-out evaluation: {len(frame)} prompts x {settings['EVAL_SAMPLES']} answers, untrained policy")
     with model.disable_adapter():
         untrained, _, _ = evaluate_model(model, tokenizer, frame, **kwargs)
@@ -397,6 +447,7 @@ def main(argv=None):
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     device = model_loader.pick_device()
+    backend = resolve_backend(settings["GENERATION_BACKEND"], device)
     torch.manual_seed(settings["SEED"])
     try:
         tokenizer = model_loader.load_tokenizer(settings["MODEL_ID"])
@@ -435,15 +486,23 @@ def main(argv=None):
         log(f"resuming from {checkpoint.name} (step {step}); dropped {dropped} completion-log rows of later steps")
 
     stream = StepStream(pool, seed=settings["SEED"])
+    rollout_func = None
+    if backend == "engine":
+        from rollout_engine import make_rollout_func
+
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL 1.x
+        rollout_func = make_rollout_func(tokenizer)
+    log(f"generation: {backend}")
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=make_reward_functions(tokenizer, settings["FORMAT_PENALTY"], completion_log),
-        args=grpo_config(settings, device),
+        args=grpo_config(settings, device, backend),
         train_dataset=stream.as_dataset(),
         processing_class=tokenizer,
+        rollout_func=rollout_func,
         callbacks=[make_progress_printer(settings["TOTAL_STEPS"], max(1, settings["TOTAL_STEPS"] // 20))],
     )
-    time_generation(trainer)
+    time_generation(trainer, backend)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(ProgressCallback)  # one compact line per PROGRESS window instead of a dict per step
@@ -456,22 +515,20 @@ def main(argv=None):
         raise SystemExit(f"\ninterrupted at step {trainer.state.global_step}: checkpoint saved in {out}; "
                          f"continue with: python train_grpo.py --resume --out {out}") from None
     except torch.OutOfMemoryError:
-        raise SystemExit(
-            "error: the GPU ran out of memory. Reduce memory with --train-batch-size (and raise "
-            "--gradient-accumulation to keep the batch), --max-completion-len, --num-generations, "
-            "--prompts-per-step or --lora-rank, set --continuous-batching false (it reserves more memory for "
-            "generation), and keep --gradient-checkpointing true."
-        ) from None
+        raise SystemExit(f"error: the GPU ran out of memory (generation backend: {backend}). {MEMORY_ADVICE}") from None
+    except GenerationFailed as error:
+        raise SystemExit(f"error: {error}. {MEMORY_ADVICE}") from None
     train_seconds = time.time() - start
     trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
     trainer.save_state()
 
-    summary = {"out": str(out), "device": device_name(device), "steps_done": trainer.state.global_step,
+    summary = {"out": str(out), "device": device_name(device), "generation_backend": backend,
+               "steps_done": trainer.state.global_step,
                "train_seconds": train_seconds, "training": summarize_log(trainer.state.log_history),
                "speed": summarize_speed(trainer.state.log_history, device)}
     if settings["EVAL_SAMPLES"] > 0:
-        summary["held_out"] = evaluate_held_out(trainer.model, tokenizer, held_out, settings, log)
+        summary["held_out"] = evaluate_held_out(trainer.model, tokenizer, held_out, settings, backend, log)
     write_summary(out, summary)
     print(render_summary(summary))
 

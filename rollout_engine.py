@@ -1,0 +1,446 @@
+"""A sampling engine for gpt-oss: each prompt prefilled once, a static KV cache, the decode step as a CUDA graph.
+
+Why: a GRPO step is mostly generation, and transformers' `generate` spends ~140 ms per decode step of the 20b model
+on launching ~1,200 small kernels, ten times what reading the weights costs. Here the whole decode step (all layers,
+the sampling, the bookkeeping) is one CUDA graph replayed once per token, with no host synchronisation in between.
+
+    engine = RolloutEngine(model, tokenizer)                       # model: gpt-oss, plain or PEFT-wrapped
+    completions, logprobs = engine.generate(prompt_ids, max_new_tokens=256, temperature=1.0)
+
+How it is built, in the order a token goes through it:
+- the model's own modules do the work (embedding, RMSNorms, q/k/v/o projections with their LoRA, router, lm_head),
+  called one by one; only attention and the cache are the engine's own: one static cache per layer
+  [rows, kv heads, positions, head dim], sliding-window layers masked to their last 128 positions, the learned
+  attention sinks as an extra softmax column, all in the same dtypes as transformers' eager attention;
+- the experts: the model's own experts module (grouped_mm on a GPU) when the experts carry no LoRA; with expert
+  LoRA (PEFT `target_parameters`) a dense path that applies the low-rank factors as two small matmuls, so the
+  adapter is never merged into (or rebuilt over) the 24 GiB of expert weights;
+- identical prompts (a GRPO group) are prefilled once and their cache copied to every sample;
+- the LoRA weights stay unmerged: the graphs read the adapter's parameters where they live, so the optimiser's
+  in-place updates are seen at the next replay without capturing again (tests/test_rollout_engine.py checks it);
+  a graph is captured again only when the batch or cache size bucket, the sampling mode or the set of enabled
+  adapters changes (e.g. `with model.disable_adapter()` for the untrained baseline);
+- sampling: temperature, top-p (nucleus), or greedy; the log-probability of each sampled token under the
+  temperature-scaled distribution (what TRL's training forward computes) is returned with it;
+- stops at <|return|>, <|call|>, <|endoftext|> (harmony.STOP_TOKENS); a finished row writes nothing more, and a
+  completion's ids end with its stop token, as TRL's own generation returns them.
+On a CPU the same code runs eagerly (no graphs): the tests check it against `model.generate` and the model's forward.
+
+With GRPOTrainer: TRL 1.x's `rollout_func` hook (`make_rollout_func`). The trainer hands it each step's prompts
+(every prompt NUM_GENERATIONS times in a row) and reads back prompt ids, completion ids and log-probabilities; the
+rewards, advantages and the update stay TRL's own.
+"""
+
+import math
+import time
+
+import torch
+
+import harmony
+
+LENGTH_BUCKET = 128  # cache positions are rounded up to a multiple of this, so nearby prompt lengths share a graph
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # rows are padded up to one of these
+FINISHED_CHECK_EVERY = 16  # decode steps between checks whether every row has stopped (each check syncs the GPU)
+MAX_CACHED_GRAPHS = 2  # graphs (with their caches) kept; a third evicts the oldest
+
+
+class RolloutEngine:
+    """Samples completions from a gpt-oss model (see module doc); one engine per model object."""
+
+    def __init__(self, model, tokenizer, use_cuda_graphs=None, stop_tokens=harmony.STOP_TOKENS):
+        self.model = model
+        self.lm = find_causal_lm(model)
+        self.core = self.lm.model
+        self.config = self.lm.config
+        self.device = self.lm.lm_head.weight.device
+        self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        self.stop_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in stop_tokens})
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.dtype = self.core.embed_tokens.weight.dtype
+        self.head_dim = self.config.head_dim
+        self.kv_heads = self.config.num_key_value_heads
+        self.groups = self.config.num_attention_heads // self.kv_heads
+        self.window = self.config.sliding_window
+        self.sliding = [t == "sliding_attention" for t in self.config.layer_types]
+        self.graphs = {}  # key -> DecodeState (with its graph)
+        self.rope_cache = None
+
+    # -- public -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False):
+        """Sample one completion per entry of `prompt_ids` (a list of token-id lists; repeats are prefilled once).
+
+        Returns (completions, logprobs): per entry, the generated ids (ending with the stop token when one was
+        sampled) and the log-probability of each under softmax(logits / temperature).
+        """
+        if not prompt_ids:
+            return [], []
+        if not greedy and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use greedy=True instead")
+        groups = {}
+        for row, ids in enumerate(prompt_ids):
+            groups.setdefault(tuple(ids), []).append(row)
+        rows = len(prompt_ids)
+        length = max(len(ids) for ids in prompt_ids) + max_new_tokens
+        key = (bucket(rows, BATCH_BUCKETS), math.ceil(length / LENGTH_BUCKET) * LENGTH_BUCKET, max_new_tokens,
+               "greedy" if greedy else ("top_p" if top_p < 1 else "sample"), adapter_signature(self.model))
+        with torch.autocast(self.device.type, enabled=False):
+            state = self._state_for(key)
+            state.reset(temperature, top_p)
+            for ids, members in groups.items():
+                self._prefill(state, list(ids), members)
+            state.step.fill_(1)
+            for t in range(1, max_new_tokens):
+                state.run()
+                if t % FINISHED_CHECK_EVERY == 0 and bool(state.finished[:rows].all()):
+                    break
+            tokens = state.out_tokens[:rows].tolist()
+            logprobs = state.out_logprobs[:rows].tolist()
+        return cut_at_stop(tokens, logprobs, self.stop_ids)
+
+    def release(self):
+        """Drop the captured graphs and their caches (they are rebuilt on the next `generate`)."""
+        self.graphs.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def cache_bytes(self):
+        """GPU bytes held by the kept caches and output buffers (not counting the graphs' own pools)."""
+        return sum(s.nbytes() for s in self.graphs.values())
+
+    # -- state and graphs ---------------------------------------------------------------------------------------
+    def _state_for(self, key):
+        if key in self.graphs:
+            self.graphs[key] = self.graphs.pop(key)  # most recently used last
+            return self.graphs[key]
+        while len(self.graphs) >= MAX_CACHED_GRAPHS:
+            self.graphs.pop(next(iter(self.graphs)))
+        rows, length, max_new, mode, _ = key
+        self._ensure_rope(length)
+        state = DecodeState(self, rows, length, max_new, mode)
+        if self.use_cuda_graphs:
+            start = time.perf_counter()
+            state.capture()
+            state.capture_seconds = time.perf_counter() - start
+        self.graphs[key] = state
+        return state
+
+    def _ensure_rope(self, length):
+        """cos/sin tables for positions 0..length-1 from the model's own rotary embedding (yarn scaling included)."""
+        if self.rope_cache is not None and self.rope_cache[0].shape[0] >= length:
+            return
+        positions = torch.arange(length, device=self.device)[None]
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = self.core.rotary_emb(probe, positions)
+        self.rope_cache = (cos[0], sin[0])
+
+    # -- the model, layer by layer ------------------------------------------------------------------------------
+    def _prefill(self, state, ids, members):
+        """Run one prompt through the model, copy its cache to the rows in `members`, sample their first token."""
+        length = len(ids)
+        positions = torch.arange(length, device=self.device)
+        x = self.core.embed_tokens(torch.tensor([ids], device=self.device))
+        cos, sin = self.rope_cache[0][:length], self.rope_cache[1][:length]
+        q_pos, k_pos = positions[:, None], positions[None, :]
+        causal = k_pos <= q_pos
+        masks = {False: additive_mask(causal, self.dtype), True: additive_mask(causal & (k_pos > q_pos - self.window),
+                                                                              self.dtype)}
+        rows = torch.tensor(members, device=self.device)
+        for i, layer in enumerate(self.core.layers):
+            h = layer.input_layernorm(x)
+            attn = layer.self_attn
+            q = attn.q_proj(h).view(length, self.kv_heads * self.groups, self.head_dim).transpose(0, 1)
+            k = attn.k_proj(h).view(length, self.kv_heads, self.head_dim).transpose(0, 1)
+            v = attn.v_proj(h).view(length, self.kv_heads, self.head_dim).transpose(0, 1)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            state.k[i][rows, :, :length] = k.unsqueeze(0)
+            state.v[i][rows, :, :length] = v.unsqueeze(0)
+            q = q.view(self.kv_heads, self.groups, length, self.head_dim)
+            out = attend(q, k.unsqueeze(1), v.unsqueeze(1), masks[self.sliding[i]], attn.sinks.view(self.kv_heads,
+                         self.groups, 1), attn.scaling)
+            out = out.permute(2, 0, 1, 3).reshape(1, length, -1)
+            x = x + attn.o_proj(out)
+            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
+        logits = self.lm.lm_head(self.core.norm(x[:, -1]))  # [1, vocab]
+        n = len(members)
+        token, logprob = sample(logits.float().expand(n, -1), state.temperature[:n], state.top_p[:n], state.mode)
+        state.tokens[rows] = token
+        state.pos[rows] = length
+        state.out_tokens[rows, 0] = token
+        state.out_logprobs[rows, 0] = logprob
+        state.finished[rows] = torch.isin(token, state.stop_ids)
+
+    def _decode(self, state):
+        """One decode step for every row: the body of the CUDA graph (see DecodeState.run)."""
+        rows = state.rows
+        pos = state.pos
+        x = self.core.embed_tokens(state.tokens[:, None])  # [rows, 1, hidden]
+        cos, sin = self.rope_cache[0][pos][:, None], self.rope_cache[1][pos][:, None]  # [rows, 1, head_dim / 2]
+        k_pos = torch.arange(state.length, device=self.device)[None]
+        causal = k_pos <= pos[:, None]
+        masks = {False: additive_mask(causal, self.dtype)[:, None, None, None],  # [rows, 1, 1, 1, keys]
+                 True: additive_mask(causal & (k_pos > pos[:, None] - self.window), self.dtype)[:, None, None, None]}
+        index = torch.arange(rows, device=self.device)
+        for i, layer in enumerate(self.core.layers):
+            h = layer.input_layernorm(x)
+            attn = layer.self_attn
+            q = attn.q_proj(h).view(rows, self.kv_heads * self.groups, self.head_dim)
+            k = attn.k_proj(h).view(rows, self.kv_heads, self.head_dim)
+            v = attn.v_proj(h).view(rows, self.kv_heads, self.head_dim)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            state.k[i][index, :, pos] = k
+            state.v[i][index, :, pos] = v
+            q = q.view(rows, self.kv_heads, self.groups, 1, self.head_dim)
+            out = attend(q, state.k[i][:, :, None], state.v[i][:, :, None], masks[self.sliding[i]],
+                         attn.sinks.view(self.kv_heads, self.groups, 1), attn.scaling)
+            x = x + attn.o_proj(out.reshape(rows, 1, -1))
+            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
+        logits = self.lm.lm_head(self.core.norm(x[:, 0])).float()
+        token, logprob = sample(logits, state.temperature, state.top_p, state.mode)
+        token = torch.where(state.finished, torch.full_like(token, self.pad_id), token)
+        logprob = torch.where(state.finished, torch.zeros_like(logprob), logprob)
+        state.out_tokens.index_copy_(1, state.step, token[:, None])
+        state.out_logprobs.index_copy_(1, state.step, logprob[:, None])
+        state.finished |= torch.isin(token, state.stop_ids)
+        state.tokens.copy_(token)
+        state.pos.add_(1)
+        state.step.add_(1)
+
+    def _mlp(self, mlp, h):
+        """The MoE block: the model's router, then its experts module or, with expert LoRA, the dense path."""
+        shape = h.shape
+        h = h.reshape(-1, shape[-1])
+        _, scores, index = mlp.router(h)
+        experts = mlp.experts
+        factors = expert_lora_factors(experts)
+        if factors is None:
+            out = experts(h, index, scores)
+        else:
+            out = dense_experts(find_base_layer(experts), factors, h, index, scores)
+        return out.reshape(shape)
+
+
+class DecodeState:
+    """Static buffers of one (rows, cache length, sampling mode) bucket, and the CUDA graph of its decode step."""
+
+    def __init__(self, engine, rows, length, max_new, mode):
+        self.engine, self.rows, self.length, self.mode = engine, rows, length, mode
+        device, cfg = engine.device, engine.config
+        shape = (rows, engine.kv_heads, length, engine.head_dim)
+        self.k = [torch.zeros(shape, dtype=engine.dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=engine.dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        self.pos = torch.zeros(rows, dtype=torch.long, device=device)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self.finished = torch.ones(rows, dtype=torch.bool, device=device)
+        self.temperature = torch.ones(rows, 1, device=device)
+        self.top_p = torch.ones(rows, 1, device=device)
+        self.out_tokens = torch.zeros(rows, max_new, dtype=torch.long, device=device)
+        self.out_logprobs = torch.zeros(rows, max_new, device=device)
+        self.stop_ids = torch.tensor(engine.stop_ids, device=device)
+        self.graph = None
+        self.capture_seconds = 0.0
+
+    def reset(self, temperature, top_p):
+        """Fresh outputs; rows that no prompt fills (batch padding) start finished and only write padding."""
+        self.finished.fill_(True)
+        self.pos.zero_()
+        self.tokens.fill_(self.engine.pad_id)
+        self.out_tokens.fill_(self.engine.pad_id)
+        self.out_logprobs.zero_()
+        self.temperature.fill_(temperature if temperature > 0 else 1.0)
+        self.top_p.fill_(top_p)
+
+    def capture(self):
+        """Record one decode step as a CUDA graph (after warm-up runs on a side stream, as CUDA graphs require)."""
+        self.reset(1.0, 1.0)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.step.zero_()
+                self.engine._decode(self)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.step.zero_()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.engine._decode(self)
+
+    def run(self):
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.engine._decode(self)
+
+    def nbytes(self):
+        tensors = self.k + self.v + [self.out_tokens, self.out_logprobs]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# -- pure helpers ------------------------------------------------------------------------------------------------
+def apply_rope(x, cos, sin):
+    """Rotary embedding as transformers' gpt-oss applies it: the two halves of each head rotated by cos/sin."""
+    first, second = torch.chunk(x, 2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+def additive_mask(allowed, dtype):
+    """Boolean 'may attend' -> 0 / dtype minimum, the additive mask transformers' eager attention uses."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed,
+                                                                                       torch.finfo(dtype).min)
+
+
+def attend(q, k, v, mask, sinks, scaling):
+    """Grouped-query attention with learned sinks, in the dtypes of transformers' eager gpt-oss attention.
+
+    q [..., kv heads, groups, queries, d], k/v [..., kv heads, 1, keys, d], sinks [kv heads, groups, 1]: the sink
+    is one more logit per head that takes probability mass and contributes no value.
+    """
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scaling + mask
+    sink = sinks.unsqueeze(-1).expand(*logits.shape[:-1], 1).to(logits.dtype)
+    combined = torch.cat([logits, sink], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def sample(logits, temperature, top_p, mode):
+    """Next tokens [rows] and their log-probabilities under softmax(logits / temperature); logits fp32 [rows, vocab].
+
+    Sampling is the exponential race (argmax of p / E, E ~ Exp(1)), which draws from p without a host sync.
+    """
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    if mode == "greedy":
+        token = logits.argmax(dim=-1)
+    else:
+        probs = logp.exp()
+        if mode == "top_p":
+            probs = nucleus(probs, top_p)
+        token = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+    return token, logp.gather(1, token[:, None])[:, 0]
+
+
+def nucleus(probs, top_p):
+    """Zero every token outside the smallest set whose probability reaches top_p (the top token always stays)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+def dense_experts(experts, factors, h, index, scores):
+    """Every token through every expert (one batched matmul each way), LoRA as low-rank terms, routing applied.
+
+    At decode batch sizes every expert is touched anyway, so this reads each weight once, as the sparse path does,
+    and it never materialises W + BA for 24 GiB of experts. factors: {name: (A [E, in, r], B [E, r, out], scale)}.
+    """
+    count = experts.gate_up_proj.shape[0]
+    x = h.unsqueeze(0).expand(count, -1, -1)
+    gate_up = torch.baddbmm(experts.gate_up_proj_bias[:, None], x, experts.gate_up_proj)
+    if "gate_up_proj" in factors:
+        a, b, scale = factors["gate_up_proj"]
+        gate_up = gate_up + torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(gate_up.dtype) * scale
+    act = experts._apply_gate(gate_up)
+    out = torch.baddbmm(experts.down_proj_bias[:, None], act, experts.down_proj)
+    if "down_proj" in factors:
+        a, b, scale = factors["down_proj"]
+        out = out + torch.bmm(torch.bmm(act.to(a.dtype), a), b).to(out.dtype) * scale
+    routing = torch.zeros(h.shape[0], count, dtype=scores.dtype, device=h.device).scatter(1, index, scores)
+    weighted = out * routing.t()[:, :, None].to(out.dtype)
+    return weighted.sum(dim=0, dtype=torch.float32).to(h.dtype)
+
+
+def expert_lora_factors(module):
+    """{parameter name: (A [E, in, r], B [E, r, out], scale)} of the active expert LoRA on `module`, or None.
+
+    PEFT's ParamWrapper (one per targeted parameter, nested) stores lora_A as [E * r, in] and lora_B as
+    [out, r * E] for a parameter laid out [E, in, out], as gpt-oss's experts are.
+    """
+    factors = {}
+    while hasattr(module, "parameter_name") and hasattr(module, "lora_A"):
+        if not module.disable_adapters and not module.merged:
+            for name in module.active_adapters:
+                if name in module.lora_A:
+                    if getattr(module, "_did_swap_in_out_features", False):
+                        raise NotImplementedError("expert LoRA on [E, out, in] parameters is not supported")
+                    count = module.num_experts
+                    a = module.lora_A[name].weight
+                    b = module.lora_B[name].weight
+                    a = a.reshape(count, -1, a.shape[-1]).transpose(1, 2)  # [E, in, r]
+                    b = b.reshape(b.shape[0], -1, count).permute(2, 1, 0)  # [E, r, out]
+                    factors[module.parameter_name] = (a, b, module.scaling[name])
+        module = module.base_layer
+    return factors or None
+
+
+def supports(model):
+    """True for a gpt-oss whose experts the engine can run (plain or LoRA-wrapped GptOssExperts; not the MXFP4
+    kernels' replacement modules, which take their routing inside)."""
+    try:
+        lm = find_causal_lm(model)
+    except TypeError:
+        return False
+    return all(hasattr(layer.mlp, "router") and hasattr(find_base_layer(layer.mlp.experts), "gate_up_proj")
+               for layer in lm.model.layers)
+
+
+def find_base_layer(module):
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+def find_causal_lm(model):
+    """The GptOssForCausalLM inside a plain or PEFT-wrapped model."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if not (hasattr(model, "lm_head") and hasattr(model, "model") and hasattr(model.model, "layers")):
+        raise TypeError(f"{type(model).__name__} is not a gpt-oss causal LM")
+    return model
+
+
+def adapter_signature(model):
+    """Which LoRA adapters are live, so that a graph captured with them is not replayed without them."""
+    signature = []
+    for module in model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "disable_adapters"):
+            signature.append((module.disable_adapters, module.merged, tuple(module.active_adapters)))
+    return hash(tuple(signature))
+
+
+def bucket(n, sizes):
+    """The smallest size >= n (n itself beyond the largest)."""
+    return next((s for s in sizes if s >= n), n)
+
+
+def cut_at_stop(tokens, logprobs, stop_ids):
+    """Per row: ids up to and including the first stop token (all of them when none was sampled)."""
+    stops = set(stop_ids)
+    completions, completion_logprobs = [], []
+    for ids, lps in zip(tokens, logprobs):
+        end = next((k + 1 for k, t in enumerate(ids) if t in stops), len(ids))
+        completions.append(ids[:end])
+        completion_logprobs.append(lps[:end])
+    return completions, completion_logprobs
+
+
+def engine_for(model, tokenizer):
+    """The model's engine, made on first use and kept on the model object (graphs survive between calls)."""
+    engine = getattr(model, "_rollout_engine", None)
+    if engine is None:
+        engine = RolloutEngine(model, tokenizer)
+        object.__setattr__(model, "_rollout_engine", engine)
+    return engine
+
+
+def make_rollout_func(tokenizer):
+    """GRPOTrainer's `rollout_func`: tokenise the step's prompts as TRL does, sample with the engine."""
+
+    def rollout(prompts, trainer):
+        prompt_ids = tokenizer(text=prompts)["input_ids"]
+        engine = engine_for(trainer.model, tokenizer)
+        completions, logprobs = engine.generate(prompt_ids, trainer.max_completion_length,
+                                                temperature=trainer.temperature, top_p=trainer.top_p)
+        return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": logprobs}
+
+    return rollout
