@@ -108,6 +108,10 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None):
         device_map=device,
         **kwargs,
     )
+    for layer in model.model.layers:
+        # transformers 5.17 leaves dequantised MXFP4 experts in bf16 whatever dtype is asked for, and such a model
+        # fails in its own experts (fp32 activations against bf16 weights); norms stay as transformers keeps them
+        layer.mlp.experts.to(dtype)
     return model
 
 

@@ -47,7 +47,8 @@ MAX_CACHED_GRAPHS = 2  # graphs (with their caches) kept; a third evicts the old
 class RolloutEngine:
     """Samples completions from a gpt-oss model (see module doc); one engine per model object."""
 
-    def __init__(self, model, tokenizer, use_cuda_graphs=None, stop_tokens=harmony.STOP_TOKENS):
+    def __init__(self, model, tokenizer, use_cuda_graphs=None, stop_tokens=harmony.STOP_TOKENS, experts="auto"):
+        """experts: 'auto' (the model's experts module, the dense path only for expert LoRA) or 'dense' (always)."""
         self.model = model
         self.lm = find_causal_lm(model)
         self.core = self.lm.model
@@ -62,6 +63,10 @@ class RolloutEngine:
         self.groups = self.config.num_attention_heads // self.kv_heads
         self.window = self.config.sliding_window
         self.sliding = [t == "sliding_attention" for t in self.config.layer_types]
+        # transformers' grouped_mm experts are graph-safe (bf16); its eager loop and fp32 fallback sync the host
+        graph_safe = getattr(self.config, "_experts_implementation", None) == "grouped_mm" and \
+            self.lm.model.layers[0].mlp.router.weight.dtype == torch.bfloat16
+        self.experts = "dense" if experts == "dense" or (self.use_cuda_graphs and not graph_safe) else "auto"
         self.graphs = {}  # key -> DecodeState (with its graph)
         self.rope_cache = None
 
@@ -156,8 +161,8 @@ class RolloutEngine:
             state.k[i][rows, :, :length] = k.unsqueeze(0)
             state.v[i][rows, :, :length] = v.unsqueeze(0)
             q = q.view(self.kv_heads, self.groups, length, self.head_dim)
-            out = attend(q, k.unsqueeze(1), v.unsqueeze(1), masks[self.sliding[i]], attn.sinks.view(self.kv_heads,
-                         self.groups, 1), attn.scaling)
+            out = attend(q, k.unsqueeze(1), v.unsqueeze(1), masks[self.sliding[i]],
+                         attn.sinks.view(self.kv_heads, self.groups, 1), attn.scaling)
             out = out.permute(2, 0, 1, 3).reshape(1, length, -1)
             x = x + attn.o_proj(out)
             x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
@@ -178,8 +183,8 @@ class RolloutEngine:
         cos, sin = self.rope_cache[0][pos][:, None], self.rope_cache[1][pos][:, None]  # [rows, 1, head_dim / 2]
         k_pos = torch.arange(state.length, device=self.device)[None]
         causal = k_pos <= pos[:, None]
-        masks = {False: additive_mask(causal, self.dtype)[:, None, None, None],  # [rows, 1, 1, 1, keys]
-                 True: additive_mask(causal & (k_pos > pos[:, None] - self.window), self.dtype)[:, None, None, None]}
+        masks = {False: additive_mask(causal, self.dtype)[:, None, None],  # [rows, 1, 1, keys]
+                 True: additive_mask(causal & (k_pos > pos[:, None] - self.window), self.dtype)[:, None, None]}
         index = torch.arange(rows, device=self.device)
         for i, layer in enumerate(self.core.layers):
             h = layer.input_layernorm(x)
@@ -190,9 +195,10 @@ class RolloutEngine:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             state.k[i][index, :, pos] = k
             state.v[i][index, :, pos] = v
-            q = q.view(rows, self.kv_heads, self.groups, 1, self.head_dim)
-            out = attend(q, state.k[i][:, :, None], state.v[i][:, :, None], masks[self.sliding[i]],
-                         attn.sinks.view(self.kv_heads, self.groups, 1), attn.scaling)
+            # one query per row: its groups become the query rows of a [kv head] matmul, so the cache is read as is
+            q = q.view(rows, self.kv_heads, self.groups, self.head_dim)
+            out = attend(q, state.k[i], state.v[i], masks[self.sliding[i]], attn.sinks.view(self.kv_heads,
+                         self.groups), attn.scaling)
             x = x + attn.o_proj(out.reshape(rows, 1, -1))
             x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
         logits = self.lm.lm_head(self.core.norm(x[:, 0])).float()
@@ -213,6 +219,8 @@ class RolloutEngine:
         _, scores, index = mlp.router(h)
         experts = mlp.experts
         factors = expert_lora_factors(experts)
+        if factors is None and self.experts == "dense":
+            factors = {}
         if factors is None:
             out = experts(h, index, scores)
         else:
@@ -293,8 +301,9 @@ def additive_mask(allowed, dtype):
 def attend(q, k, v, mask, sinks, scaling):
     """Grouped-query attention with learned sinks, in the dtypes of transformers' eager gpt-oss attention.
 
-    q [..., kv heads, groups, queries, d], k/v [..., kv heads, 1, keys, d], sinks [kv heads, groups, 1]: the sink
-    is one more logit per head that takes probability mass and contributes no value.
+    Logits are [..., keys] with any leading layout whose batch dims match k/v's (prefill: [kv, groups, queries];
+    decode: [rows, kv, groups] against a [rows, kv, keys, d] cache); `sinks` broadcasts against the logits without
+    the keys dim: one more logit per head that takes probability mass and contributes no value.
     """
     logits = torch.matmul(q, k.transpose(-1, -2)) * scaling + mask
     sink = sinks.unsqueeze(-1).expand(*logits.shape[:-1], 1).to(logits.dtype)
@@ -335,7 +344,7 @@ def dense_experts(experts, factors, h, index, scores):
     and it never materialises W + BA for 24 GiB of experts. factors: {name: (A [E, in, r], B [E, r, out], scale)}.
     """
     count = experts.gate_up_proj.shape[0]
-    x = h.unsqueeze(0).expand(count, -1, -1)
+    x = h.to(experts.gate_up_proj.dtype).unsqueeze(0).expand(count, -1, -1)
     gate_up = torch.baddbmm(experts.gate_up_proj_bias[:, None], x, experts.gate_up_proj)
     if "gate_up_proj" in factors:
         a, b, scale = factors["gate_up_proj"]
@@ -356,7 +365,7 @@ def expert_lora_factors(module):
     PEFT's ParamWrapper (one per targeted parameter, nested) stores lora_A as [E * r, in] and lora_B as
     [out, r * E] for a parameter laid out [E, in, out], as gpt-oss's experts are.
     """
-    factors = {}
+    factors = {}  # empty -> None at the end: no live expert LoRA
     while hasattr(module, "parameter_name") and hasattr(module, "lora_A"):
         if not module.disable_adapters and not module.merged:
             for name in module.active_adapters:

@@ -3,6 +3,7 @@
     python tiny_gpt_oss.py                 # the tiny stand-in (default), cached under runs/stand-ins/
     python tiny_gpt_oss.py --rebuild       # build it again even if the cached one is current
     python tiny_gpt_oss.py --shape 20b     # the exact openai/gpt-oss-20b shape, random weights (~13 GB, GPU advised)
+    python tiny_gpt_oss.py --shape 20b --tokenizer path/to/o200k_harmony   # ... carrying a local copy of the real tokenizer
 
 Both are complete model directories that load like openai/gpt-oss-20b does
 (`AutoModelForCausalLM.from_pretrained(dir, quantization_config=Mxfp4Config(dequantize=True))`):
@@ -18,8 +19,11 @@ gpt-oss chat template, and a generation config that stops at <|return|>, <|endof
   The last warm-start steps run with the experts already rounded to MXFP4 and frozen, so the stored experts are
   exactly the ones it was trained with; the other weights are stored in bf16, as in the real checkpoint.
   Deterministic: the same recipe gives the same weights, bit for bit.
-- 20b: openai/gpt-oss-20b's published configuration with random weights (no warm start), written layer by layer;
-  its tokenizer is the tiny one padded to the real vocabulary size, the Harmony special tokens at their real ids.
+- 20b: openai/gpt-oss-20b's published configuration with random weights (no warm start), written layer by layer.
+  It carries the real gpt-oss tokenizer (`--tokenizer`: a Hub id, by default openai/gpt-oss-20b, or a local copy),
+  so that prompts are as long as the real model sees them: speed and memory figures depend on it. Where none can be
+  loaded it falls back, with a warning, to the tiny tokenizer padded to the real vocabulary size (the Harmony
+  special tokens at their real ids), whose prompts are ~2.4x shorter than the real ones.
 
 A build is written into a temporary directory and renamed when complete, so an interrupted build is never
 mistaken for a finished one; `recipe.json` inside records what it was built from and the cache is rebuilt when
@@ -65,6 +69,7 @@ WARM_BATCH = 32  # sequences per step
 WARM_LR = 3e-3  # AdamW learning rate
 PROBE_WEIGHT = 1.0  # weight of the auxiliary probe loss (see warm_start)
 SEED = 1234  # one seed for tokenizer order, weights, and the warm-start batches
+TOKENIZER_20B = "openai/gpt-oss-20b"  # tokenizer the 20b stand-in carries: Hub id or local directory (see load_20b_tokenizer)
 # -----------------------------------------------------------------------------
 
 PLAIN_WORDS = (("low", "average", "high"), ("empty", "low", "half full", "high", "full"), ("small", "moderate", "large"))
@@ -493,7 +498,36 @@ def random_tensor(shape, name, device):
     return (torch.randn(shape, device=device, generator=generator) * 0.02).to(torch.bfloat16)
 
 
-def build_20b(out_dir=None, device=None, log=print):
+def load_20b_tokenizer(source=TOKENIZER_20B, log=print):
+    """(tokenizer, what it is) for the 20b stand-in: the real gpt-oss tokenizer from `source`, checked, or -- only
+    when the default Hub id cannot be reached -- the padded stand-in tokenizer, with a warning."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        if source != TOKENIZER_20B:
+            raise SystemExit(f"error: --tokenizer {source}: no tokenizer could be loaded from it ({error}); give a "
+                             "directory holding tokenizer.json and tokenizer_config.json, or a Hub id") from None
+        log(f"warning: the tokenizer of {source} could not be loaded ({error.__class__.__name__}; no Hub access?). "
+            "The stand-in gets the tiny tokenizer padded to the real vocabulary, whose prompts are ~2.4x shorter than "
+            "the real model's: speed and memory figures will flatter. Pass --tokenizer with a local copy of the real "
+            "one (o200k_harmony) for real prompt lengths.")
+        return build_tokenizer(read_training_prompts(), real_ids=True), "stand-in (padded tiny BPE)"
+    problems = [f"{token} has id {tokenizer.convert_tokens_to_ids(token)}, expected {token_id}"
+                for token, token_id in harmony.SPECIAL_TOKEN_IDS.items()
+                if token in (*harmony.STOP_TOKENS, "<|start|>", "<|end|>", "<|message|>", "<|channel|>")
+                and tokenizer.convert_tokens_to_ids(token) != token_id]
+    if len(tokenizer) > GPT_OSS_20B["vocab_size"]:
+        problems.append(f"{len(tokenizer)} entries, more than the model's {GPT_OSS_20B['vocab_size']}")
+    if problems:
+        raise SystemExit(f"error: --tokenizer {source} is not a gpt-oss (o200k_harmony) tokenizer: " + "; ".join(problems))
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = harmony.load_chat_template()
+    return tokenizer, str(source)
+
+
+def build_20b(out_dir=None, device=None, tokenizer_source=TOKENIZER_20B, log=print):
     """Write the gpt-oss-20b-shaped stand-in (random weights, MXFP4 experts) layer by layer; return its path."""
     from transformers import GptOssForCausalLM
 
@@ -503,7 +537,7 @@ def build_20b(out_dir=None, device=None, log=print):
     out_dir = Path(out_dir or STAND_IN_DIR / "gpt-oss-20b-shape")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    tokenizer = build_tokenizer(read_training_prompts(), real_ids=True)
+    tokenizer, tokenizer_name = load_20b_tokenizer(tokenizer_source, log)
     config = gpt_oss_20b_config()
     with torch.device("meta"):
         shapes = {name: tuple(p.shape) for name, p in GptOssForCausalLM(config).state_dict().items()}
@@ -513,7 +547,8 @@ def build_20b(out_dir=None, device=None, log=print):
         save_mxfp4_checkpoint(state_dict, config, tmp_dir)
         generation_config(tokenizer).save_pretrained(tmp_dir)
         tokenizer.save_pretrained(tmp_dir)
-        recipe = {"kind": "20b", "seed": SEED, "device": device, "build_seconds": round(time.time() - start, 1)}
+        recipe = {"kind": "20b", "seed": SEED, "tokenizer": tokenizer_name, "device": device,
+                  "build_seconds": round(time.time() - start, 1)}
         (tmp_dir / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
 
     write_then_publish(out_dir, write)
@@ -544,9 +579,11 @@ def main(argv=None):
     parser.add_argument("--shape", choices=["tiny", "20b"], default="tiny", help="which stand-in to build")
     parser.add_argument("--rebuild", action="store_true", help="build even if a current one is cached")
     parser.add_argument("--out", default=None, help="output directory (default under runs/stand-ins/)")
+    parser.add_argument("--tokenizer", default=TOKENIZER_20B,
+                        help=f"20b only: the real gpt-oss tokenizer, a Hub id or local directory (default {TOKENIZER_20B})")
     args = parser.parse_args(argv)
     if args.shape == "20b":
-        build_20b(args.out)
+        build_20b(args.out, tokenizer_source=args.tokenizer)
     elif args.out:
         build_tiny(args.out)
     else:

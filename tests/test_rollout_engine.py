@@ -1,6 +1,7 @@
-"""The rollout engine (rollout_engine.py) against the model it runs, on the tiny stand-in (CPU, fp32, eager path).
+"""The rollout engine (rollout_engine.py) against the model it runs, on the tiny stand-in in fp32.
 
-The same code is what the CUDA graphs record; tests/test_rollout_engine_gpu.py checks the graphs at the 20b shape.
+On a CPU the engine runs eagerly; where a CUDA GPU is present every test runs again there, with the decode step
+captured and replayed as a CUDA graph, to the same tolerances.
 """
 
 import pandas as pd
@@ -11,6 +12,13 @@ import harmony
 import model_loader
 from lora_fixtures import EXPERT_PARAMETERS, HARMONY_CSV, perturb_lora_b
 from rollout_engine import RolloutEngine, cut_at_stop, nucleus
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -26,32 +34,34 @@ def prompt_ids(tokenizer):
     return ids + [ids[0][:-3] + ids[1]]
 
 
-def make_model(expert_lora, scale=0.05):
+def make_model(expert_lora, device, scale=0.05):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(model_loader.load_model("tiny", device="cpu"),
+    model = get_peft_model(model_loader.load_model("tiny", device=device, dtype=torch.float32),
                            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
                                       target_parameters=EXPERT_PARAMETERS if expert_lora else None))
     perturb_lora_b(model, scale)
-    return model
+    return model.to(device)
 
 
 def forward_logprobs(model, prompt, completion, temperature=1.0):
     """Log-probabilities of `completion` after `prompt` from one plain forward pass, as GRPO's loss computes them."""
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1].float()
-    return torch.log_softmax(logits / temperature, dim=-1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+        logits = model(torch.tensor([prompt + completion], device=model.device)).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits / temperature, dim=-1).gather(
+        1, torch.tensor(completion, device=model.device)[:, None])[:, 0].cpu()
 
 
 @pytest.mark.parametrize("expert_lora", [False, True], ids=["attention-lora", "expert-lora"])
-def test_greedy_tokens_equal_model_generate(tokenizer, prompt_ids, expert_lora):
-    model = make_model(expert_lora)
+def test_greedy_tokens_equal_model_generate(tokenizer, prompt_ids, expert_lora, device):
+    model = make_model(expert_lora, device)
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in harmony.STOP_TOKENS]
     completions, _ = RolloutEngine(model, tokenizer).generate(prompt_ids, 48, greedy=True)
     for ids, completion in zip(prompt_ids, completions):
         with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            out = model.generate(input_ids=torch.tensor([ids], device=device),
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                                  do_sample=False, max_new_tokens=48, eos_token_id=stop_ids,
                                  pad_token_id=tokenizer.pad_token_id)
         assert completion == out[0, len(ids):].tolist()
@@ -59,8 +69,8 @@ def test_greedy_tokens_equal_model_generate(tokenizer, prompt_ids, expert_lora):
 
 
 @pytest.mark.parametrize("expert_lora", [False, True], ids=["attention-lora", "expert-lora"])
-def test_sampled_logprobs_equal_the_models_forward(tokenizer, prompt_ids, expert_lora):
-    model = make_model(expert_lora)
+def test_sampled_logprobs_equal_the_models_forward(tokenizer, prompt_ids, expert_lora, device):
+    model = make_model(expert_lora, device)
     torch.manual_seed(1)
     prompts = [prompt_ids[0]] * 4 + [prompt_ids[-1]] * 4
     completions, logprobs = RolloutEngine(model, tokenizer).generate(prompts, 40, temperature=0.7)
@@ -70,13 +80,14 @@ def test_sampled_logprobs_equal_the_models_forward(tokenizer, prompt_ids, expert
         torch.testing.assert_close(torch.tensor(lps), expected, atol=1e-4, rtol=0)
 
 
-def test_an_optimiser_step_is_seen_by_the_kept_state_without_rebuilding_it(tokenizer, prompt_ids):
-    model = make_model(expert_lora=True)
+def test_an_optimiser_step_is_seen_by_the_kept_state_without_rebuilding_it(tokenizer, prompt_ids, device):
+    model = make_model(expert_lora=True, device=device)
     engine = RolloutEngine(model, tokenizer)
     prompts = [prompt_ids[2]] * 4
     torch.manual_seed(2)
     completions, before = engine.generate(prompts, 32)
     state = next(iter(engine.graphs.values()))
+    assert (state.graph is not None) == (device == "cuda")
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     optimiser = torch.optim.AdamW(lora, lr=0.05)
     loss = -sum(forward_logprobs_with_grad(model, prompts[0], completions[0]))
@@ -93,25 +104,25 @@ def test_an_optimiser_step_is_seen_by_the_kept_state_without_rebuilding_it(token
 
 
 def forward_logprobs_with_grad(model, prompt, completion):
-    logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1]
-    return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+    logits = model(torch.tensor([prompt + completion], device=model.device)).logits[0, len(prompt) - 1:-1]
+    return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(completion, device=model.device)[:, None])[:, 0]
 
 
-def test_disabling_the_adapter_switches_to_the_base_model(tokenizer, prompt_ids):
-    model = make_model(expert_lora=True, scale=0.5)
+def test_disabling_the_adapter_switches_to_the_base_model(tokenizer, prompt_ids, device):
+    model = make_model(expert_lora=True, device=device, scale=0.5)
     engine = RolloutEngine(model, tokenizer)
     with_adapter, _ = engine.generate(prompt_ids, 24, greedy=True)
     with model.disable_adapter():
         without, _ = engine.generate(prompt_ids, 24, greedy=True)
-        base = make_model(expert_lora=False, scale=0.0)  # zero LoRA B: the base model's own tokens
+        base = make_model(expert_lora=False, device=device, scale=0.0)  # zero LoRA B: the base model's own tokens
         expected, _ = RolloutEngine(base, tokenizer).generate(prompt_ids, 24, greedy=True)
     assert without == expected
     assert with_adapter != without
     assert len(engine.graphs) == 2  # one state per adapter setting, each kept
 
 
-def test_completions_stop_at_a_stop_token_and_carry_no_padding(tokenizer, prompt_ids):
-    model = make_model(expert_lora=False)
+def test_completions_stop_at_a_stop_token_and_carry_no_padding(tokenizer, prompt_ids, device):
+    model = make_model(expert_lora=False, device=device)
     stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in harmony.STOP_TOKENS}
     torch.manual_seed(3)
     completions, logprobs = RolloutEngine(model, tokenizer).generate(prompt_ids * 3, 64)
@@ -136,14 +147,14 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     torch.testing.assert_close(kept, torch.tensor([[0.5, 0.3, 0.0, 0.0], [0.9, 0.0, 0.0, 0.0]]))
 
 
-def test_sampling_follows_the_distribution(tokenizer, prompt_ids):
+def test_sampling_follows_the_distribution(tokenizer, prompt_ids, device):
     """The exponential race draws tokens with the model's probabilities: first tokens over many rows."""
-    model = make_model(expert_lora=False, scale=0.0)
+    model = make_model(expert_lora=False, device=device, scale=0.0)
     prompt = prompt_ids[0] + tokenizer("<|channel|>final<|message|>[", add_special_tokens=False)["input_ids"]
     torch.manual_seed(4)
     completions, _ = RolloutEngine(model, tokenizer).generate([prompt] * 256, 1, temperature=1.0)
     with torch.no_grad():
-        probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].float(), dim=-1)
+        probs = torch.softmax(model(torch.tensor([prompt], device=device)).logits[0, -1].float(), dim=-1).cpu()
     counts = torch.bincount(torch.tensor([c[0] for c in completions]), minlength=probs.shape[0]).float() / 256
     top = probs.topk(4).indices
     assert (counts[top] - probs[top]).abs().max() < 0.1

@@ -1,0 +1,113 @@
+"""GRPO seconds per step for each generation back end, side by side, in one invocation on one GPU.
+
+    python tiny_gpt_oss.py --shape 20b --tokenizer path/to/o200k_harmony      # the stand-in with the real tokenizer
+    python benchmarks/bench_grpo_step.py --model-dir runs/stand-ins/gpt-oss-20b-shape --out benchmarks/results/grpo_step.md
+
+Workload W is train_grpo.py's defaults: 4 prompts x 8 completions x up to 256 tokens, LoRA r16 on attention,
+gradient checkpointing, the model directory's tokenizer (the real one gives 242-273-token prompts). Each row is one
+`python train_grpo.py` process (its own CUDA context, so its peak memory is its own), 1 warm-up step and then the
+measured steps; the default row runs DEFAULT_STEPS steps with no flag but the model, to show the defaults hold.
+The stand-in's random weights never write a stop token, so every completion runs the full 256 tokens.
+
+Writes a Markdown table (s/step, generation s, update s, generated tokens/s, peak GiB, card) and a JSON beside it;
+each run's log and summary stay under runs/bench-grpo-step/.
+"""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# -----------------------------------------------------------------------------
+MEASURED_STEPS = 3  # steps timed after the warm-up step, per back end
+DEFAULT_STEPS = 20  # steps of the run with default settings (the first is the warm-up)
+ROWS = {  # name -> (extra train_grpo.py flags, steps incl. warm-up or None for MEASURED_STEPS + 1)
+    "engine (default)": ([], DEFAULT_STEPS),
+    "generate": (["--generation-backend", "generate"], None),
+    "engine + expert LoRA": (["--generation-backend", "engine", "--lora-experts", "true"], None),
+    "continuous-batching": (["--generation-backend", "continuous-batching"], None),
+}
+RUN_DIR = ROOT / "runs" / "bench-grpo-step"  # one run directory per row
+# -----------------------------------------------------------------------------
+
+
+def run_row(name, flags, steps, model_dir, log):
+    out = RUN_DIR / name.replace(" ", "-").replace("(", "").replace(")", "").replace("+", "plus")
+    command = [sys.executable, str(ROOT / "train_grpo.py"), "--model-id", str(model_dir), "--total-steps", str(steps),
+               "--save-steps", str(10 * steps), "--report-to", "none", "--eval-samples", "0", "--out", str(out), *flags]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(f"{out}.log", "w") as log_file:
+        done = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+    wall = time.time() - start
+    if done.returncode != 0:
+        last = Path(f"{out}.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+        log(f"{name}: FAILED after {wall:.0f} s: {last[0]}")
+        return {"backend": name, "failed": last[0], "steps": steps}
+    return measure(name, out, steps, wall)
+
+
+def measure(name, out, steps, wall):
+    """Means over the steps after the first, from the trainer's log history; peak memory from the run's summary."""
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    rows = [r for r in history if "step_time" in r][1:]
+    summary = json.loads((out / "summary.json").read_text())
+
+    def mean(key):
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        return sum(values) / len(values) if values else math.nan
+
+    step, generation, tokens = mean("step_time"), mean("timing/generation_seconds"), mean("timing/generated_tokens")
+    return {"backend": name, "steps": steps, "measured_steps": len(rows), "seconds_per_step": step,
+            "generation_seconds": generation, "update_seconds": step - generation,
+            "generated_tokens_per_second": tokens / generation, "completions_per_step": tokens / 256,
+            "peak_gib": summary["speed"].get("peak_gpu_memory_gib"), "card": summary["device"],
+            "wall_seconds": wall, "generation_backend": summary.get("generation_backend")}
+
+
+def render(results, model_dir, tokenizer):
+    lines = [f"# GRPO step by generation back end ({results[0].get('card', 'GPU')})", "",
+             f"Model: {model_dir} (tokenizer: {tokenizer}). Command: `python benchmarks/bench_grpo_step.py`.", "",
+             "| back end | steps (measured) | s / step | generation s | update s | generated tokens / s | peak GiB | card |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "failed" in r:
+            lines.append(f"| {r['backend']} | {r['steps']} | failed: {r['failed']} | | | | | |")
+            continue
+        lines.append(f"| {r['backend']} | {r['steps']} ({r['measured_steps']}) | {r['seconds_per_step']:.2f} | "
+                     f"{r['generation_seconds']:.2f} | {r['update_seconds']:.2f} | "
+                     f"{r['generated_tokens_per_second']:.0f} | {r['peak_gib']:.1f} | {r['card']} |")
+    by_name = {r["backend"]: r for r in results if "failed" not in r}
+    if "generate" in by_name and "engine (default)" in by_name:
+        ratio = by_name["generate"]["seconds_per_step"] / by_name["engine (default)"]["seconds_per_step"]
+        lines += ["", f"Engine vs TRL's generate in this run: {ratio:.1f}x faster per step."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", default=str(ROOT / "runs" / "stand-ins" / "gpt-oss-20b-shape"))
+    parser.add_argument("--out", default=str(RUN_DIR / "grpo_step.md"), help="Markdown table (JSON beside it)")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="which rows to run")
+    args = parser.parse_args()
+    recipe = Path(args.model_dir) / "recipe.json"
+    tokenizer = json.loads(recipe.read_text()).get("tokenizer", "unknown") if recipe.is_file() else "unknown"
+    results = []
+    for name in args.rows:
+        flags, steps = ROWS[name]
+        print(f"{name}: running {steps or MEASURED_STEPS + 1} steps", flush=True)
+        results.append(run_row(name, flags, steps or MEASURED_STEPS + 1, args.model_dir, print))
+        print(json.dumps(results[-1]), flush=True)
+        table = render(results, args.model_dir, tokenizer)  # after every row: a stopped run keeps what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table)
+        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The rollout engine alone at the 20b shape: capture, prefill and decode-step times, and how flat the stand-in's logits are.
+
+    python benchmarks/bench_rollout_engine.py --model-dir runs/stand-ins/gpt-oss-20b-shape --out runs/bench/engine.json
+
+For each experts path of the engine ('auto': the model's grouped_mm experts module; 'dense': every token through
+every expert as one batched matmul) it reports the first call (graph capture included), a full GRPO rollout
+(4 prompts x 8 samples x 256 tokens), and one decode step timed over replays of the captured graph.
+
+It also measures what a greedy comparison can and cannot show on random weights: the margin between the two
+largest next-token logits at the end of each prompt, against the difference between the reference's own logits
+for the same prompt computed alone and in a left-padded batch of 32 (bf16 rounding in other GEMM shapes).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import model_loader  # noqa: E402
+from rollout_engine import RolloutEngine  # noqa: E402
+
+DATA = ROOT / "data" / "dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"
+PROMPTS, SAMPLES, NEW_TOKENS = 4, 8, 256  # workload W of a GRPO step
+REPLAYS = 50  # decode-step replays timed
+
+
+def cuda_seconds(fn):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def time_engine(model, tokenizer, prompt_ids, experts, profile=False):
+    engine = RolloutEngine(model, tokenizer, experts=experts)
+    rows = [ids for ids in prompt_ids[:PROMPTS] for _ in range(SAMPLES)]
+    first, _ = cuda_seconds(lambda: engine.generate(rows, NEW_TOKENS))
+    state = next(iter(engine.graphs.values()))
+    rollouts = [cuda_seconds(lambda: engine.generate(rows, NEW_TOKENS))[0] for _ in range(3)]
+    state.step.zero_()  # replays past the rollout's length: keep the step and positions inside their buffers
+    state.pos.clamp_(max=state.length - REPLAYS - 1)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPLAYS):
+        state.run()
+    end.record()
+    torch.cuda.synchronize()
+    step_ms = start.elapsed_time(end) / REPLAYS
+    result = {"experts": experts, "first_call_seconds": first, "capture_seconds": state.capture_seconds,
+              "rollout_seconds": sorted(rollouts)[1], "decode_step_ms": step_ms,
+              "generated_tokens_per_second": PROMPTS * SAMPLES * NEW_TOKENS / sorted(rollouts)[1],
+              "cache_gib": engine.cache_bytes() / 2**30}
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with torch.no_grad():
+                for _ in range(3):
+                    engine._decode(state)  # eagerly: the same kernels the graph replays
+            torch.cuda.synchronize()
+        result["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+        print(result["profile"])
+    engine.release()
+    return result
+
+
+def logprob_noise(model, tokenizer, prompt_ids, experts="auto"):
+    """Engine log-probabilities of sampled tokens against the forward pass, beside the forward against itself.
+
+    The forward is computed twice: each sequence alone, and the 32 right-padded in micro-batches of 8 as TRL's
+    loss does; their difference is the reference's own bf16 noise floor on this model.
+    """
+    engine = RolloutEngine(model, tokenizer, experts=experts)
+    rows = [ids for ids in prompt_ids[:PROMPTS] for _ in range(SAMPLES)]
+    torch.manual_seed(0)
+    completions, logprobs = engine.generate(rows, NEW_TOKENS)
+    engine.release()
+    alone, batched = [], []
+    with torch.no_grad():
+        for prompt, completion in zip(rows, completions):
+            ids = torch.tensor([prompt + completion], device="cuda")
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+            alone.append(torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None])[:, 0].cpu())
+        for first in range(0, len(rows), 8):
+            seqs = [p + c for p, c in zip(rows[first:first + 8], completions[first:first + 8])]
+            encoded = tokenizer.pad({"input_ids": seqs}, padding_side="right", return_tensors="pt").to("cuda")
+            logits = model(**encoded).logits.float()
+            for k, (prompt, completion) in enumerate(zip(rows[first:first + 8], completions[first:first + 8])):
+                part = logits[k, len(prompt) - 1:len(prompt) + len(completion) - 1]
+                batched.append(torch.log_softmax(part, -1).gather(
+                    1, torch.tensor(completion, device="cuda")[:, None])[:, 0].cpu())
+    engine_lp = [torch.tensor(lp) for lp in logprobs]
+
+    def stats(a, b):
+        diff = torch.cat([(x - y).abs() for x, y in zip(a, b)])
+        return {"mean": diff.mean().item(), "p99": diff.quantile(0.99).item(), "max": diff.max().item()}
+
+    return {"engine_vs_forward_alone": stats(engine_lp, alone), "engine_vs_forward_batched": stats(engine_lp, batched),
+            "forward_alone_vs_batched": stats(alone, batched), "tokens": sum(len(c) for c in completions),
+            "mean_logprob": torch.cat(alone).mean().item()}
+
+
+def logit_noise(model, tokenizer, prompt_ids):
+    """Top-1 minus top-2 logit per prompt (alone), and |alone - batched| of the same logits."""
+    encoded = tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt").to("cuda")
+    with torch.no_grad():
+        batched = model(**encoded).logits[:, -1].float()
+        margins, diffs = [], []
+        for row, ids in enumerate(prompt_ids):
+            alone = model(input_ids=torch.tensor([ids], device="cuda")).logits[0, -1].float()
+            top = alone.topk(2).values
+            margins.append((top[0] - top[1]).item())
+            diffs.append((alone - batched[row]).abs().max().item())
+            del alone
+    return {"top1_minus_top2": {"median": float(torch.tensor(margins).median()), "min": min(margins)},
+            "alone_vs_batched_max_abs": {"median": float(torch.tensor(diffs).median()), "max": max(diffs)},
+            "rows_where_noise_exceeds_margin": sum(d > m for d, m in zip(diffs, margins))}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", default=str(ROOT / "runs" / "stand-ins" / "gpt-oss-20b-shape"))
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench" / "engine.json"))
+    parser.add_argument("--experts", nargs="+", default=["auto", "dense"])
+    parser.add_argument("--profile", action="store_true", help="also print the top kernels of three decode steps")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                        help="fp32: only the log-probability comparison (the 20b shape takes ~84 GB in fp32)")
+    args = parser.parse_args()
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = model_loader.load_tokenizer(args.model_dir)
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    model = get_peft_model(model_loader.load_model(args.model_dir, device="cuda", dtype=dtype),
+                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
+    prompts = pd.read_csv(DATA, keep_default_na=False)["prompt"].tolist()[:32]
+    prompt_ids = tokenizer(text=prompts)["input_ids"]
+    result = {"card": torch.cuda.get_device_name(), "dtype": args.dtype,
+              "prompt_tokens": [len(p) for p in prompt_ids[:PROMPTS]]}
+    if args.dtype == "bf16":
+        result["engine"] = [time_engine(model, tokenizer, prompt_ids, experts, args.profile) for experts in args.experts]
+        result["logit_noise"] = logit_noise(model, tokenizer, prompt_ids)
+    # in fp32 the dense experts path (transformers' grouped_mm fallback for fp32 is not graph-capturable)
+    result["logprob_noise"] = logprob_noise(model, tokenizer, prompt_ids, "auto" if args.dtype == "bf16" else "dense")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
