@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parent
 # Model and data
 MODEL_ID = "openai/gpt-oss-20b"  # Hub id, local model directory, or 'tiny' (the embedded stand-in)
 DATA_FILES = ["data/dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"]  # Harmony CSVs with rewards
-TRAIN_SPLIT = "train"  # rows of this `split` train; EVAL_SPLIT rows are held out for the final evaluation
-EVAL_SPLIT = "eval"
+TRAIN_SPLIT = "train"  # rows of this `split` train
+EVAL_SPLIT = "eval"  # rows of this `split` are held out for the final evaluation
 OUT = "runs/grpo-gpt-oss-20b"  # run directory: adapter, checkpoints, logs, summary
 # GRPO batch: PROMPTS_PER_STEP * NUM_GENERATIONS completions per optimiser step,
 # processed TRAIN_BATCH_SIZE at a time over GRADIENT_ACCUMULATION micro-batches
@@ -98,9 +98,13 @@ SETTINGS = [name for name in list(globals()) if name.isupper() and name not in (
 
 def build_parser():
     """Flags from the constants block (script_settings.py), plus --tiny and --resume."""
-    parser = script_settings.build_parser(__doc__, {name: globals()[name] for name in SETTINGS})
-    parser.add_argument("--tiny", action="store_true", help="embedded stand-in and CPU-sized settings")
-    parser.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint")
+    parser = script_settings.build_parser(__doc__, {name: globals()[name] for name in SETTINGS}, __file__,
+                                          notes={name: f"--tiny: {script_settings.format_default(value)}"
+                                                 for name, value in TINY_SETTINGS.items()})
+    parser.add_argument("--tiny", action="store_true", help="the embedded stand-in and the CPU-sized settings of "
+                        "TINY_SETTINGS (flags still win)")
+    parser.add_argument("--resume", action="store_true", help="continue OUT from its last complete checkpoint, "
+                        "with the settings of its run_config.json (flags given here win)")
     return parser
 
 
