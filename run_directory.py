@@ -24,12 +24,12 @@ from pathlib import Path
 
 # -----------------------------------------------------------------------------
 RUN_CONFIG = "run_config.json"  # the resolved settings of a run
-RUN_FILES = (RUN_CONFIG, "adapter_config.json", "completions.csv")  # any of these marks a directory holding a run
+RUN_FILES = (RUN_CONFIG, "adapter_config.json", "completions.csv")  # any of these marks a directory as a run
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # checkpoint directory names; the number is the optimiser step
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json", "optimizer.pt",
                     "scheduler.pt")  # what a checkpoint needs for --resume (trainer_state.json is written last)
 PARTIAL = ".checkpoint-partial-"  # prefix of the hidden directories checkpoints are written into
-STARTED_FILES = (RUN_CONFIG, "completions.csv", "logs", "README.md")  # what a start writes before its first step
+STARTED_FILES = (RUN_CONFIG, "completions.csv", "logs", "README.md")  # written by a start before its first step
 # -----------------------------------------------------------------------------
 
 
