@@ -279,6 +279,7 @@ def check_adapter_fits_base(adapter_dir, base_model_id):
     if getattr(config, "quantization_config", None):
         del config.quantization_config  # the shapes asked about are those of the dequantised model
     peft_config = PeftConfig.from_pretrained(str(adapter_dir))
+    peft_config.base_model_name_or_path = str(base_path)  # as resolved here (PEFT warns when they differ)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     where = f"{adapter_dir}: the adapter does not fit the base model {base_model_id}"

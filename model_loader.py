@@ -90,15 +90,18 @@ def count_parameters(config):
     return config.num_hidden_layers * per_layer + 2 * config.vocab_size * h + h
 
 
-def check_local_model_id(model_id):
+def check_local_model_id(model_id, need_config=True):
     """ModelLoadError for a model id that names a local path but no usable model directory there.
 
     A Hub id is `owner/name`; anything else with a slash (absolute, `./`, `~`, deeper paths) or whose owner part
     is a local directory is a path, and a missing one is said so at once instead of after a minute of Hub retries.
+    A directory's config.json must be there (unless need_config=False: a tokenizer alone needs none) and readable.
     """
     if os.path.isdir(model_id):
         config_path = os.path.join(model_id, "config.json")
         if not os.path.isfile(config_path):
+            if not need_config:
+                return
             raise ModelLoadError(f"{model_id}: no config.json in this directory; is it a complete model directory?")
         try:
             with open(config_path, encoding="utf-8") as handle:
@@ -205,7 +208,7 @@ def load_tokenizer(model_id):
         from tiny_gpt_oss import load_tiny_tokenizer
 
         return load_tiny_tokenizer()  # without building the whole stand-in when only the tokenizer is needed
-    check_local_model_id(model_id)
+    check_local_model_id(model_id, need_config=False)
     if os.path.isdir(model_id) and not any(os.path.isfile(os.path.join(model_id, name)) for name in TOKENIZER_FILES):
         raise ModelLoadError(f"{model_id}: no tokenizer ({' or '.join(TOKENIZER_FILES)}) in this model directory; "
                              "copy the tokenizer files of the model it was made from into it")

@@ -4,12 +4,13 @@ What train_grpo.py writes into OUT and what it and adapter_evaluation.py read ba
 - `checkpoint-<step>/` is complete or absent: the trainer writes one file by file, so `save_checkpoints_atomically`
   makes it write into a hidden `.checkpoint-partial-*` directory beside it and renames that into place when the
   last file (trainer_state.json) is written. A kill mid-save leaves only the hidden directory, which the next
-  --resume removes (`remove_partial_checkpoints`);
+  --resume removes (`remove_partial_checkpoints`, also for the final adapter's `.final-partial-*`);
 - `list_checkpoints` tells complete checkpoints from the rest (empty, or left by an older version without the rename:
   no trainer_state.json, a missing optimiser file), so --resume continues from the last complete one and says why
   it skipped the others;
 - the final adapter is written the same way (`save_final_atomically`): beside OUT, then moved in file by file,
   adapter_config.json last (it marks a directory holding an adapter);
+- `check_run_dir`: a run is never overwritten; --resume picks the checkpoint, `finished_message` a run that is done;
 - `read_run_config`: the settings a run was started with (run_config.json), for --resume;
 - `run_files_present` / `forget_failed_start`: a start that failed before its first optimiser step leaves OUT as
   it found it, so that the same command can simply be run again.
@@ -29,12 +30,53 @@ CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # checkpoint directory names; the 
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json", "optimizer.pt",
                     "scheduler.pt")  # what a checkpoint needs for --resume (trainer_state.json is written last)
 PARTIAL = ".checkpoint-partial-"  # prefix of the hidden directories checkpoints are written into
+FINAL_PARTIAL = ".final-partial-"  # prefix of the hidden directory the final adapter is written into
 STARTED_FILES = (RUN_CONFIG, "completions.csv", "logs", "README.md")  # written by a start before its first step
 # -----------------------------------------------------------------------------
 
 
 class RunDirectoryError(RuntimeError):
     """A run directory that cannot be used as asked; the message says why and what to do."""
+
+
+def check_run_dir(out, resume, log):
+    """A run directory is never overwritten: continue it with --resume or pick another --out.
+
+    Returns the (step, path) of the last complete checkpoint to resume from, or None (a new run; or a resumed
+    run that stopped before its first complete checkpoint, which starts again from step 0).
+    """
+    from data_reward import why_not_writable
+
+    out = Path(out)
+    reason = why_not_writable(out, directory=True)
+    if reason:
+        raise RunDirectoryError(f"--out: {reason}")
+    holds_run = any((out / name).exists() for name in RUN_FILES) or bool(list_checkpoints(out)[0])
+    if holds_run and not resume:
+        raise RunDirectoryError(f"{out} already holds a run; continue it with --resume, or choose another --out")
+    if not resume:
+        return None
+    remove_partial_checkpoints(out, log)
+    checkpoint = last_complete_checkpoint(out, log)
+    if checkpoint is None:
+        log(f"{out} has no complete checkpoint: the run starts again from step 0, with its settings")
+    return checkpoint
+
+
+def finished_message(out, step, total_steps):
+    """What --resume says about a run whose last checkpoint is `step` if that is all of it (else None)."""
+    if step < total_steps:
+        return None
+    out = Path(out)
+    lines = [f"{out} is finished: its last checkpoint is step {step} of TOTAL_STEPS={total_steps}; nothing to do "
+             "(to train it further, pass a larger --total-steps with --resume)."]
+    if not (out / "adapter_model.safetensors").is_file():
+        lines.append(f"Its final adapter was not saved; the adapter of step {step} is in "
+                     f"{out / f'checkpoint-{step}'} (pass it as --adapter-path).")
+    if not (out / "summary.json").is_file():
+        lines.append("It has no summary (the final evaluation was interrupted); evaluate it with: "
+                     f"python test_lora_adapter.py --adapter-path {out}")
+    return "\n".join(lines)
 
 
 def list_checkpoints(out):
@@ -76,10 +118,10 @@ def last_complete_checkpoint(out, log=None):
 
 
 def remove_partial_checkpoints(out, log):
-    """Remove the hidden directories of checkpoint saves that a kill interrupted."""
-    for path in sorted(Path(out).glob(PARTIAL + "*")):
+    """Remove the hidden directories of checkpoint (or final adapter) saves that a kill interrupted."""
+    for path in sorted(Path(out).glob(PARTIAL + "*")) + sorted(Path(out).glob(FINAL_PARTIAL + "*")):
         shutil.rmtree(path)
-        log(f"removed {path.name}: a checkpoint save that was interrupted")
+        log(f"removed {path.name}: a save that was interrupted")
 
 
 def replace_path(source, target, trash):
@@ -133,7 +175,7 @@ def save_final_atomically(trainer, tokenizer, out, base_model_id):
     adapter_config.json comes last: a directory holding it holds a whole adapter.
     """
     out = Path(out)
-    staging = Path(tempfile.mkdtemp(prefix=".final-partial-", dir=out))
+    staging = Path(tempfile.mkdtemp(prefix=FINAL_PARTIAL, dir=out))
     trainer.save_model(str(staging))
     tokenizer.save_pretrained(str(staging))
     trainer.state.save_to_json(str(staging / "trainer_state.json"))

@@ -217,45 +217,6 @@ def report_trackers(report_to):
     return [name.strip() for name in report_to.split(",") if name.strip() not in ("", "none")]
 
 
-def check_run_dir(out, resume, log):
-    """A run directory is never overwritten: continue it with --resume or pick another --out.
-
-    Returns the (step, path) of the last complete checkpoint to resume from, or None (a new run; or a resumed
-    run that stopped before its first complete checkpoint, which starts again from step 0).
-    """
-    from data_reward import why_not_writable
-
-    reason = why_not_writable(out, directory=True)
-    if reason:
-        raise SystemExit(f"error: --out: {reason}")
-    holds_run = (any((out / name).exists() for name in run_directory.RUN_FILES)
-                 or bool(run_directory.list_checkpoints(out)[0]))
-    if holds_run and not resume:
-        raise SystemExit(f"error: {out} already holds a run; continue it with --resume, or choose another --out")
-    if not resume:
-        return None
-    run_directory.remove_partial_checkpoints(out, log)
-    checkpoint = run_directory.last_complete_checkpoint(out, log)
-    if checkpoint is None:
-        log(f"{out} has no complete checkpoint: the run starts again from step 0, with its settings")
-    return checkpoint
-
-
-def finished_message(out, step, settings):
-    """What --resume says about a run that has done its TOTAL_STEPS (None while it has not)."""
-    if step < settings["TOTAL_STEPS"]:
-        return None
-    lines = [f"{out} is finished: its last checkpoint is step {step} of TOTAL_STEPS={settings['TOTAL_STEPS']}; "
-             "nothing to do (to train it further, pass a larger --total-steps with --resume)."]
-    if not (out / "adapter_model.safetensors").is_file():
-        lines.append(f"Its final adapter was not saved; the adapter of step {step} is in "
-                     f"{out / f'checkpoint-{step}'} (pass it as --adapter-path).")
-    if not (out / "summary.json").is_file():
-        lines.append(f"It has no summary (the final evaluation was interrupted); evaluate it with: "
-                     f"python test_lora_adapter.py --adapter-path {out}")
-    return "\n".join(lines)
-
-
 def read_data(settings):
     """Validated data frames of the training and held-out splits (exits with file:row messages on bad data)."""
     import harmony
@@ -590,10 +551,15 @@ def main(argv=None):
         settings = resolve_settings(args, log)
         check_settings(settings)
         out = run_path(settings["OUT"])
+        if out.resolve() == ROOT.resolve():
+            raise SystemExit("error: --out must name a run directory (e.g. runs/my-run), not the repository itself")
         settings["OUT"] = str(out)
-        checkpoint = check_run_dir(out, args.resume, log)
+        try:
+            checkpoint = run_directory.check_run_dir(out, args.resume, log)
+        except run_directory.RunDirectoryError as error:
+            raise SystemExit(f"error: {error}") from None
         start_step = checkpoint[0] if checkpoint else 0
-        finished = finished_message(out, start_step, settings) if checkpoint else None
+        finished = run_directory.finished_message(out, start_step, settings["TOTAL_STEPS"]) if checkpoint else None
         if finished:
             print(finished)
             return
@@ -645,8 +611,8 @@ def main(argv=None):
             raise SystemExit(f"\ninterrupted before the first step ended; nothing was kept in {out}: run the same "
                              "command to start again") from None
         if steps_done() <= 0:
-            raise SystemExit(f"\ninterrupted before step {start_step + 1} ended; {out} is as it was: continue with: "
-                             f"python train_grpo.py --resume --out {out}") from None
+            raise SystemExit(f"\ninterrupted before step {start_step + 1} ended; {out} still continues from "
+                             f"checkpoint-{start_step}: python train_grpo.py --resume --out {out}") from None
         if not (out / f"checkpoint-{trainer.state.global_step}").is_dir():
             trainer._save_checkpoint(trainer.model, trial=None)
         raise SystemExit(f"\ninterrupted at step {trainer.state.global_step}: checkpoint saved in {out}; "

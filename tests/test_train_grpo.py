@@ -385,6 +385,8 @@ def test_out_of_memory_names_the_settings_that_reduce_memory(tmp_path, monkeypat
     def out_of_memory(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)  # main sets it for its run: undone after the test
+
     monkeypatch.setattr(GRPOTrainer, "train", out_of_memory)
     message = run_main(FAST + ["--out", str(tmp_path / "run")])
     assert message.startswith("error: the GPU ran out of memory")
