@@ -3,14 +3,17 @@
 - runs and settings: `find_newest_run` (the newest runs/<run>/ holding adapter_config.json, stand-ins left out),
   `resolve_path`, `build_parser` / `read_settings` (argparse from a script's constants block, script_settings.py);
 - inputs, checked before any model is loaded; each failure is an InputError with a one-line reason, which the
-  scripts print and exit with code 2 (`fail`): `read_adapter_config`, `resolve_base_model`, `read_prompt_frame`,
-  `check_adapter_fits_base` (LoRA tensor names and shapes against the base model's modules, on the meta device),
-  `check_run_tokenizer` (the run's saved tokenizer is the base's);
+  scripts print and exit with code 2 (`fail`): `check_settings` (counts and sampling settings in range),
+  `read_adapter_config` (a JSON object; weights whole and finite, `check_adapter_weights`), `resolve_base_model`
+  (the recorded base found again in this checkout), `read_prompt_frame`, `check_adapter_fits_base` (LoRA tensor
+  names and shapes against the base model's modules, on the meta device), `check_run_tokenizer` (the run's saved
+  tokenizer is the base's), `check_writable` (the reports can be written); after loading, `check_adapter_output`
+  (the adapted model's logits are finite);
 - loading: `load_adapted_model` (the base through model_loader, MXFP4 experts dequantised, plus the PEFT adapter);
 - evaluation: `evaluate_base_and_adapter` (same prompts and sampling seeds; `model.disable_adapter()` for the base),
   `compare_scores`;
 - reports: `read_training_log`, `plot_training_curve`, `plot_action_counts`, `render_evaluation_summary`,
-  `write_json` / `save_figure` / `write_answers` (atomic: a reader never sees a half-written file).
+  `write_json` (strict JSON) / `save_figure` / `write_answers` (atomic: a reader never sees a half-written file).
 """
 
 import json

@@ -10,7 +10,10 @@ Every script loads through `load_model` / `load_tokenizer` so that they all agre
 - a clear error instead of an out-of-memory crawl when a 20b-sized model is asked for on a machine without a GPU.
 
 MODEL_ID anywhere in the project may be a Hub id (`openai/gpt-oss-20b`), a local model directory, or `tiny`
-(the embedded stand-in, built on first use under runs/, see tiny_gpt_oss.py).
+(the embedded stand-in, built on first use under runs/, see tiny_gpt_oss.py). A local path that is missing, not a
+model directory, without a tokenizer or with a corrupt config.json is a ModelLoadError naming it (never a Hub
+lookup). Adapters record their base with `portable_model_id` ('tiny', or a path relative to the repository) and
+`resolve_recorded_model_id` finds it again in any checkout.
 """
 
 import json
