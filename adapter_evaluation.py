@@ -3,14 +3,17 @@
 - runs and settings: `find_newest_run` (the newest runs/<run>/ holding adapter_config.json, stand-ins left out),
   `resolve_path`, `build_parser` / `read_settings` (argparse from a script's constants block, script_settings.py);
 - inputs, checked before any model is loaded; each failure is an InputError with a one-line reason, which the
-  scripts print and exit with code 2 (`fail`): `read_adapter_config`, `resolve_base_model`, `read_prompt_frame`,
-  `check_adapter_fits_base` (LoRA tensor names and shapes against the base model's modules, on the meta device),
-  `check_run_tokenizer` (the run's saved tokenizer is the base's);
+  scripts print and exit with code 2 (`fail`): `check_settings` (counts and sampling settings in range),
+  `read_adapter_config` (a JSON object; weights whole and finite, `check_adapter_weights`), `resolve_base_model`
+  (the recorded base found again in this checkout), `read_prompt_frame`, `check_adapter_fits_base` (LoRA tensor
+  names and shapes against the base model's modules, on the meta device), `check_run_tokenizer` (the run's saved
+  tokenizer is the base's), `check_writable` (the reports can be written); after loading, `check_adapter_output`
+  (the adapted model's logits are finite);
 - loading: `load_adapted_model` (the base through model_loader, MXFP4 experts dequantised, plus the PEFT adapter);
 - evaluation: `evaluate_base_and_adapter` (same prompts and sampling seeds; `model.disable_adapter()` for the base),
   `compare_scores`;
 - reports: `read_training_log`, `plot_training_curve`, `plot_action_counts`, `render_evaluation_summary`,
-  `write_json` / `save_figure` / `write_answers` (atomic: a reader never sees a half-written file).
+  `write_json` (strict JSON) / `save_figure` / `write_answers` (atomic: a reader never sees a half-written file).
 """
 
 import json
@@ -68,6 +71,36 @@ def read_settings(parser, constants, argv=None):
     return apply_flags(parser.parse_args(argv), constants)
 
 
+def check_settings(settings):
+    """InputError for a count or sampling setting out of range, among those a script has."""
+    minimum = {"MAX_PROMPTS": 0, "VERIFY_PROMPTS": 1, "LOGIT_PROMPTS": 1, "SAMPLES": 1, "MAX_NEW_TOKENS": 1,
+               "BATCH_SIZE": 1, "VERIFY_POSITIONS": 1, "MAX_SHARD_BYTES": 1}
+    for name, least in minimum.items():
+        if name in settings and settings[name] < least:
+            raise InputError(f"--{flag_name(name)} must be at least {least}, got {settings[name]}")
+    if "TEMPERATURE" in settings and not (math.isfinite(settings["TEMPERATURE"]) and settings["TEMPERATURE"] > 0):
+        raise InputError(f"--temperature must be a number above 0, got {settings['TEMPERATURE']}; 1.0 is gpt-oss's "
+                         "recommended sampling temperature")
+    if "TOP_P" in settings and not 0 < settings["TOP_P"] <= 1:
+        raise InputError(f"--top-p must lie in (0, 1], got {settings['TOP_P']}; 1.0 turns nucleus sampling off")
+    if "LOGIT_TOLERANCE" in settings and not (math.isfinite(settings["LOGIT_TOLERANCE"])
+                                              and settings["LOGIT_TOLERANCE"] >= 0):
+        raise InputError(f"--logit-tolerance must be a number of at least 0, got {settings['LOGIT_TOLERANCE']}")
+
+
+def check_writable(directory):
+    """InputError unless files can be written into `directory` (before any work whose results would be lost)."""
+    from data_reward import why_not_writable
+
+    reason = why_not_writable(directory, directory=True)
+    if reason:
+        raise InputError(reason)
+
+
+def flag_name(name):
+    return name.lower().replace("_", "-")
+
+
 def resolve_path(path):
     """A path as given: absolute stays, relative is taken from the repository root (like train_grpo.py)."""
     path = Path(path).expanduser()
@@ -106,13 +139,55 @@ def read_adapter_config(adapter_dir):
         if not (adapter_dir / name).is_file():
             raise InputError(f"{adapter_dir}: no {name}; is it a run directory written by train_grpo.py?")
     try:
-        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    except json.JSONDecodeError as error:
-        raise InputError(f"{adapter_dir / ADAPTER_CONFIG}: not valid JSON ({error})") from None
+        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{adapter_dir / ADAPTER_CONFIG}: not valid JSON ({error}); is it the file PEFT "
+                         "wrote? Copy the run again") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{adapter_dir / ADAPTER_CONFIG}: holds a JSON {type(config).__name__}, not the object "
+                         "PEFT writes; copy the run again")
     if config.get("peft_type") != "LORA":
         raise InputError(f"{adapter_dir / ADAPTER_CONFIG}: peft_type is {config.get('peft_type')!r}; "
                          "only LoRA adapters are supported")
+    check_adapter_weights(adapter_dir / ADAPTER_WEIGHTS)
     return config
+
+
+def check_adapter_weights(path):
+    """InputError for adapter weights that are cut off or hold NaN or infinite values (a diverged run).
+
+    Reads one tensor at a time: an adapter is small next to its base, and every tensor is read on loading anyway.
+    """
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    from mxfp4 import CheckpointError, read_safetensors_header
+
+    try:
+        read_safetensors_header(str(path))  # also refuses a file shorter than its header says
+        with safe_open(str(path), "pt") as f:
+            bad = []
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    bad.append(name)
+    except (CheckpointError, SafetensorError, OSError) as error:
+        raise InputError(f"{path}: unreadable ({one_line(error)}); copy the run again") from None
+    if bad:
+        raise InputError(f"{path}: {len(bad)} LoRA tensors hold NaN or infinite values (first: {bad[0]}); the "
+                         "training diverged. Use an earlier checkpoint (--adapter-path <run>/checkpoint-<step>) or "
+                         "train again with a lower --learning-rate")
+
+
+def check_adapter_output(model, tokenizer, prompt, adapter_dir):
+    """InputError when the adapted model's logits on `prompt` are not all finite (weights too large to use)."""
+    from adapter_merge import prompt_logits
+
+    logits = prompt_logits(model, tokenizer, [prompt])[0]
+    if not logits.isfinite().all():
+        raise InputError(f"{adapter_dir}: with this adapter the model's logits are NaN or infinite (its weights are "
+                         "finite but far too large); the training diverged. Use an earlier checkpoint "
+                         "(--adapter-path <run>/checkpoint-<step>) or train again with a lower --learning-rate")
 
 
 def expert_lora_targets(adapter_config):
@@ -122,10 +197,22 @@ def expert_lora_targets(adapter_config):
 
 
 def resolve_base_model(adapter_config, base_model_id, adapter_dir):
-    """--base-model-id, or the adapter's own base_model_name_or_path when it is ''."""
-    base = base_model_id or adapter_config.get("base_model_name_or_path")
-    if not base:
+    """--base-model-id, or the adapter's own base_model_name_or_path when it is ''.
+
+    What the adapter records is found again in this checkout: train_grpo.py records 'tiny' or a path relative to
+    the repository; an absolute path of a moved or re-cloned checkout is looked up under this one
+    (model_loader.resolve_recorded_model_id). A relative --base-model-id is taken from the repository root.
+    """
+    import model_loader
+
+    if base_model_id:
+        return model_loader.resolve_recorded_model_id(base_model_id)
+    recorded = adapter_config.get("base_model_name_or_path")
+    if not recorded:
         raise InputError(f"{adapter_dir / ADAPTER_CONFIG}: records no base_model_name_or_path; pass --base-model-id")
+    base = model_loader.resolve_recorded_model_id(recorded)
+    if base != recorded and os.path.isabs(recorded):
+        log(f"note: {recorded}, the base recorded by {adapter_dir}, is not there; using {base} in this checkout")
     return base
 
 
@@ -195,6 +282,7 @@ def check_adapter_fits_base(adapter_dir, base_model_id):
     if getattr(config, "quantization_config", None):
         del config.quantization_config  # the shapes asked about are those of the dequantised model
     peft_config = PeftConfig.from_pretrained(str(adapter_dir))
+    peft_config.base_model_name_or_path = str(base_path)  # as resolved here (PEFT warns when they differ)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     where = f"{adapter_dir}: the adapter does not fit the base model {base_model_id}"
@@ -246,6 +334,7 @@ def check_inputs(settings):
     """
     import model_loader
 
+    check_settings(settings)
     adapter_dir = resolve_adapter_dir(settings["ADAPTER_PATH"])
     adapter_config = read_adapter_config(adapter_dir)
     base = resolve_base_model(adapter_config, settings["BASE_MODEL_ID"], adapter_dir)
@@ -256,6 +345,7 @@ def check_inputs(settings):
         raise InputError(f"{error} (base model of {adapter_dir}; pass --base-model-id)") from None
     check_run_tokenizer(adapter_dir, base)
     recorded = adapter_config.get("base_model_name_or_path")
+    recorded = recorded and model_loader.resolve_recorded_model_id(recorded)
     fit["matches_recorded_base"] = bool(recorded) and same_model(recorded, base)
     if recorded and not fit["matches_recorded_base"]:
         log(f"warning: {adapter_dir} was trained on {recorded}; evaluating it on {base} (its LoRA shapes fit)")
@@ -352,12 +442,14 @@ def answers_frame(frame, actions, answers):
 
 
 def find_trainer_state(run_dir):
-    """run_dir/trainer_state.json, else the one of its newest checkpoint-*, else None."""
+    """run_dir/trainer_state.json, else the one of its newest complete checkpoint-*, else None."""
+    from run_directory import list_checkpoints
+
     run_dir = Path(run_dir)
     if (run_dir / "trainer_state.json").is_file():
         return run_dir / "trainer_state.json"
-    checkpoints = [p for p in run_dir.glob("checkpoint-*/trainer_state.json") if p.parent.name[11:].isdigit()]
-    return max(checkpoints, key=lambda p: int(p.parent.name[11:]), default=None)
+    complete, _ = list_checkpoints(run_dir)
+    return complete[-1][1] / "trainer_state.json" if complete else None
 
 
 def read_training_log(run_dir):
@@ -487,9 +579,10 @@ def save_figure(fig, path):
 
 
 def write_json(data, path):
-    from data_reward import write_text_atomically
+    """Strict JSON (NaN and infinities written as null), atomically."""
+    from data_reward import strict_json, write_text_atomically
 
-    write_text_atomically(json.dumps(data, indent=2) + "\n", path)
+    write_text_atomically(strict_json(data), path)
 
 
 def write_answers(frame, actions, answers, path):

@@ -123,6 +123,9 @@ def main(argv=None):
                 text = handle.read()
             outputs[path] = (add_reward_fields(text, path, format_rewards(rewards), q.shape[1]),
                              q.shape)
+        unwritable = [reason for reason in map(data_reward.why_not_writable, outputs) if reason]
+        if unwritable:  # before any file is written
+            raise DataError("\n".join(unwritable))
     except DataError as error:
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)
@@ -131,7 +134,11 @@ def main(argv=None):
         print(f"{path}: already has {REWARD_PREFIX}* columns; left untouched "
               "(add --overwrite to recompute them)")
     for path, (text, (rows, actions)) in outputs.items():
-        data_reward.write_text_atomically(text, path)
+        try:
+            data_reward.write_text_atomically(text, path)
+        except OSError as error:  # checked above, so only a full disk or a directory that just changed
+            print(f"error: {path}: cannot be written ({error.strerror}); it is left as it was", file=sys.stderr)
+            return EXIT_BAD_INPUT
         print(f"{path}: wrote {REWARD_PREFIX}0..{actions - 1} for {rows} rows at tau={args.tau:g}")
     return 0
 

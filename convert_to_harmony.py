@@ -12,7 +12,8 @@ data's first day, 2025-05-05); without it the date is today's, as the template i
 --model-id defaults to `tiny`, the embedded stand-in's tokenizer (it carries the original gpt-oss template, which
 ships inside trl, so this works offline); `openai/gpt-oss-20b` uses the real tokenizer where the Hub is reachable.
 Both render the same text: the template is the same. A file whose prompts are already Harmony is refused.
-Bad input exits with status 2 and a message naming the file; nothing is written unless every file is good.
+Bad input (no data rows, an empty prompt, an output path that cannot be written, ...) exits with status 2 and a
+message naming the file; nothing is written unless every file is good.
 """
 
 import argparse
@@ -20,7 +21,8 @@ import sys
 from pathlib import Path
 
 import harmony
-from data_reward import FIRST_DATA_ROW, PROMPT_COLUMN, DataError, read_data_csv, write_csv_atomically
+from data_reward import (FIRST_DATA_ROW, PROMPT_COLUMN, DataError, list_row_problems, read_data_csv, why_not_writable,
+                         write_csv_atomically)
 
 # -----------------------------------------------------------------------------
 MODEL_ID = "tiny"  # whose chat template renders the prompts: 'tiny', a local model directory or a Hub id
@@ -36,13 +38,23 @@ def output_path(path):
 
 
 def check_convertible(path, frame):
-    """Refuse a file that was converted already: rendering it twice would nest one Harmony prompt in another."""
+    """Refuse a file that was converted already (rendering it twice would nest one Harmony prompt in another), a
+    file without rows, empty prompts, and an output path that cannot be written."""
     if Path(path).stem.endswith(SUFFIX):
         raise DataError(f"{path}: this is a converted file already ({SUFFIX}.csv); convert the original instead")
+    if frame.empty:
+        raise DataError(f"{path}: the header has no data rows below it; nothing to convert")
+    empty = (frame[PROMPT_COLUMN].str.strip() == "").to_numpy().nonzero()[0]
+    if len(empty):
+        raise DataError("\n".join(list_row_problems(path, empty, lambda row: f"{PROMPT_COLUMN} is empty; write the "
+                                                                           "situation or drop the row")))
     converted = frame[PROMPT_COLUMN].map(harmony.is_harmony_prompt)
     if converted.any():
         row = int(converted.to_numpy().nonzero()[0][0]) + FIRST_DATA_ROW
         raise DataError(f"{path}:{row}: the prompt is already a Harmony prompt; convert the legacy-text file instead")
+    reason = why_not_writable(output_path(path))
+    if reason:
+        raise DataError(f"cannot write the output of {path}: {reason}")
 
 
 def convert_frame(frame, tokenizer, reasoning_effort, date):
@@ -66,7 +78,8 @@ def main(argv=None):
             frames[path] = read_data_csv(path)
             check_convertible(path, frames[path])
     except (DataError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        for line in str(error).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         return 2
 
     import model_loader
@@ -77,7 +90,11 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     for path, frame in frames.items():
-        write_csv_atomically(convert_frame(frame, tokenizer, args.reasoning_effort, date), output_path(path))
+        try:
+            write_csv_atomically(convert_frame(frame, tokenizer, args.reasoning_effort, date), output_path(path))
+        except OSError as error:  # checked above, so only a full disk or a directory that just changed
+            print(f"error: cannot write {output_path(path)} ({error.strerror})", file=sys.stderr)
+            return 2
         print(f"wrote {output_path(path)} ({len(frame)} prompts, reasoning {args.reasoning_effort}, date {date})")
     return 0
 

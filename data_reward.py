@@ -24,10 +24,12 @@ import contextlib
 import csv
 import importlib.util
 import io
+import json
 import math
 import os
 import re
 import secrets
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -378,9 +380,49 @@ def write_text_atomically(text, path):
         raise
 
 
+def why_not_writable(path, directory=False):
+    """None when `path` (a file, or with directory=True a directory) can be written; else the reason, one line.
+
+    Checks what a write would hit: a directory where a file is wanted or the reverse, a file among the parents,
+    and whether a file can be created in the nearest existing directory (tried, because permissions alone do not
+    tell: root ignores them, a read-only mount does not).
+    """
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        return f"{path} is a file, not a directory; choose another place"
+    if not directory and path.is_dir():
+        return f"{path} is a directory; name a file"
+    existing = path if directory else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{path}: {existing} is a file, so nothing can be created under it; choose another place"
+    try:
+        descriptor, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as error:
+        return f"{existing}: cannot be written ({error.strerror}); check its permissions or choose another place"
+    return None
+
+
 def write_csv_atomically(df, path):
     """Write df as CSV (no index, "\\n" line endings) to path via a temp file and os.replace."""
     write_text_atomically(df.to_csv(index=False, lineterminator="\n"), path)
+
+
+def strict_json(data):
+    """JSON text (indented, newline at the end) that every parser reads: NaN and infinities become null."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(data), indent=2, allow_nan=False) + "\n"
 
 
 # -----------------------------------------------------------------------------
@@ -445,16 +487,18 @@ COMPLETION_LOG_COLUMNS = ["step", "micro_step", "prompt_id", "completion", "pars
 class CompletionLog:
     """Appends every scored completion to a CSV that survives a crash: header once, each batch flushed to disk.
 
-    `step` is the optimiser step the completion was generated for (trainer_state.global_step) and `micro_step`
-    the first micro-batch it feeds: step * steps_per_generation, where steps_per_generation (GRPO_STEPS_PER_GENERATION)
-    is the number of micro-batches one generation serves (= gradient accumulation steps by default).
+    `step` is the optimiser step the completion trains, counted from 1 like TensorBoard and the checkpoints
+    (trainer_state.global_step + 1 while it is generated), and `micro_step` the first micro-batch it feeds, also
+    from 1: global_step * steps_per_generation + 1, where steps_per_generation (GRPO_STEPS_PER_GENERATION) is the
+    number of micro-batches one generation serves (= gradient accumulation steps by default).
+    A batch is several writes: a kill can leave its last record cut off, which `keep_steps_up_to` removes.
     """
 
     def __init__(self, path, steps_per_generation=1):
         self.path, self.steps_per_generation = str(path), int(steps_per_generation)
 
     def write_batch(self, trainer_state, prompt_ids, completions, actions, rewards, optimal):
-        step = trainer_state.global_step if trainer_state is not None else 0
+        done = trainer_state.global_step if trainer_state is not None else 0
         new_file = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
         with open(self.path, "a", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
@@ -462,18 +506,60 @@ class CompletionLog:
                 writer.writerow(COMPLETION_LOG_COLUMNS)
             for i, text in enumerate(completions):
                 writer.writerow([
-                    step, step * self.steps_per_generation, prompt_ids[i] if prompt_ids else "", text,
+                    done + 1, done * self.steps_per_generation + 1, prompt_ids[i] if prompt_ids else "", text,
                     "" if actions[i] is None else actions[i], "" if rewards[i] is None else f"{rewards[i]:.6f}",
                     optimal[i] if optimal else "",
                 ])
             f.flush()
             os.fsync(f.fileno())
 
-    def drop_rows_from(self, step):
-        """Forget rows generated at or after `step` (a resumed run regenerates them): rewrite atomically."""
+    def read_rows(self):
+        """(rows as lists of text, whether a last record cut off by a kill was left out); header not included.
+
+        A log written before steps counted from 1 (its first step is 0) is renumbered. Raises DataError for a
+        record in the middle of the file that does not have the log's columns (damage a kill cannot cause).
+        """
+        with open(self.path, "rb") as f:
+            text = f.read().decode("utf-8", errors="replace")  # a kill can cut a character in two, at the end
+        end = complete_records_end(text)
+        records = list(csv.reader(io.StringIO(text[:end], newline="")))
+        torn = end < len(text)
+        if not records:
+            return [], torn  # at most a part of the header
+        if records[0] != COMPLETION_LOG_COLUMNS:
+            raise DataError(f"{self.path}:1: not a completion log (its header is {','.join(records[0])}); move "
+                            "it aside, or set GRPO_COMPLETION_LOG_PATH to another file")
+        rows = records[1:]
+        for number, row in enumerate(rows, start=FIRST_DATA_ROW):
+            if len(row) != len(COMPLETION_LOG_COLUMNS):
+                raise DataError(f"{self.path}:{number}: {len(row)} fields, a completion log row has "
+                                f"{len(COMPLETION_LOG_COLUMNS)}; the log is damaged, move it aside to continue")
+        if rows and min(int(row[0]) for row in rows) == 0:
+            for row in rows:
+                row[0], row[1] = str(int(row[0]) + 1), str(int(row[1]) + 1)
+        return rows, torn
+
+    def keep_steps_up_to(self, step):
+        """Forget rows of steps after `step` (a resumed run generates them again) and a record cut off by a kill.
+
+        Rewrites the log atomically; returns (rows dropped, whether a cut-off record was dropped).
+        """
         if not os.path.exists(self.path):
-            return 0
-        frame = pd.read_csv(self.path, keep_default_na=False, dtype=str)
-        keep = frame[frame["step"].astype(int) < step]
-        write_csv_atomically(keep, self.path)
-        return len(frame) - len(keep)
+            return 0, False
+        rows, torn = self.read_rows()
+        keep = [row for row in rows if int(row[0]) <= step]
+        buffer = io.StringIO(newline="")
+        csv.writer(buffer).writerows([COMPLETION_LOG_COLUMNS, *keep])
+        write_text_atomically(buffer.getvalue(), self.path)
+        return len(rows) - len(keep), torn
+
+
+def complete_records_end(text):
+    """Length of the part of CSV text up to the end of its last complete record: a line break outside quotes."""
+    end, inside = 0, False
+    for match in re.finditer(r'["\n]', text):
+        if match[0] == '"':
+            inside = not inside
+        elif not inside:
+            end = match.end()
+    return end

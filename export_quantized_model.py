@@ -4,25 +4,29 @@
     python export_quantized_model.py --adapter-path runs/grpo-tiny --out runs/export/tiny --overwrite true
     HF_TOKEN=hf_... HF_REPO_ID=me/gpt-oss-tes python export_quantized_model.py --push-to-hub true
 
-Steps: check the inputs (adapter directory, adapter against base, output directory, Hub token) before any model is
-loaded; load the base through model_loader in bf16 (MXFP4 experts dequantised exactly) and the PEFT adapter; merge
-(`merge_and_unload`, in place); bring the experts back to MXFP4 with mxfp4.py: experts the adapter did not touch are
-the base checkpoint's own `_blocks` / `_scales` bytes, experts changed by expert LoRA are quantised with the base's
-scales as `like_scales`; write safetensors shards (each expert's blocks and scales in one shard, blocks first),
+Steps: check the inputs (adapter directory, adapter weights all finite, adapter against base, output directory, Hub
+token) before any model is loaded; remove what killed exports to the same target left beside it (`.NAME.partial-*`,
+model-sized); load the base through model_loader in bf16 (MXFP4 experts dequantised exactly) and the PEFT adapter;
+merge (`merge_and_unload`, in place); bring the experts back to MXFP4 with mxfp4.py: experts the adapter did not
+touch are the base checkpoint's own `_blocks` / `_scales` bytes, experts changed by expert LoRA are quantised with the
+base's scales as `like_scales`; write safetensors shards (each expert's blocks and scales in one shard, blocks first),
 config.json with the mxfp4 quantization_config, generation_config.json, tokenizer and chat template,
-export_report.json. Everything is written into a temporary directory beside the target and renamed into place only
-after the export verified itself, so an interrupted or failed export never leaves a half model:
+export_report.json (strict JSON: a value that is not a finite number is null). Nothing is written while the merged
+model's logits are not all finite (an adapter of a diverged run). Everything is written into a temporary directory
+beside the target and renamed into place only after the export verified itself, so an interrupted or failed export
+never leaves a half model:
 - mxfp4.check_mxfp4_checkpoint on the directory; tensor names equal to the base checkpoint's;
 - every stored tensor compared byte for byte with the base checkpoint: with an attention-only adapter every expert
   tensor must be identical;
 - the directory reloaded through model_loader, its logits on VERIFY_PROMPTS held-out prompts compared with the
   in-memory merged model's (after its experts were rounded to the stored MXFP4 values): they must agree within
-  LOGIT_TOLERANCE. With expert LoRA the report adds the quantisation error: relative error of the expert weights
-  and of their LoRA update, and the logit difference to the merged model before rounding.
+  LOGIT_TOLERANCE (NaN or infinite logits fail). With expert LoRA the report adds the quantisation error: relative
+  error of the expert weights and of their LoRA update, and the logit difference to the merged model before rounding.
 An output directory that already holds an export is refused unless --overwrite true. With PUSH_TO_HUB the finished
 directory is uploaded to the private Hub repo HF_REPO_ID (created if needed) with the token in HF_TOKEN (never
-printed); a push without a token is refused before any work. Time and peak memory (CPU RSS; CUDA allocated on a
-GPU) are printed and recorded in export_report.json.
+printed); a push without a token is refused before any work, a push that fails (no network) says that the export
+itself is complete and how to push it later. Time and peak memory (CPU RSS; CUDA allocated on a GPU) are printed and
+recorded in export_report.json.
 
 Memory. The merge runs on model_loader's device (a CUDA GPU when present) in bf16 and holds one copy of the
 model: merged in place, freed before the export is reloaded for the check. Tensors go to the CPU one at a time
@@ -67,8 +71,16 @@ BASE_FILES = ("LICENSE", "USAGE_POLICY")  # copied from the base model directory
 EXPORT_MARKERS = ("config.json", REPORT_FILE, "model.safetensors", "model.safetensors.index.json")
 
 
-class VerificationError(RuntimeError):
-    """The written export does not reproduce the merged model; nothing was published."""
+class ExportError(RuntimeError):
+    """The export could not be made (nothing was published) or pushed; the message says which and what to do."""
+
+
+class VerificationError(ExportError):
+    """The merged model or the written export is not sound; nothing was published."""
+
+
+class PushError(ExportError):
+    """The export is published locally, the Hub upload failed."""
 
 
 def holds_export(path):
@@ -84,6 +96,37 @@ def check_output_dir(out, overwrite):
                             "--out")
     if out.exists() and not holds_export(out) and (not out.is_dir() or any(out.iterdir())):
         raise ae.InputError(f"{out} exists and is not an export; choose another --out")
+    from data_reward import why_not_writable
+
+    # the export is written beside its target, then renamed into place
+    reason = why_not_writable(out, directory=True) or why_not_writable(out.parent, directory=True)
+    if reason:
+        raise ae.InputError(reason)
+
+
+def remove_stale_partials(out, log):
+    """Remove what killed exports to `out` left beside it (`.NAME.partial-<pid>-*`, `.NAME.old-*`: model-sized).
+
+    A directory whose writer is still running (its pid is alive) is left alone.
+    """
+    out = Path(out)
+    for path in sorted(out.parent.glob(f".{out.name}.partial-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
+        pid = path.name.rsplit(".partial-", 1)[-1].split("-")[0] if ".partial-" in path.name else ""
+        if pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid)):
+            continue
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        shutil.rmtree(path)
+        log(f"removed {path.name} ({size / 2**30:.2f} GiB), left by an interrupted export")
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def check_not_an_input(out, inputs):
@@ -174,6 +217,7 @@ def memory_use(device):
 
 def export(settings, log=ae.log):
     """The whole export; returns the report. Inputs are checked first (InputError), nothing is written before."""
+    ae.check_settings(settings)
     hub = hub_target(settings) if settings["PUSH_TO_HUB"] else None
     adapter_dir = ae.resolve_adapter_dir(settings["ADAPTER_PATH"])
     adapter_config = ae.read_adapter_config(adapter_dir)
@@ -198,6 +242,7 @@ def export(settings, log=ae.log):
                                lora_expert_parameters, prompt_logits, quantize_experts)
     from mxfp4 import check_mxfp4_checkpoint, save_mxfp4_checkpoint
 
+    remove_stale_partials(out, log)
     start, seconds = time.time(), {}
     device = model_loader.pick_device()
     base_dir = local_checkpoint_dir(base)
@@ -208,6 +253,12 @@ def export(settings, log=ae.log):
     model = model.merge_and_unload()
     seconds["load_and_merge"] = round(time.time() - start, 1)
     merged_logits = prompt_logits(model, tokenizer, prompts, settings["VERIFY_POSITIONS"])
+    if not all(logits.isfinite().all() for logits in merged_logits):
+        raise VerificationError(f"the merged model's logits are NaN or infinite on the verification prompts: the "
+                                f"adapter {adapter_dir} is broken (its weights are far too large; a diverged "
+                                f"training run?). Nothing was written to {out}. Export an earlier checkpoint "
+                                "(--adapter-path <run>/checkpoint-<step>) or train again with a lower "
+                                "--learning-rate")
 
     t = time.time()
     packed = quantize_experts(model, set(changed), reader)
@@ -217,7 +268,7 @@ def export(settings, log=ae.log):
     seconds["quantize"] = round(time.time() - t, 1)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         t = time.time()
         config = add_converter_config_keys(json.loads((base_dir / "config.json").read_text()))
@@ -252,7 +303,9 @@ def export(settings, log=ae.log):
         if not changed and stored["expert_changed"]:
             problems.append(f"{len(stored['expert_changed'])} expert tensors differ from the base checkpoint's "
                             f"although the adapter has no expert LoRA (first: {stored['expert_changed'][0]})")
-        if logits["reloaded_vs_stored_precision"]["max_rel_diff"] > settings["LOGIT_TOLERANCE"]:
+        if not all(x.isfinite().all() for x in reloaded_logits):
+            problems.append("the reloaded export's logits are NaN or infinite")
+        if not logits["reloaded_vs_stored_precision"]["max_rel_diff"] <= settings["LOGIT_TOLERANCE"]:  # NaN fails
             problems.append(f"reloaded logits differ from the merged model's by "
                             f"{logits['reloaded_vs_stored_precision']['max_rel_diff']:.2e} (relative), more than "
                             f"LOGIT_TOLERANCE={settings['LOGIT_TOLERANCE']}")
@@ -276,13 +329,25 @@ def export(settings, log=ae.log):
         if problems:
             raise VerificationError(f"the export failed its check, {out} left as it was: " + "; ".join(problems))
         publish(tmp_dir, out)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        if isinstance(error, OSError):  # a full disk, a directory that became unwritable
+            raise ExportError(f"writing the export failed ({error}); nothing was published to {out}") from None
         raise
     print_report(report, log)
     if hub:
+        from huggingface_hub.errors import HTTPError  # the Hub client's HTTP errors (network ones included)
+
         log(f"pushing {out} to the private Hub repo {hub[0]}")
-        report["pushed_to"] = push_to_hub(out, *hub)
+        retry = (f"The export itself is complete and verified in {out} (see {REPORT_FILE}); push it when the Hub "
+                 f"is reachable: hf upload {hub[0]} {out} --private (with HF_TOKEN set)")
+        try:
+            report["pushed_to"] = push_to_hub(out, *hub)
+        except (OSError, HTTPError) as error:
+            raise PushError(f"pushing to the Hub repo {hub[0]} failed ({type(error).__name__}: "
+                            f"{ae.one_line(error)[:300]}). {retry}") from None
+        except KeyboardInterrupt:
+            raise PushError(f"interrupted while pushing to the Hub repo {hub[0]}. {retry}") from None
         ae.write_json(report, out / REPORT_FILE)
         log(f"pushed: {report['pushed_to']}")
     return report
@@ -311,12 +376,17 @@ def main(argv=None):
     parser = ae.build_parser(__doc__, constants)
     parser.add_argument("--out", dest="export_dir", type=str, default=None, help="same as --export-dir")
     settings = ae.read_settings(parser, constants, argv)
+    import model_loader
+
     try:
         return export(settings)
-    except ae.InputError as error:
+    except (ae.InputError, model_loader.ModelLoadError) as error:
         ae.fail(error)
-    except VerificationError as error:
+    except ExportError as error:
         raise SystemExit(f"error: {error}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"\ninterrupted: nothing was published to {settings['EXPORT_DIR']} (an earlier export "
+                         "there is left as it was)") from None
 
 
 if __name__ == "__main__":

@@ -10,16 +10,22 @@ Every script loads through `load_model` / `load_tokenizer` so that they all agre
 - a clear error instead of an out-of-memory crawl when a 20b-sized model is asked for on a machine without a GPU.
 
 MODEL_ID anywhere in the project may be a Hub id (`openai/gpt-oss-20b`), a local model directory, or `tiny`
-(the embedded stand-in, built on first use under runs/, see tiny_gpt_oss.py).
+(the embedded stand-in, built on first use under runs/, see tiny_gpt_oss.py). A local path that is missing, not a
+model directory, without a tokenizer or with a corrupt config.json is a ModelLoadError naming it (never a Hub
+lookup). Adapters record their base with `portable_model_id` ('tiny', or a path relative to the repository) and
+`resolve_recorded_model_id` finds it again in any checkout.
 """
 
+import json
 import os
 
 import torch
 
 TINY = "tiny"
+REPOSITORY = os.path.dirname(os.path.abspath(__file__))  # relative model paths recorded with adapters start here
 # Above this many parameters a model is not something to run on a CPU here (the tiny stand-in has ~10^5).
 MAX_CPU_PARAMETERS = 2_000_000_000
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a model directory's tokenizer is in one of these
 
 
 class ModelLoadError(RuntimeError):
@@ -35,6 +41,47 @@ def resolve_model_id(model_id):
     return model_id
 
 
+def portable_model_id(model_id):
+    """The model id to record with an adapter so that another checkout of this repository finds the model again.
+
+    'tiny' stays 'tiny'; a directory inside the repository becomes its path relative to the repository root; Hub
+    ids and directories elsewhere stay as they are. resolve_recorded_model_id reads it back.
+    """
+    if model_id == TINY or not os.path.isdir(model_id):
+        return model_id
+    path = os.path.realpath(model_id)
+    if path == os.path.realpath(tiny_dir()):
+        return TINY
+    relative = os.path.relpath(path, REPOSITORY)
+    return model_id if relative.startswith("..") else relative
+
+
+def resolve_recorded_model_id(model_id):
+    """A model id as recorded by portable_model_id (or by an older run), resolved in this checkout.
+
+    A relative path is taken from the repository root; an absolute directory that no longer exists (the run was
+    made in a checkout since moved or re-cloned) is looked for under this checkout by its trailing path
+    components; anything else (a Hub id, 'tiny', an existing directory) is returned unchanged.
+    """
+    if model_id == TINY or os.path.isabs(model_id) and os.path.isdir(model_id):
+        return model_id
+    if not os.path.isabs(model_id):
+        here = os.path.join(REPOSITORY, model_id)
+        return here if os.path.isdir(here) else model_id
+    parts = os.path.normpath(model_id).split(os.sep)[1:]
+    for start in range(len(parts) - 1):  # the longest tail first, at least two components
+        candidate = os.path.join(REPOSITORY, *parts[start:])
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return TINY if os.path.realpath(candidate) == os.path.realpath(tiny_dir()) else candidate
+    return model_id
+
+
+def tiny_dir():
+    from tiny_gpt_oss import TINY_DIR
+
+    return TINY_DIR
+
+
 def count_parameters(config):
     """Parameter count of a gpt-oss config, computed from its shape (no weights needed)."""
     h, i, e = config.hidden_size, config.intermediate_size, config.num_local_experts
@@ -46,15 +93,48 @@ def count_parameters(config):
     return config.num_hidden_layers * per_layer + 2 * config.vocab_size * h + h
 
 
+def check_local_model_id(model_id, need_config=True):
+    """ModelLoadError for a model id that names a local path but no usable model directory there.
+
+    A Hub id is `owner/name`; anything else with a slash (absolute, `./`, `~`, deeper paths) or whose owner part
+    is a local directory is a path, and a missing one is said so at once instead of after a minute of Hub retries.
+    A directory's config.json must be there (unless need_config=False: a tokenizer alone needs none) and readable.
+    """
+    if os.path.isdir(model_id):
+        config_path = os.path.join(model_id, "config.json")
+        if not os.path.isfile(config_path):
+            if not need_config:
+                return
+            raise ModelLoadError(f"{model_id}: no config.json in this directory; is it a complete model directory?")
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                config = json.load(handle)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelLoadError(f"{config_path}: corrupt, not readable as JSON ({error}); copy the model directory "
+                                 "again (or rebuild it: python tiny_gpt_oss.py --rebuild for the stand-in)") from None
+        if not isinstance(config, dict):
+            raise ModelLoadError(f"{config_path}: corrupt, not a JSON object; copy the model directory again")
+        return
+    path_like = (os.path.isabs(model_id) or model_id.startswith((".", "~")) or model_id.count("/") > 1
+                 or ("/" in model_id and os.path.isdir(model_id.split("/")[0])))
+    if os.path.exists(model_id):
+        raise ModelLoadError(f"{model_id}: a file, not a model directory; pass a model directory, a Hub id or 'tiny'")
+    if path_like:
+        raise ModelLoadError(f"{model_id}: no such model directory; check the path (a Hub id has the form "
+                             "owner/name, e.g. openai/gpt-oss-20b)")
+
+
 def load_config(model_id):
     """AutoConfig for a gpt-oss model, with errors that say what to do."""
     from transformers import AutoConfig
 
-    if os.path.isdir(model_id) and not os.path.isfile(os.path.join(model_id, "config.json")):
-        raise ModelLoadError(f"{model_id}: no config.json in this directory; is it a complete model directory?")
+    check_local_model_id(model_id)
     try:
         config = AutoConfig.from_pretrained(model_id)
-    except OSError as error:
+    except (OSError, ValueError) as error:
+        if os.path.isdir(model_id):
+            raise ModelLoadError(f"{model_id}: its config.json cannot be used ({one_line(error)}); is it a "
+                                 "gpt-oss model directory?") from None
         raise ModelLoadError(
             f"could not load the config of {model_id!r} ({error.__class__.__name__}). A Hub id needs network access "
             "to the Hugging Face Hub (and HF_TOKEN for private repos); without it use a local model directory or "
@@ -66,6 +146,12 @@ def load_config(model_id):
             "trains gpt-oss models only."
         )
     return config
+
+
+def one_line(error):
+    """An exception's message on one line, at most 300 characters (transformers' messages run long)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def pick_device(device=None):
@@ -90,24 +176,30 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None):
             f"{2 * n_params / 2**30:.0f} GiB of GPU memory in bf16. Run on a GPU machine, or use --tiny "
             "(the embedded stand-in) to run the same code on a CPU."
         )
-    if os.path.isdir(model_id):
-        from mxfp4 import check_mxfp4_checkpoint
+    if os.path.isdir(model_id) and getattr(config, "quantization_config", None):
+        from mxfp4 import CheckpointError, check_mxfp4_checkpoint
 
-        if getattr(config, "quantization_config", None):
+        try:
             check_mxfp4_checkpoint(model_id)
+        except CheckpointError as error:
+            raise ModelLoadError(str(error)) from None
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     experts_implementation = experts_implementation or ("grouped_mm" if device == "cuda" else "eager")
     kwargs = {}
     if getattr(config, "quantization_config", None):
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_id,
-        dtype=dtype,
-        attn_implementation="eager",
-        experts_implementation=experts_implementation,
-        device_map=device,
-        **kwargs,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id,
+            dtype=dtype,
+            attn_implementation="eager",
+            experts_implementation=experts_implementation,
+            device_map=device,
+            **kwargs,
+        )
+    except OSError as error:
+        where = "its weights cannot be read" if os.path.isdir(model_id) else "it cannot be downloaded"
+        raise ModelLoadError(f"{model_id}: {where} ({one_line(error)}); copy or download the model again") from None
     for layer in model.model.layers:
         # transformers 5.17 leaves dequantised MXFP4 experts in bf16 whatever dtype is asked for, and such a model
         # fails in its own experts (fp32 activations against bf16 weights); norms stay as transformers keeps them
@@ -123,9 +215,16 @@ def load_tokenizer(model_id):
         from tiny_gpt_oss import load_tiny_tokenizer
 
         return load_tiny_tokenizer()  # without building the whole stand-in when only the tokenizer is needed
+    check_local_model_id(model_id, need_config=False)
+    if os.path.isdir(model_id) and not any(os.path.isfile(os.path.join(model_id, name)) for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{model_id}: no tokenizer ({' or '.join(TOKENIZER_FILES)}) in this model directory; "
+                             "copy the tokenizer files of the model it was made from into it")
     try:
         return AutoTokenizer.from_pretrained(model_id)
-    except OSError as error:
+    except (OSError, ValueError, TypeError) as error:
+        if os.path.isdir(model_id):
+            raise ModelLoadError(f"{model_id}: its tokenizer cannot be loaded ({one_line(error)}); copy the "
+                                 "tokenizer files of the model it was made from into it") from None
         raise ModelLoadError(
             f"could not load the tokenizer of {model_id!r} ({error.__class__.__name__}); without Hub access use a "
             "local model directory or --tiny."

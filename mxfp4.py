@@ -408,6 +408,7 @@ def read_safetensors_header(path: str) -> dict[str, dict]:
 
     Parses only the 8-byte length and the JSON header, no tensor data; unlike `safe_open` this
     also yields `data_offsets`, which is what "file order" means to consumers reading the file.
+    A file shorter than its header says (cut off by an interrupted copy or write) is a CheckpointError.
     """
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -418,7 +419,17 @@ def read_safetensors_header(path: str) -> dict[str, dict]:
             header = json.loads(f.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{path}: unreadable safetensors header ({err}); re-export the checkpoint") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: unreadable safetensors header (not a JSON object); re-export the checkpoint")
     header.pop("__metadata__", None)
+    try:
+        data_end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors header (bad data_offsets); re-export the "
+                              "checkpoint") from err
+    if os.path.getsize(path) < 8 + size + data_end:
+        raise CheckpointError(f"{path}: truncated: its header describes {8 + size + data_end} bytes, the file has "
+                              f"{os.path.getsize(path)} (an interrupted copy or write?); copy or write it again")
     return header
 
 

@@ -59,11 +59,12 @@ def main(argv=None):
     from mxfp4 import CheckpointError
 
     try:
+        ae.check_settings(settings)
         model_id = resolve_model(settings["MODEL_PATH"])
         frame = ae.read_prompt_frame(settings["PROMPT_PATH"], settings["SPLIT"], settings["MAX_PROMPTS"])
         start = time.time()
+        tokenizer = model_loader.load_tokenizer(model_id)  # first: it fails in a second, the model in minutes
         model = model_loader.load_model(model_id)
-        tokenizer = model_loader.load_tokenizer(model_id)
     except (ae.InputError, model_loader.ModelLoadError, CheckpointError) as error:
         ae.fail(error)
 

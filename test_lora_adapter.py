@@ -46,6 +46,7 @@ def main(argv=None):
     settings = ae.read_settings(ae.build_parser(__doc__, constants), constants, argv)
     try:
         adapter_dir, adapter_config, base, frame, fit = ae.check_inputs(settings)
+        ae.check_writable(adapter_dir)
     except ae.InputError as error:
         ae.fail(error)
 
@@ -57,7 +58,11 @@ def main(argv=None):
     start = time.time()
     device = model_loader.pick_device()
     ae.log(f"adapter {adapter_dir} on base {base} ({device}); {len(frame)} prompts from {settings['PROMPT_PATH']}")
-    model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device)
+    try:
+        model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device)
+        ae.check_adapter_output(model, tokenizer, frame["prompt"].iat[0], adapter_dir)
+    except (ae.InputError, model_loader.ModelLoadError) as error:
+        ae.fail(error)
     scores, actions, answers = ae.evaluate_base_and_adapter(model, tokenizer, frame, settings)
 
     training_rows = ae.read_training_log(adapter_dir)

@@ -103,6 +103,7 @@ def main(argv=None):
     settings = ae.read_settings(ae.build_parser(__doc__, constants), constants, argv)
     try:
         adapter_dir, adapter_config, base, frame, fit = ae.check_inputs(settings)
+        ae.check_writable(adapter_dir)
     except ae.InputError as error:
         ae.fail(error)
 
@@ -125,7 +126,11 @@ def main(argv=None):
                      "(export_quantized_model.py) to keep it.")
 
     ae.log(f"1/3 reference: {adapter_dir} on the dequantised base {base} ({device})")
-    model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device)
+    try:
+        model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device)
+        ae.check_adapter_output(model, tokenizer, prompts[0], adapter_dir)
+    except (ae.InputError, model_loader.ModelLoadError) as error:
+        ae.fail(error)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     reference, reference_actions, _ = ae.evaluate_base_and_adapter(model, tokenizer, frame, settings)
     with model.disable_adapter():

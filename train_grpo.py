@@ -9,18 +9,27 @@ Every constant below can be overridden from the command line (`TOTAL_STEPS` -> `
 in the embedded stand-in (tiny_gpt_oss.py) and the CPU-sized settings of TINY_SETTINGS, under any flags you give.
 
 What it does, in order:
-1. validates the data files (data_reward.validate_data_files) before any model is loaded: every problem is listed
-   as file:row, and the prompts must be Harmony (run convert_to_harmony.py first);
+1. checks every setting and validates the data files (data_reward.validate_data_files) before any model is loaded:
+   every problem is listed as file:row, and the prompts must be Harmony (run convert_to_harmony.py first);
 2. loads MODEL_ID through model_loader (MXFP4 experts dequantised to bf16 on GPU / fp32 on CPU, eager attention)
    and wraps it with a PEFT LoRA adapter (`all-linear` = attention q/k/v/o on gpt-oss; LORA_EXPERTS adds the
    experts' gate_up_proj/down_proj through `target_parameters`);
 3. feeds TRL's GRPOTrainer from StepStream (step_stream.py) with two rewards (data_reward.py): the Boltzmann
    reward of the action in the final Harmony message (None when invalid) and a format penalty for invalid answers;
-4. writes into OUT: the adapter and tokenizer, checkpoints every SAVE_STEPS (adapter, optimiser, trainer state),
+   the completions come from GENERATION_BACKEND: on a GPU by default the engine of rollout_engine.py (CUDA graphs,
+   plugged in as TRL's rollout_func), else TRL's own `generate` or transformers' continuous batching;
+4. writes into OUT, once the model is loaded and wrapped (nothing before): the adapter and tokenizer, checkpoints
+   every SAVE_STEPS (adapter, optimiser, trainer state; each complete or absent, see run_directory.py),
    run_config.json (the resolved settings), TensorBoard logs (runs/<run>/logs; `tensorboard --logdir runs`),
-   completions.csv (every scored completion, see data_reward.CompletionLog) and summary.json / summary.md.
+   completions.csv (every scored completion, steps counted from 1, see data_reward.CompletionLog) and
+   summary.json / summary.md. The adapter records its base as 'tiny' or a path relative to the repository.
 At the end it evaluates the untrained and the trained policy on the held-out split (EVAL_SAMPLES answers per
 prompt at temperature 1) beside uniform guessing, the best constant action and the optimal policy.
+
+--resume continues OUT from its last complete checkpoint with the settings of its run_config.json (flags given
+on the command line win, and are named), drops the completion-log rows of later steps (and a record cut off by
+a kill), and says so when the run is already finished. Ctrl-C saves a checkpoint; before the first step ends it
+takes back what the start wrote, during the final evaluation it writes the summary without it.
 
 Deviations from textbook GRPO (TRL 1.x defaults unless set here): DAPO loss (token-level normalisation),
 no KL term (beta = 0), one optimiser step per generation batch (on-policy; steps_per_generation = gradient
@@ -33,6 +42,7 @@ import os
 import time
 from pathlib import Path
 
+import run_directory
 import script_settings
 
 ROOT = Path(__file__).resolve().parent
@@ -40,8 +50,8 @@ ROOT = Path(__file__).resolve().parent
 # Model and data
 MODEL_ID = "openai/gpt-oss-20b"  # Hub id, local model directory, or 'tiny' (the embedded stand-in)
 DATA_FILES = ["data/dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"]  # Harmony CSVs with rewards
-TRAIN_SPLIT = "train"  # rows of this `split` train; EVAL_SPLIT rows are held out for the final evaluation
-EVAL_SPLIT = "eval"
+TRAIN_SPLIT = "train"  # rows of this `split` train
+EVAL_SPLIT = "eval"  # rows of this `split` are held out for the final evaluation
 OUT = "runs/grpo-gpt-oss-20b"  # run directory: adapter, checkpoints, logs, summary
 # GRPO batch: PROMPTS_PER_STEP * NUM_GENERATIONS completions per optimiser step,
 # processed TRAIN_BATCH_SIZE at a time over GRADIENT_ACCUMULATION micro-batches
@@ -93,29 +103,89 @@ TINY_SETTINGS = dict(
 )
 # -----------------------------------------------------------------------------
 SETTINGS = [name for name in list(globals()) if name.isupper() and name not in ("ROOT", "TINY_SETTINGS")]
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # the losses TRL 1.x implements
+ADAPTER_SHAPE = ("LORA_RANK", "LORA_TARGETS", "LORA_EXPERTS")  # settings a resumed run cannot change
 
 
 def build_parser():
     """Flags from the constants block (script_settings.py), plus --tiny and --resume."""
-    parser = script_settings.build_parser(__doc__, {name: globals()[name] for name in SETTINGS})
-    parser.add_argument("--tiny", action="store_true", help="embedded stand-in and CPU-sized settings")
-    parser.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint")
+    parser = script_settings.build_parser(__doc__, {name: globals()[name] for name in SETTINGS}, __file__,
+                                          notes={name: f"--tiny: {script_settings.format_default(value)}"
+                                                 for name, value in TINY_SETTINGS.items()})
+    parser.add_argument("--tiny", action="store_true", help="the embedded stand-in and the CPU-sized settings of "
+                        "TINY_SETTINGS (flags still win)")
+    parser.add_argument("--resume", action="store_true", help="continue OUT from its last complete checkpoint, "
+                        "with the settings of its run_config.json (flags given here win)")
     return parser
 
 
-def resolve_settings(args):
-    """Constants, then TINY_SETTINGS when --tiny, then explicit flags."""
+def resolve_settings(args, log):
+    """Constants, then TINY_SETTINGS when --tiny, then explicit flags.
+
+    With --resume the run's own run_config.json takes the place of the constants and TINY_SETTINGS (--tiny then only
+    picks the default OUT), the flags given still win, and `log` hears which settings they change.
+    """
     settings = {name: globals()[name] for name in SETTINGS}
     if args.tiny:
         settings.update(TINY_SETTINGS)
+    if not args.resume:
+        return script_settings.apply_flags(args, settings)
+    out = run_path(args.out or settings["OUT"])
+    try:
+        stored = run_directory.read_run_config(out)
+    except run_directory.RunDirectoryError as error:
+        raise SystemExit(f"error: {error}") from None
+    settings.update({name: value for name, value in stored.items() if name in settings})
+    settings["OUT"] = str(out)  # where the run is now, wherever it was started
+    changed = [name for name in script_settings.given_flags(args, settings)
+               if name != "OUT" and getattr(args, name.lower()) != settings[name]]
+    for name in changed:
+        if name in ADAPTER_SHAPE:
+            raise SystemExit(f"error: --resume: {name} of {out} is {settings[name]!r}; the checkpoints hold an "
+                             f"adapter of that shape, so it cannot change (start a new run with another --out)")
+    log(f"resuming {out} with the settings of its {run_directory.RUN_CONFIG}"
+        + ("; changed on the command line: " + ", ".join(f"{name} {settings[name]!r} -> "
+                                                         f"{getattr(args, name.lower())!r}" for name in changed)
+           if changed else ""))
     return script_settings.apply_flags(args, settings)
 
 
+def run_path(out):
+    """OUT as an absolute path (a relative one is taken from the repository root)."""
+    out = Path(out).expanduser()
+    return out if out.is_absolute() else ROOT / out
+
+
 def check_settings(s):
-    """Inconsistent batch settings -> one message naming them."""
+    """Settings that cannot work -> one message naming the setting and the fix, before anything is written."""
+    at_least = {"NUM_GENERATIONS": 2, "PROMPTS_PER_STEP": 1, "TRAIN_BATCH_SIZE": 1, "GRADIENT_ACCUMULATION": 1,
+                "MAX_PROMPT_LEN": 1, "MAX_COMPLETION_LEN": 1, "TOTAL_STEPS": 1, "SAVE_STEPS": 1, "LORA_RANK": 1,
+                "EVAL_SAMPLES": 0, "EVAL_MAX_PROMPTS": 0, "SEED": 0}
+    for name, least in at_least.items():
+        if s[name] < least:
+            why = " (GRPO compares completions within a group)" if name == "NUM_GENERATIONS" else ""
+            raise SystemExit(f"error: --{flag(name)} must be at least {least}{why}, got {s[name]}")
+    for name, low, high, closed_low in (("LEARNING_RATE", 0, math.inf, False), ("TEMPERATURE", 0, math.inf, False),
+                                        ("LORA_ALPHA", 0, math.inf, False), ("BETA", 0, math.inf, True),
+                                        ("FORMAT_PENALTY", 0, math.inf, True), ("TOP_P", 0, 1, False),
+                                        ("TOP_ENTROPY_QUANTILE", 0, 1, False)):
+        value = s[name]
+        if not (math.isfinite(value) and (low <= value if closed_low else low < value) and value <= high):
+            where = f"{'at least' if closed_low else 'above'} {low}" + (f" and at most {high}" if high < math.inf
+                                                                          else "")
+            raise SystemExit(f"error: --{flag(name)} must be a number {where}, got {value} (the default is "
+                             f"{globals()[name]})")
+    if s["LOSS_TYPE"] not in LOSS_TYPES:
+        raise SystemExit(f"error: --loss-type {s['LOSS_TYPE']!r} is not one of {', '.join(LOSS_TYPES)}")
+    from harmony import REASONING_EFFORTS
+
+    if s["REASONING_EFFORT"] not in REASONING_EFFORTS:
+        raise SystemExit(f"error: --reasoning-effort {s['REASONING_EFFORT']!r} is not one of "
+                         f"{', '.join(REASONING_EFFORTS)}")
+    check_report_to(s["REPORT_TO"])
+    if not s["DATA_FILES"]:
+        raise SystemExit("error: --data-files names no file")
     completions = s["PROMPTS_PER_STEP"] * s["NUM_GENERATIONS"]
-    if s["NUM_GENERATIONS"] < 2:
-        raise SystemExit("error: NUM_GENERATIONS must be at least 2: GRPO compares completions within a group")
     if completions != s["TRAIN_BATCH_SIZE"] * s["GRADIENT_ACCUMULATION"]:
         raise SystemExit(
             f"error: PROMPTS_PER_STEP * NUM_GENERATIONS = {completions} completions per step, but TRAIN_BATCH_SIZE * "
@@ -161,20 +231,26 @@ def continuous_batching_config(settings):
     return {"block_size": block, "num_blocks": rows * blocks_per_row + 8, "max_batch_tokens": 2048}
 
 
-def find_last_checkpoint(out):
-    checkpoints = sorted(Path(out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return checkpoints[-1] if checkpoints else None
+def flag(name):
+    return name.lower().replace("_", "-")
 
 
-def check_run_dir(out, resume):
-    """A run directory is never overwritten: continue it with --resume or pick another --out."""
-    out = Path(out)
-    run_files = ("run_config.json", "adapter_config.json", "completions.csv")
-    holds_run = any((out / name).exists() for name in run_files) or find_last_checkpoint(out) is not None
-    if resume and find_last_checkpoint(out) is None:
-        raise SystemExit(f"error: --resume: {out} has no checkpoint-* directory to continue from")
-    if holds_run and not resume:
-        raise SystemExit(f"error: {out} already holds a run; continue it with --resume, or choose another --out")
+def check_report_to(report_to):
+    """REPORT_TO: 'none', or comma-separated trackers that transformers knows and that are installed."""
+    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                             get_available_reporting_integrations)
+
+    for name in report_trackers(report_to):
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise SystemExit(f"error: --report-to {name!r} is not a tracker transformers knows; use none or one of "
+                             f"{', '.join(INTEGRATION_TO_CALLBACK)}")
+        if name not in get_available_reporting_integrations():
+            raise SystemExit(f"error: --report-to {name}: its package is not installed (pip install {name}); or "
+                             "use --report-to tensorboard or none")
+
+
+def report_trackers(report_to):
+    return [name.strip() for name in report_to.split(",") if name.strip() not in ("", "none")]
 
 
 def read_data(settings):
@@ -203,7 +279,14 @@ def read_data(settings):
         raise SystemExit("error: " + "\n".join(problems))
     train = {p: f[f["split"] == settings["TRAIN_SPLIT"]] for p, f in frames.items()}
     held_out = {p: f[f["split"] == settings["EVAL_SPLIT"]] for p, f in frames.items()}
-    return train, held_out
+    splits = ", ".join(sorted(set().union(*(f["split"].unique() for f in frames.values()))))
+    for name, split, chosen, needed in (("train", "TRAIN_SPLIT", train, True),
+                                        ("eval", "EVAL_SPLIT", held_out, settings["EVAL_SAMPLES"] > 0)):
+        if needed and not any(len(f) for f in chosen.values()):
+            raise SystemExit(f"error: no rows with split == {settings[split]!r} in {', '.join(map(str, frames))} "
+                             f"(the splits there: {splits}); pass --{flag(name + '_split')} with one of them"
+                             + (" or --eval-samples 0" if name == "eval" else ""))
+    return {p: f for p, f in train.items() if len(f)}, held_out
 
 
 def lora_config(settings):
@@ -252,7 +335,7 @@ def grpo_config(settings, device, backend):
         gradient_checkpointing=settings["GRADIENT_CHECKPOINTING"],
         bf16=device == "cuda",
         use_cpu=device == "cpu",
-        report_to=[] if settings["REPORT_TO"] in ("none", "") else [settings["REPORT_TO"]],
+        report_to=report_trackers(settings["REPORT_TO"]),
         seed=settings["SEED"],
         data_seed=settings["SEED"],
         log_completions=False,  # completions.csv holds them, with the Harmony markers kept
@@ -330,11 +413,14 @@ def time_generation(trainer, backend):
     trainer._generate = timed
 
 
-def summarize_speed(log_history, device):
-    """Seconds per step (generation and the rest), generated tokens per second, peak GPU memory."""
+def summarize_speed(log_history, device, first_step=0):
+    """Seconds per step (generation and the rest), generated tokens per second, peak GPU memory.
+
+    Only steps after `first_step` count: a resumed run's history holds the steps of earlier processes too.
+    """
     import torch
 
-    rows = [r for r in log_history if "step_time" in r]
+    rows = [r for r in log_history if "step_time" in r and r.get("step", 0) > first_step]
     step, generation, tokens = (mean_of(rows, key) for key in
                                 ("step_time", "timing/generation_seconds", "timing/generated_tokens"))
     speed = {"seconds_per_step": step, "generation_seconds_per_step": generation,
@@ -357,9 +443,9 @@ def summarize_log(log_history):
 
 def write_summary(out, summary):
     """summary.json for programs, summary.md for people."""
-    from data_reward import write_text_atomically
+    from data_reward import strict_json, write_text_atomically
 
-    write_text_atomically(json.dumps(summary, indent=2) + "\n", Path(out) / "summary.json")
+    write_text_atomically(strict_json(summary), Path(out) / "summary.json")
     write_text_atomically(render_summary(summary), Path(out) / "summary.md")
 
 
@@ -368,9 +454,14 @@ def render_summary(summary):
         return "n/a" if x is None else f"{x:.3f}"
     t = summary["training"]
     out = Path(summary["out"])
-    lines = [f"# GRPO run {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", "",
-             f"{summary['steps_done']} steps in {summary['train_seconds']:.0f} s on {summary['device']} "
-             f"(generation: {summary.get('generation_backend', 'n/a')}).", "",
+    done, ran = summary["steps_done"], summary.get("steps_this_process", summary["steps_done"])
+    if ran == done:
+        steps = f"{done} steps in {summary['train_seconds']:.0f} s on {summary['device']}"
+    else:
+        steps = (f"{done} steps; this process continued from {summary['resumed_from']} and ran steps "
+                 f"{done - ran + 1}-{done} ({ran} steps) in {summary['train_seconds']:.0f} s on {summary['device']}")
+    steps += f" (generation: {summary.get('generation_backend', 'n/a')})."
+    lines = [f"# GRPO run {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", "", steps, "",
              render_speed(summary["speed"]), "",
              "| during training | reward | valid rate | accuracy |", "|---|---|---|---|"]
     for label, key in (("first steps", "first_steps"), ("last steps", "last_steps")):
@@ -394,6 +485,9 @@ def render_summary(summary):
         lines.append(f"| optimal (argmax Q) | {fmt(r['optimal']['mean_reward'])} | 1.000 | 1.000 | 0.000 |")
         lines += ["", f"Gain over the untrained policy: {h['trained']['mean_reward'] - h['untrained']['mean_reward']:+.3f} "
                   "mean reward."]
+    elif summary.get("held_out_interrupted"):
+        lines += ["", "The held-out evaluation was interrupted (Ctrl-C); the adapter is saved. Evaluate it with: "
+                  f"python test_lora_adapter.py --adapter-path {out}"]
     return "\n".join(lines) + "\n"
 
 
@@ -428,30 +522,19 @@ def evaluate_held_out(model, tokenizer, held_out, settings, backend, log):
             "untrained": untrained, "trained": trained, "references": reference_scores(frame)}
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    settings = resolve_settings(args)
-    check_settings(settings)
-    out = Path(settings["OUT"])
-    if not out.is_absolute():
-        out = ROOT / out
-        settings["OUT"] = str(out)
-    check_run_dir(out, args.resume)
-    train_frames, held_out = read_data(settings)  # before any model is loaded
-
-    import torch
-
+def load_for_training(settings, train_frames, device, log):
+    """(LoRA-wrapped model, tokenizer, prompt pool): everything that can fail on the settings, before any write."""
     import model_loader
-    from data_reward import CompletionLog, make_reward_functions
-    from step_stream import StepStream, make_pool
+    from step_stream import make_pool
 
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
-    device = model_loader.pick_device()
-    backend = resolve_backend(settings["GENERATION_BACKEND"], device)
-    torch.manual_seed(settings["SEED"])
     try:
+        model_loader.load_config(model_loader.resolve_model_id(settings["MODEL_ID"]))  # a bad model id fails here
         tokenizer = model_loader.load_tokenizer(settings["MODEL_ID"])
         pool, too_long = make_pool(train_frames, tokenizer, settings["MAX_PROMPT_LEN"])
+        if not pool:
+            raise SystemExit(f"error: all {len(too_long)} training prompts are longer than MAX_PROMPT_LEN="
+                             f"{settings['MAX_PROMPT_LEN']} tokens (first: {too_long[0]}); raise --max-prompt-len "
+                             f"(the default is {MAX_PROMPT_LEN})")
         if too_long:
             log(f"warning: {len(too_long)} prompts are longer than MAX_PROMPT_LEN={settings['MAX_PROMPT_LEN']} "
                 f"tokens and are left out (first: {too_long[0]}); raise --max-prompt-len to keep them")
@@ -463,27 +546,34 @@ def main(argv=None):
         raise SystemExit(f"error: {error}") from None
 
     from peft import get_peft_model
-    from trl import GRPOTrainer
 
-    out.mkdir(parents=True, exist_ok=True)
+    check_lora_targets(model, settings["LORA_TARGETS"])
     model = get_peft_model(model, lora_config(settings))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"LoRA: {trainable:,} trainable parameters")
-    settings["MODEL_PATH"] = model_loader.resolve_model_id(settings["MODEL_ID"])
-    from data_reward import write_text_atomically
+    return model, tokenizer, pool
 
-    write_text_atomically(json.dumps(settings, indent=2) + "\n", out / "run_config.json")
 
-    completion_log = None
-    if os.environ.get("GRPO_LOG_COMPLETIONS", "1") != "0":
-        steps_per_generation = int(os.environ.get("GRPO_STEPS_PER_GENERATION", settings["GRADIENT_ACCUMULATION"]))
-        completion_log = CompletionLog(os.environ.get("GRPO_COMPLETION_LOG_PATH", out / "completions.csv"),
-                                       steps_per_generation)
-    checkpoint = find_last_checkpoint(out) if args.resume else None
-    if checkpoint is not None and completion_log is not None:
-        step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
-        dropped = completion_log.drop_rows_from(step)
-        log(f"resuming from {checkpoint.name} (step {step}); dropped {dropped} completion-log rows of later steps")
+def check_lora_targets(model, targets):
+    """Every name in LORA_TARGETS must name modules of the model (PEFT only complains when none does)."""
+    if targets == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules()]
+    unknown = [t for t in targets.split(",") if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        import torch
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise SystemExit(f"error: --lora-targets: {', '.join(unknown)} names no module of {model.config.model_type}; "
+                         f"its linear layers are {', '.join(linear)}: name some of them (comma-separated), or use "
+                         "all-linear")
+
+
+def make_trainer(model, tokenizer, pool, completion_log, settings, device, backend, log):
+    from trl import GRPOTrainer
+
+    from data_reward import make_reward_functions
+    from step_stream import StepStream
 
     stream = StepStream(pool, seed=settings["SEED"])
     rollout_func = None
@@ -503,32 +593,117 @@ def main(argv=None):
         callbacks=[make_progress_printer(settings["TOTAL_STEPS"], max(1, settings["TOTAL_STEPS"] // 20))],
     )
     time_generation(trainer, backend)
+    import model_loader
+
+    # checkpoints complete or absent, their adapter naming a base that another checkout finds again
+    run_directory.save_checkpoints_atomically(trainer, model_loader.portable_model_id(settings["MODEL_ID"]))
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(ProgressCallback)  # one compact line per PROGRESS window instead of a dict per step
     trainer.remove_callback(PrinterCallback)
-    start = time.time()
+    return trainer
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        settings = resolve_settings(args, log)
+        check_settings(settings)
+        out = run_path(settings["OUT"])
+        if out.resolve() == ROOT.resolve():
+            raise SystemExit("error: --out must name a run directory (e.g. runs/my-run), not the repository itself")
+        settings["OUT"] = str(out)
+        try:
+            checkpoint = run_directory.check_run_dir(out, args.resume, log)
+        except run_directory.RunDirectoryError as error:
+            raise SystemExit(f"error: {error}") from None
+        start_step = checkpoint[0] if checkpoint else 0
+        finished = run_directory.finished_message(out, start_step, settings["TOTAL_STEPS"]) if checkpoint else None
+        if finished:
+            print(finished)
+            return
+        train_frames, held_out = read_data(settings)  # before any model is loaded
+
+        import torch
+
+        import model_loader
+        from data_reward import CompletionLog, write_text_atomically
+
+        device = model_loader.pick_device()
+        backend = resolve_backend(settings["GENERATION_BACKEND"], device)
+        torch.manual_seed(settings["SEED"])
+        model, tokenizer, pool = load_for_training(settings, train_frames, device, log)
     except KeyboardInterrupt:
-        trainer._save_checkpoint(trainer.model, trial=None)
+        raise SystemExit("\ninterrupted before training started; nothing was written") from None
+
+    # From here on OUT is written. A start that ends before its first optimiser step takes back what it wrote.
+    created_out, present_before, trainer = not out.exists(), run_directory.run_files_present(out), None
+
+    def steps_done():
+        return trainer.state.global_step - start_step if trainer is not None else 0
+
+    def forget_if_nothing_done():
+        if steps_done() <= 0 and start_step == 0:
+            run_directory.forget_failed_start(out, present_before, created_out)
+            return True
+        return False
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        settings["MODEL_PATH"] = model_loader.resolve_model_id(settings["MODEL_ID"])
+        write_text_atomically(json.dumps(settings, indent=2) + "\n", out / run_directory.RUN_CONFIG)
+        completion_log = None
+        if os.environ.get("GRPO_LOG_COMPLETIONS", "1") != "0":
+            steps_per_generation = int(os.environ.get("GRPO_STEPS_PER_GENERATION", settings["GRADIENT_ACCUMULATION"]))
+            completion_log = CompletionLog(os.environ.get("GRPO_COMPLETION_LOG_PATH", out / "completions.csv"),
+                                           steps_per_generation)
+        if args.resume and completion_log is not None:
+            dropped, torn = completion_log.keep_steps_up_to(start_step)
+            log(f"completion log: dropped {dropped} rows of steps after {start_step}"
+                + ("; and a last record cut off by a kill" if torn else ""))
+        if checkpoint:
+            log(f"resuming from {checkpoint[1].name} (step {start_step})")
+        trainer = make_trainer(model, tokenizer, pool, completion_log, settings, device, backend, log)
+        start = time.time()
+        trainer.train(resume_from_checkpoint=str(checkpoint[1]) if checkpoint else None)
+    except KeyboardInterrupt:
+        if forget_if_nothing_done():
+            raise SystemExit(f"\ninterrupted before the first step ended; nothing was kept in {out}: run the same "
+                             "command to start again") from None
+        if steps_done() <= 0:
+            raise SystemExit(f"\ninterrupted before step {start_step + 1} ended; {out} still continues from "
+                             f"checkpoint-{start_step}: python train_grpo.py --resume --out {out}") from None
+        if not (out / f"checkpoint-{trainer.state.global_step}").is_dir():
+            trainer._save_checkpoint(trainer.model, trial=None)
         raise SystemExit(f"\ninterrupted at step {trainer.state.global_step}: checkpoint saved in {out}; "
                          f"continue with: python train_grpo.py --resume --out {out}") from None
     except torch.OutOfMemoryError:
+        forget_if_nothing_done()
         raise SystemExit(f"error: the GPU ran out of memory (generation backend: {backend}). {MEMORY_ADVICE}") from None
     except GenerationFailed as error:
+        forget_if_nothing_done()
         raise SystemExit(f"error: {error}. {MEMORY_ADVICE}") from None
+    except BaseException:
+        forget_if_nothing_done()
+        raise
     train_seconds = time.time() - start
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
-    trainer.save_state()
+    run_directory.save_final_atomically(trainer, tokenizer, out, model_loader.portable_model_id(settings["MODEL_ID"]))
 
     summary = {"out": str(out), "device": device_name(device), "generation_backend": backend,
                "steps_done": trainer.state.global_step,
+               "steps_this_process": steps_done(), "resumed_from": checkpoint[1].name if checkpoint else None,
                "train_seconds": train_seconds, "training": summarize_log(trainer.state.log_history),
-               "speed": summarize_speed(trainer.state.log_history, device)}
+               "speed": summarize_speed(trainer.state.log_history, device, start_step)}
     if settings["EVAL_SAMPLES"] > 0:
-        summary["held_out"] = evaluate_held_out(trainer.model, tokenizer, held_out, settings, backend, log)
+        try:
+            summary["held_out"] = evaluate_held_out(trainer.model, tokenizer, held_out, settings, backend, log)
+        except KeyboardInterrupt:
+            summary["held_out_interrupted"] = True
+            write_summary(out, summary)
+            raise SystemExit(f"\ninterrupted during the final evaluation: the adapter is saved in {out} and "
+                             "summary.md written without the held-out evaluation; evaluate the adapter with: "
+                             f"python test_lora_adapter.py --adapter-path {out}") from None
     write_summary(out, summary)
     print(render_summary(summary))
 

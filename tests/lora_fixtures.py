@@ -83,3 +83,24 @@ def write_prompt_subset(path, rows=6, drop_columns=()):
     frame = frame[frame["split"] == "eval"].head(rows).drop(columns=list(drop_columns))
     frame.to_csv(path, index=False)
     return Path(path)
+
+
+def copy_adapter(run_dir, to):
+    """A copy of a run directory (without evaluation reports), to break without touching the original."""
+    import shutil
+
+    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns("eval_*"))
+    return Path(to)
+
+
+def set_lora_b(run_dir, value):
+    """Overwrite every LoRA B matrix of a saved adapter with `value` (NaN: a diverged run; 1e30: finite, too large)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(run_dir) / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    for name in tensors:
+        if "lora_B" in name:
+            tensors[name] = torch.full_like(tensors[name], value)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return Path(run_dir)

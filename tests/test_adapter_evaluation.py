@@ -13,7 +13,8 @@ import adapter_evaluation as ae
 import evaluation
 import harmony
 import test_lora_adapter as evaluate_script
-from lora_fixtures import HARMONY_CSV, make_adapter, make_foreign_adapter, write_prompt_subset
+from lora_fixtures import (HARMONY_CSV, copy_adapter, make_adapter, make_foreign_adapter, set_lora_b,
+                           write_prompt_subset)
 from tiny_gpt_oss import ensure_tiny_model
 
 # Three rows, four actions; the optimal actions (argmax Q) are 1, 0 and 2.
@@ -199,3 +200,79 @@ def test_prompt_file_without_split_column_exits_2(run_dir, tmp_path, capsys):
     code, message = run_main(evaluate_script.main, ["--adapter-path", str(run_dir), "--prompt-path", str(bad)], capsys)
     assert code == 2
     assert "no `split` column" in message
+
+
+def test_adapter_config_that_is_not_a_json_object_exits_2(run_dir, tmp_path, capsys):
+    broken = copy_adapter(run_dir, tmp_path / "broken-run")
+    (broken / ae.ADAPTER_CONFIG).write_text("[1, 2]")
+    code, message = run_main(evaluate_script.main, ["--adapter-path", str(broken)], capsys)
+    assert code == 2 and "adapter_config.json: holds a JSON list, not the object PEFT writes" in message
+
+
+def test_truncated_adapter_weights_exit_2(run_dir, tmp_path, capsys):
+    broken = copy_adapter(run_dir, tmp_path / "truncated-run")
+    weights = broken / ae.ADAPTER_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-100])  # the header is whole, the data is not
+    code, message = run_main(evaluate_script.main, ["--adapter-path", str(broken)], capsys)
+    assert code == 2 and "truncated" in message and "copy the run again" in message
+
+
+def test_nan_adapter_weights_exit_2_naming_the_diverged_run(run_dir, tmp_path, capsys):
+    broken = set_lora_b(copy_adapter(run_dir, tmp_path / "nan-run"), float("nan"))
+    code, message = run_main(evaluate_script.main, ["--adapter-path", str(broken)], capsys)
+    assert code == 2 and "hold NaN or infinite values" in message and "checkpoint" in message
+    assert not (broken / "eval_report.json").exists()
+
+
+def test_adapter_weights_too_large_to_give_finite_logits_exit_2(run_dir, prompt_file, tmp_path, capsys):
+    broken = set_lora_b(copy_adapter(run_dir, tmp_path / "huge-run"), 1e30)
+    code, message = run_main(evaluate_script.main, ["--adapter-path", str(broken), "--prompt-path",
+                                                    str(prompt_file)], capsys)
+    assert code == 2 and "logits are NaN or infinite" in message
+    assert not (broken / "eval_report.json").exists()
+
+
+def test_an_adapter_from_a_moved_or_recloned_checkout_still_finds_its_base(run_dir, prompt_file, tmp_path, capsys):
+    moved = copy_adapter(run_dir, tmp_path / "moved-run")
+    config = json.loads((moved / ae.ADAPTER_CONFIG).read_text())
+    config["base_model_name_or_path"] = "/an/old/clone/of/the/repository/runs/stand-ins/gpt-oss-tiny"
+    (moved / ae.ADAPTER_CONFIG).write_text(json.dumps(config))
+    report = evaluate_script.main(["--adapter-path", str(moved), "--prompt-path", str(prompt_file), "--samples",
+                                   "1", "--max-prompts", "1", "--max-new-tokens", "8"])
+    assert report["base_model"] == "tiny" and report["adapter_fit"]["matches_recorded_base"]
+    assert "is not there; using tiny in this checkout" in capsys.readouterr().out
+
+
+def test_an_adapter_recording_a_base_relative_to_the_repository_finds_it(tmp_path):
+    import model_loader
+    from tiny_gpt_oss import TINY_DIR
+
+    relative = str(TINY_DIR.relative_to(model_loader.REPOSITORY))
+    assert ae.resolve_base_model({"base_model_name_or_path": relative}, "", tmp_path) == str(TINY_DIR)
+    assert ae.resolve_base_model({"base_model_name_or_path": "tiny"}, "", tmp_path) == "tiny"
+    assert ae.resolve_base_model({"base_model_name_or_path": "openai/gpt-oss-20b"}, "", tmp_path) == \
+        "openai/gpt-oss-20b"
+
+
+def test_a_run_directory_that_cannot_be_written_exits_2_before_evaluating(run_dir, tmp_path, make_read_only,
+                                                                          capsys):
+    locked = make_read_only(copy_adapter(run_dir, tmp_path / "locked-run"))
+    code, message = run_main(evaluate_script.main, ["--adapter-path", str(locked)], capsys)
+    assert code == 2 and "cannot be written" in message
+
+
+@pytest.mark.parametrize("flags, message", [(["--max-prompts", "-1"], "--max-prompts must be at least 0"),
+                                            (["--samples", "0"], "--samples must be at least 1"),
+                                            (["--temperature", "0"], "--temperature must be a number above 0")])
+def test_settings_out_of_range_exit_2(run_dir, capsys, flags, message):
+    code, last = run_main(evaluate_script.main, ["--adapter-path", str(run_dir)] + flags, capsys)
+    assert code == 2 and message in last
+
+
+def test_json_reports_are_strict_json(tmp_path):
+    ae.write_json({"max_rel_diff": float("nan"), "values": [1.0, float("inf")]}, tmp_path / "report.json")
+    def refuse(constant):
+        raise ValueError(constant)
+
+    assert json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse) == {
+        "max_rel_diff": None, "values": [1.0, None]}

@@ -130,8 +130,7 @@ def test_a_failure_halfway_through_writing_leaves_no_temp_file(tmp_path, monkeyp
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(data_reward.os, "fsync", disk_full)
-    with pytest.raises(OSError):
-        run_main(path, "--tau", "0.05")
+    assert run_main(path, "--tau", "0.05") == 2  # a message, not a traceback
     assert path.read_bytes() == TOY.encode("utf-8")
     assert [p.name for p in tmp_path.iterdir()] == ["data.csv"]
 
@@ -232,3 +231,14 @@ def test_the_command_line_reports_on_stderr_with_exit_status_2(tmp_path):
     assert done.stderr == f"error: {path}:3: q_action_0 is 'inf', not a finite number\n"
     assert done.stdout == ""
     assert path.read_text() == TOY.replace("1E0", "inf")
+
+
+def test_a_directory_that_cannot_be_written_is_refused_and_the_file_kept(tmp_path, make_read_only, capsys):
+    directory = tmp_path / "data"
+    directory.mkdir()
+    path = write(directory, TOY)
+    make_read_only(directory)
+    assert run_main(path, "--tau", "0.05") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "cannot be written" in err
+    assert path.read_text() == TOY

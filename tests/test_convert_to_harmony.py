@@ -85,3 +85,33 @@ def test_bad_input_exits_2_naming_the_file_and_writes_nothing(tmp_path, legacy_c
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert ("nowhere.csv" in err) if problem == "missing" else True
     assert not list(tmp_path.glob("*_harmony.csv"))
+
+
+def test_a_file_with_only_a_header_is_refused(tmp_path, capsys):
+    header_only = tmp_path / "header_only.csv"
+    header_only.write_text("row_id,prompt,q_action_0\n")
+    assert convert_to_harmony.main([str(header_only)]) == 2
+    assert "no data rows" in capsys.readouterr().err
+    assert not (tmp_path / "header_only_harmony.csv").exists()
+
+
+def test_empty_prompts_are_refused_by_row(legacy_copy, capsys):
+    frame = pd.read_csv(legacy_copy, dtype=str, keep_default_na=False)
+    frame.loc[1, "prompt"] = "   "
+    frame.to_csv(legacy_copy, index=False)
+    assert convert_to_harmony.main([str(legacy_copy)]) == 2
+    assert f"{legacy_copy}:3: prompt is empty" in capsys.readouterr().err  # data row 1 is row 3 with the header
+    assert not legacy_copy.with_name("situations_harmony.csv").exists()
+
+
+def test_an_output_path_that_is_a_directory_is_refused(legacy_copy, capsys):
+    legacy_copy.with_name("situations_harmony.csv").mkdir()
+    assert convert_to_harmony.main([str(legacy_copy)]) == 2
+    assert "situations_harmony.csv is a directory" in capsys.readouterr().err
+
+
+def test_a_directory_that_cannot_be_written_is_refused(legacy_copy, make_read_only, capsys):
+    make_read_only(legacy_copy.parent)
+    assert convert_to_harmony.main([str(legacy_copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "cannot be written" in err and "Traceback" not in err

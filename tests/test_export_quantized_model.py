@@ -9,7 +9,7 @@ import torch
 import export_quantized_model as exporter
 import mxfp4
 from adapter_merge import CheckpointReader
-from lora_fixtures import make_adapter, make_foreign_adapter, write_prompt_subset
+from lora_fixtures import copy_adapter, make_adapter, make_foreign_adapter, set_lora_b, write_prompt_subset
 from tiny_gpt_oss import ensure_tiny_model
 
 TOKEN = "hf_secret_token_for_tests_0123456789"
@@ -111,9 +111,10 @@ def test_interrupted_export_leaves_neither_target_nor_temporary(attention_run, p
     mxfp4_save_file = mxfp4.save_file
     monkeypatch.setattr(mxfp4, "save_file", save_then_fail)
     parent = tmp_path / "exports"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_info:
         exporter.main(["--adapter-path", str(attention_run), "--out", str(parent / "model"), "--prompt-path",
                        str(prompt_file), "--verify-prompts", "1", "--max-shard-bytes", "50000"])
+    assert "interrupted: nothing was published" in str(exit_info.value.code)  # a message, not a traceback
     assert len(calls) == 2  # it did stop mid-way
     assert list(parent.iterdir()) == []
 
@@ -130,11 +131,14 @@ def test_overwrite_replaces_an_existing_export(attention_run, prompt_file, tmp_p
     out = tmp_path / "model"
     out.mkdir()
     (out / "config.json").write_text("{}")
+    for stale in (".model.partial-ab12cd34", ".model.partial-999999999-ab12cd34"):  # left by killed exports
+        (tmp_path / stale).mkdir()
+        (tmp_path / stale / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 1000)
     report = exporter.main(["--adapter-path", str(attention_run), "--out", str(out), "--overwrite", "true",
                             "--prompt-path", str(prompt_file), "--verify-prompts", "1"])
     assert report["verified"]
     assert json.loads((out / "config.json").read_text())["model_type"] == "gpt_oss"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the stale partial exports removed too
 
 
 def test_push_creates_private_repo_and_uploads_without_printing_the_token(attention_run, prompt_file, tmp_path,
@@ -185,3 +189,63 @@ def test_prompt_file_without_needed_columns_exits_2(attention_run, tmp_path, cap
                                  "--prompt-path", str(bad)], capsys)
     assert code == 2 and "not usable as a prompt file" in message and "prompt" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_nan_adapter_weights_are_refused_before_anything_is_written(attention_run, prompt_file, tmp_path, capsys):
+    broken = set_lora_b(copy_adapter(attention_run, tmp_path / "nan-run"), float("nan"))
+    out = tmp_path / "exports" / "model"
+    code, message, _ = run_main(["--adapter-path", str(broken), "--out", str(out), "--prompt-path",
+                                 str(prompt_file), "--verify-prompts", "1"], capsys)
+    assert code == 2 and "hold NaN or infinite values" in message and "training diverged" in message
+    assert not (tmp_path / "exports").exists()
+
+
+def test_an_adapter_that_makes_the_logits_non_finite_is_never_published(attention_run, prompt_file, tmp_path,
+                                                                         capsys):
+    broken = set_lora_b(copy_adapter(attention_run, tmp_path / "huge-run"), 1e30)  # finite weights, inf logits
+    out = tmp_path / "exports" / "model"
+    with pytest.raises(SystemExit) as exit_info:
+        exporter.main(["--adapter-path", str(broken), "--out", str(out), "--prompt-path", str(prompt_file),
+                       "--verify-prompts", "1"])
+    assert "logits are NaN or infinite" in str(exit_info.value.code) and "Nothing was written" in str(
+        exit_info.value.code)
+    assert not out.parent.exists()  # not even a temporary directory
+
+
+def test_export_report_is_strict_json(attention_export):
+    out, _ = attention_export
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    report = json.loads((out / exporter.REPORT_FILE).read_text(), parse_constant=refuse)
+    assert report["verified"] and report["problems"] == []
+
+
+def test_push_without_network_says_what_was_written_and_how_to_push(attention_run, prompt_file, tmp_path,
+                                                                    monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    out = tmp_path / "model"
+    with pytest.raises(SystemExit) as exit_info:
+        exporter.main(["--adapter-path", str(attention_run), "--out", str(out), "--push-to-hub", "true",
+                       "--hf-repo-id", "someone/gpt-oss-tes", "--prompt-path", str(prompt_file),
+                       "--verify-prompts", "1"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: pushing to the Hub repo someone/gpt-oss-tes failed")
+    assert f"complete and verified in {out}" in message and "hf upload someone/gpt-oss-tes" in message
+    assert json.loads((out / exporter.REPORT_FILE).read_text())["verified"]
+    captured = capsys.readouterr()
+    assert TOKEN not in message + captured.out + captured.err
+
+
+def test_an_output_path_under_a_file_or_in_a_read_only_directory_exits_2(attention_run, tmp_path, read_only_dir,
+                                                                          capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    code, message, _ = run_main(["--adapter-path", str(attention_run), "--out", str(a_file / "model")], capsys)
+    assert code == 2 and "is a file, so nothing can be created under it" in message
+    code, message, _ = run_main(["--adapter-path", str(attention_run), "--out", str(read_only_dir / "model")],
+                                capsys)
+    assert code == 2 and "cannot be written" in message

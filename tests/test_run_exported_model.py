@@ -41,3 +41,36 @@ def test_hub_ids_are_told_apart_from_missing_local_paths():
     assert runner.resolve_model("someone/gpt-oss-tes") == "someone/gpt-oss-tes"
     with pytest.raises(runner.ae.InputError):
         runner.resolve_model("runs/export/no-such-export")
+
+
+def test_an_export_without_tokenizer_files_exits_2(model_dir, tmp_path, capsys):
+    import shutil
+
+    export = tmp_path / "no-tokenizer"
+    shutil.copytree(model_dir, export, ignore=shutil.ignore_patterns("tokenizer*"))
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main(["--model-path", str(export)])
+    assert exit_info.value.code == 2
+    assert "no tokenizer" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_an_export_with_truncated_weights_exits_2(model_dir, tmp_path, capsys):
+    import shutil
+
+    export = tmp_path / "truncated"
+    shutil.copytree(model_dir, export)
+    weights = export / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main(["--model-path", str(export)])
+    assert exit_info.value.code == 2
+    assert "truncated" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flags, message", [(["--max-prompts", "-1"], "--max-prompts must be at least 0"),
+                                            (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1")])
+def test_settings_out_of_range_exit_2(model_dir, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main(["--model-path", str(model_dir)] + flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]

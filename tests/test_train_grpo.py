@@ -1,23 +1,64 @@
-"""train_grpo.py end to end on the tiny stand-in: what a run writes, refusing to overwrite, resuming."""
+"""train_grpo.py end to end on the tiny stand-in: what a run writes, refusing to overwrite, resuming after kills,
+refusing settings that cannot work before anything is written."""
 
 import csv
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--tiny", "--total-steps", "3", "--save-steps", "2", "--eval-samples", "0", "--report-to", "tensorboard"]
+ENV = {"OMP_NUM_THREADS": "2", **os.environ}  # 2 threads unless the caller chose
+# Runs train_grpo.main in a child process that kills itself with SIGKILL at a chosen point:
+# KILL_AT=checkpoint:N  just before trainer_state.json (the last file) of checkpoint-N is written;
+# KILL_AT=log:N         halfway through the text of a completion-log record of step N (a torn record).
+KILLING_RUN = """
+import csv, os, signal, sys
+from transformers.trainer_callback import TrainerState
+
+kind, step = os.environ["KILL_AT"].split(":")
+if kind == "checkpoint":
+    save = TrainerState.save_to_json
+    def save_or_die(self, path):
+        if os.path.basename(os.path.dirname(path)) == "checkpoint-" + step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        save(self, path)
+    TrainerState.save_to_json = save_or_die
+else:
+    make_writer = csv.writer
+    class DyingWriter:
+        def __init__(self, f, *args, **kwargs):
+            self.f, self.writer = f, make_writer(f, *args, **kwargs)
+        def writerow(self, row):
+            if str(row[0]) == step:
+                self.f.write(",".join(str(x) for x in row)[:60])
+                self.f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return self.writer.writerow(row)
+        def writerows(self, rows):
+            for row in rows:
+                self.writerow(row)
+    csv.writer = DyingWriter
+import train_grpo
+train_grpo.main(sys.argv[1:])
+"""
 
 
 def run_train(*args, env=None):
-    import os
-
     return subprocess.run([sys.executable, str(ROOT / "train_grpo.py"), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})})
+                          text=True, timeout=900, env={**ENV, **(env or {})})
+
+
+def run_killed(kill_at, *args):
+    return subprocess.run([sys.executable, "-c", KILLING_RUN, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={**ENV, "KILL_AT": kill_at})
 
 
 def read_log(path):
@@ -25,10 +66,38 @@ def read_log(path):
         return list(csv.DictReader(f))
 
 
+def log_steps(path):
+    return [int(r["step"]) for r in read_log(path)]
+
+
+def run_main(argv):
+    """train_grpo.main in this process, expected to stop with a message; returns the message."""
+    import train_grpo
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_grpo.main(argv)
+    return str(exit_info.value.code)
+
+
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "short"
     result = run_train(*FAST, "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def resumed_run(short_run, tmp_path_factory):
+    """The short run as an older version or a kill left it: checkpoint-3 without trainer_state.json, an empty
+    checkpoint-9, a last completion-log record cut off; resumed with only --out and a new --total-steps."""
+    out = tmp_path_factory.mktemp("runs") / "resumed"
+    shutil.copytree(short_run[0], out)
+    (out / "checkpoint-3" / "trainer_state.json").unlink()
+    (out / "checkpoint-9").mkdir()
+    with open(out / "completions.csv", "a", encoding="utf-8") as f:
+        f.write('3,3,tes:17,"<|channel|>analysis<|message|>CO2 is hi')
+    result = run_train("--resume", "--out", str(out), "--total-steps", "4")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result
 
@@ -44,10 +113,17 @@ def test_a_short_run_writes_a_loadable_adapter_and_its_records(short_run):
         assert (out / name).is_file(), name
     assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
     assert list((out / "logs").glob("events.out.tfevents.*")), "TensorBoard logs"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no partial checkpoint or adapter left
     config = json.loads((out / "run_config.json").read_text())
     assert config["TOTAL_STEPS"] == 3 and config["MODEL_ID"] == "tiny"
     model = PeftModel.from_pretrained(model_loader.load_model("tiny"), out)
     assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_adapters_record_their_base_so_that_another_checkout_finds_it(short_run):
+    out, _ = short_run
+    for path in (out / "adapter_config.json", out / "checkpoint-2" / "adapter_config.json"):
+        assert json.loads(path.read_text())["base_model_name_or_path"] == "tiny"
 
 
 def test_completion_log_has_one_group_per_prompt_and_no_prompt_twice(short_run):
@@ -65,6 +141,15 @@ def test_completion_log_has_one_group_per_prompt_and_no_prompt_twice(short_run):
         assert (r["parsed_action"] == "") == (r["reward"] == "")
 
 
+def test_completion_log_counts_steps_from_one_like_tensorboard_and_the_checkpoints(short_run):
+    out, _ = short_run
+    rows = read_log(out / "completions.csv")
+    assert sorted({int(r["step"]) for r in rows}) == [1, 2, 3]
+    assert sorted({int(r["micro_step"]) for r in rows}) == [1, 2, 3]  # one micro-batch a step in the tiny setup
+    logged = [e["step"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "reward" in e]
+    assert logged == [1, 2, 3]
+
+
 def test_an_existing_run_is_never_overwritten(short_run):
     out, _ = short_run
     before = (out / "completions.csv").read_bytes()
@@ -74,18 +159,71 @@ def test_an_existing_run_is_never_overwritten(short_run):
     assert (out / "completions.csv").read_bytes() == before
 
 
-def test_resume_after_a_kill_continues_at_the_last_checkpoint_without_duplicate_log_rows(short_run, tmp_path):
-    out = tmp_path / "killed"
-    shutil.copytree(short_run[0], out)
-    shutil.rmtree(out / "checkpoint-3")  # killed after step 3's rows were logged, before its checkpoint
-    result = run_train("--tiny", "--total-steps", "4", "--save-steps", "2", "--eval-samples", "0",
-                       "--out", str(out), "--resume")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(short_run):
+    out, _ = short_run
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = run_train("--resume", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "is finished" in result.stdout and "step 3 of TOTAL_STEPS=3" in result.stdout
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_skips_incomplete_and_empty_checkpoints_and_says_which_it_continues_from(resumed_run):
+    out, result = resumed_run
+    assert "skipping checkpoint-3: incomplete, no trainer_state.json" in result.stdout
+    assert "skipping checkpoint-9: empty" in result.stdout
     assert "resuming from checkpoint-2" in result.stdout
-    state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
-    steps = [int(r["step"]) for r in read_log(out / "completions.csv")]
-    assert steps == sorted(steps) and [steps.count(s) for s in range(4)] == [32, 32, 32, 32]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_resume_drops_a_torn_last_completion_record_and_the_rows_of_later_steps(resumed_run):
+    import pandas as pd
+
+    out, result = resumed_run
+    assert "a last record cut off by a kill" in result.stdout
+    steps = log_steps(out / "completions.csv")
+    assert steps == sorted(steps) and [steps.count(s) for s in (1, 2, 3, 4)] == [32, 32, 32, 32]
+    assert len(pd.read_csv(out / "completions.csv")) == 4 * 32
+
+
+def test_resume_restores_the_runs_settings_and_names_the_flags_that_change_them(resumed_run):
+    out, result = resumed_run
+    assert "with the settings of its run_config.json; changed on the command line: TOTAL_STEPS 3 -> 4" in result.stdout
+    assert "loading tiny" in result.stdout  # not the constants' openai/gpt-oss-20b
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["MODEL_ID"] == "tiny" and config["TOTAL_STEPS"] == 4 and config["SAVE_STEPS"] == 2
+
+
+def test_summary_after_a_resume_counts_the_steps_this_process_ran(resumed_run):
+    out, _ = resumed_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_done"] == 4 and summary["steps_this_process"] == 2
+    assert summary["resumed_from"] == "checkpoint-2"
+    assert "ran steps 3-4 (2 steps)" in (out / "summary.md").read_text()
+
+
+def test_kills_during_a_checkpoint_save_and_a_completion_log_write_lose_nothing(tmp_path):
+    out = tmp_path / "killed"
+    args = ["--tiny", "--total-steps", "4", "--save-steps", "1", "--eval-samples", "0", "--report-to", "none",
+            "--out", str(out)]
+    killed = run_killed("checkpoint:2", *args)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]  # complete or absent
+    assert [p.name for p in out.glob(".checkpoint-partial-*")]
+
+    killed = run_killed("log:3", "--resume", "--out", str(out))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert "removed .checkpoint-partial-" in killed.stdout and "resuming from checkpoint-1" in killed.stdout
+    assert not (out / "completions.csv").read_text().endswith("\n")  # the kill tore the last record
+
+    result = run_train("--resume", "--out", str(out))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "resuming from checkpoint-2" in result.stdout and "a last record cut off by a kill" in result.stdout
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    steps = log_steps(out / "completions.csv")
+    assert steps == sorted(steps) and [steps.count(s) for s in (1, 2, 3, 4)] == [32, 32, 32, 32]
+    assert not list(out.glob(".*"))
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path):
@@ -126,16 +264,102 @@ def test_a_reasoning_effort_other_than_the_prompts_is_refused(tmp_path):
     assert "reasoning effort low" in result.stderr and "--reasoning-effort high" in result.stderr
 
 
-def test_ctrl_c_leaves_a_checkpoint_that_resume_continues(tmp_path):
-    import os
-    import signal
-    import time
+@pytest.mark.parametrize("flags, message", [
+    (["--max-prompt-len", "10"], "longer than MAX_PROMPT_LEN=10"),
+    (["--total-steps", "0"], "--total-steps must be at least 1, got 0"),
+    (["--total-steps", "-5"], "--total-steps must be at least 1, got -5"),
+    (["--save-steps", "0"], "--save-steps must be at least 1, got 0"),
+    (["--learning-rate", "nan"], "--learning-rate must be a number above 0, got nan"),
+    (["--learning-rate=-1e-5"], "--learning-rate must be a number above 0"),
+    (["--temperature", "0"], "--temperature must be a number above 0, got 0.0"),
+    (["--top-p", "1.5"], "--top-p must be a number above 0 and at most 1"),
+    (["--report-to", "bogus"], "--report-to 'bogus' is not a tracker"),
+    (["--loss-type", "bogus"], "--loss-type 'bogus' is not one of dapo"),
+    (["--lora-targets", "foo,bar"], "--lora-targets: foo, bar names no module"),
+    (["--train-split", "nope"], "no rows with split == 'nope'"),
+    (["--eval-samples", "1", "--eval-split", "nope"], "no rows with split == 'nope'"),
+])
+def test_settings_that_cannot_work_are_refused_before_anything_is_written(tmp_path, flags, message):
+    out = tmp_path / "run"
+    assert message in run_main(FAST + ["--out", str(out)] + flags)
+    assert not out.exists()  # so the same command, corrected, starts a run
 
+
+def test_an_output_path_that_is_a_file_or_under_a_file_is_refused(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert "is a file, not a directory" in run_main(FAST + ["--out", str(a_file)])
+    assert "is a file, so nothing can be created under it" in run_main(FAST + ["--out", str(a_file / "run")])
+
+
+def test_an_output_directory_that_cannot_be_written_is_refused(read_only_dir):
+    assert "cannot be written" in run_main(FAST + ["--out", str(read_only_dir / "run")])
+
+
+def test_a_model_id_that_is_not_a_model_directory_is_named(tmp_path):
+    from tiny_gpt_oss import ensure_tiny_model
+
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    assert "no config.json in this directory" in run_main(FAST + ["--out", str(tmp_path / "a"), "--model-id",
+                                                                  str(not_a_model)])
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(ensure_tiny_model(), no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))
+    assert "no tokenizer" in run_main(FAST + ["--out", str(tmp_path / "b"), "--model-id", str(no_tokenizer)])
+    corrupt = tmp_path / "corrupt-config"
+    shutil.copytree(ensure_tiny_model(), corrupt)
+    (corrupt / "config.json").write_text('{"model_type": "gpt_oss",')
+    message = run_main(FAST + ["--out", str(tmp_path / "c"), "--model-id", str(corrupt)])
+    assert "config.json: corrupt" in message and "network" not in message
+    assert not [p for p in tmp_path.iterdir() if p.name in ("a", "b", "c")]
+
+
+def wait_for(process, text, seconds=600):
+    """Read the child's stdout until a line holds `text`; returns the lines read."""
+    lines, deadline = [], time.time() + seconds
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never printed:\n" + "".join(lines[-30:]))
+
+
+def start_train(*args):
+    return subprocess.Popen([sys.executable, str(ROOT / "train_grpo.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def test_ctrl_c_before_training_starts_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "run"
+    process = start_train(*FAST, "--out", str(out))
+    wait_for(process, "loading tiny")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "interrupted before" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_ctrl_c_during_the_final_evaluation_keeps_the_adapter_and_writes_the_summary(tmp_path):
+    out = tmp_path / "run"
+    process = start_train("--tiny", "--total-steps", "1", "--eval-samples", "2", "--out", str(out))
+    wait_for(process, "held-out evaluation")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "interrupted during the final evaluation" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    assert (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "summary.json").read_text())["held_out_interrupted"] is True
+    assert "held-out evaluation was interrupted" in (out / "summary.md").read_text()
+
+
+def test_ctrl_c_leaves_a_checkpoint_that_resume_continues(tmp_path):
     out = tmp_path / "interrupted"
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "train_grpo.py"), "--tiny", "--total-steps", "200", "--save-steps", "1000",
-         "--eval-samples", "0", "--out", str(out)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    process = start_train("--tiny", "--total-steps", "200", "--save-steps", "1000", "--eval-samples", "0",
+                          "--out", str(out))
     deadline = time.time() + 600
     while time.time() < deadline:
         log = out / "completions.csv"
@@ -149,8 +373,7 @@ def test_ctrl_c_leaves_a_checkpoint_that_resume_continues(tmp_path):
     checkpoint = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
     assert step >= 2 and (checkpoint / "adapter_model.safetensors").is_file()
-    result = run_train("--tiny", "--total-steps", str(step + 1), "--save-steps", "1000", "--eval-samples", "0",
-                       "--out", str(out), "--resume")
+    result = run_train("--total-steps", str(step + 1), "--out", str(out), "--resume")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == step + 1
 
@@ -159,15 +382,14 @@ def test_out_of_memory_names_the_settings_that_reduce_memory(tmp_path, monkeypat
     import torch
     from trl import GRPOTrainer
 
-    import train_grpo
-
     def out_of_memory(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)  # main sets it for its run: undone after the test
+
     monkeypatch.setattr(GRPOTrainer, "train", out_of_memory)
-    with pytest.raises(SystemExit) as exit_info:
-        train_grpo.main(FAST + ["--out", str(tmp_path / "run")])
-    message = str(exit_info.value)
+    message = run_main(FAST + ["--out", str(tmp_path / "run")])
     assert message.startswith("error: the GPU ran out of memory")
     for flag in ("--train-batch-size", "--gradient-accumulation", "--max-completion-len", "--num-generations"):
         assert flag in message
+    assert not (tmp_path / "run").exists()  # a start that did no step leaves nothing: the same command can run again

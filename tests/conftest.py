@@ -1,0 +1,49 @@
+"""Fixtures shared by several test files."""
+
+import os
+import subprocess
+
+import pytest
+
+
+@pytest.fixture
+def make_read_only():
+    """A function that makes a directory one in which no file can be created or renamed, whoever runs the tests.
+
+    Permissions stop an ordinary user; root ignores them, so as root the directory is made immutable (chattr +i,
+    on ext4 and most Linux filesystems). The test is skipped where neither works; everything is undone after it.
+    """
+    undo = []
+
+    def lock(path):
+        if os.geteuid() != 0:
+            path.chmod(0o555)
+            undo.append(lambda: path.chmod(0o755))
+        elif subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
+            undo.append(lambda: subprocess.run(["chattr", "-i", str(path)], check=True))
+        else:
+            pytest.skip("cannot make a read-only directory here (root without chattr)")
+        if can_create_file(path):
+            pytest.skip("the read-only directory can still be written here")
+        return path
+
+    yield lock
+    for step in reversed(undo):
+        step()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, make_read_only):
+    """An empty directory in which no file can be created."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    return make_read_only(path)
+
+
+def can_create_file(directory):
+    try:
+        (directory / "probe").write_text("x")
+    except OSError:
+        return False
+    (directory / "probe").unlink()
+    return True
