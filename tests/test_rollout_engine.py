@@ -48,9 +48,13 @@ def make_model(expert_lora, device, scale=0.05):
 def forward_logprobs(model, prompt, completion, temperature=1.0):
     """Log-probabilities of `completion` after `prompt` from one plain forward pass, as GRPO's loss computes them."""
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + completion], device=model.device)).logits[0, len(prompt) - 1:-1].float()
+        return forward_logprobs_with_grad(model, prompt, completion, temperature).float().cpu()
+
+
+def forward_logprobs_with_grad(model, prompt, completion, temperature=1.0):
+    logits = model(torch.tensor([prompt + completion], device=model.device)).logits[0, len(prompt) - 1:-1].float()
     return torch.log_softmax(logits / temperature, dim=-1).gather(
-        1, torch.tensor(completion, device=model.device)[:, None])[:, 0].cpu()
+        1, torch.tensor(completion, device=model.device)[:, None])[:, 0]
 
 
 @pytest.mark.parametrize("expert_lora", [False, True], ids=["attention-lora", "expert-lora"])
@@ -101,11 +105,6 @@ def test_an_optimiser_step_is_seen_by_the_kept_state_without_rebuilding_it(token
     for completion, lps in zip(completions_after, logprobs_after):
         torch.testing.assert_close(torch.tensor(lps), forward_logprobs(model, prompts[0], completion), atol=1e-4,
                                    rtol=0)
-
-
-def forward_logprobs_with_grad(model, prompt, completion):
-    logits = model(torch.tensor([prompt + completion], device=model.device)).logits[0, len(prompt) - 1:-1]
-    return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(completion, device=model.device)[:, None])[:, 0]
 
 
 def test_disabling_the_adapter_switches_to_the_base_model(tokenizer, prompt_ids, device):
