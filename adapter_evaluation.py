@@ -634,7 +634,13 @@ def render_evaluation_summary(report):
     lines += scores_table([("base (adapter disabled)", m["base"]), ("adapter", m["adapter"])], report["references"])
     lines += ["", f"Adapter minus base: valid rate {fmt(d['valid_rate'], True)}, accuracy {fmt(d['accuracy'], True)}, "
               f"mean reward {fmt(d['mean_reward'], True)}, mean regret {fmt(d['mean_regret'], True)}; same action "
-              f"on {100 * d['same_action_rate']:.1f}% of (prompt, sample) pairs.", "", "Action distribution:", ""]
+              f"on {100 * d['same_action_rate']:.1f}% of (prompt, sample) pairs."]
+    if report.get("gain"):
+        g = report["gain"]
+        lines += ["", f"Gain in mean reward: {fmt(g['mean'], True)}, 95% interval {fmt(g['ci95'][0], True)} to "
+                  f"{fmt(g['ci95'][1], True)} (paired bootstrap over the {g['prompts']} prompts: an interval that "
+                  "holds 0 means the gain may be noise)."]
+    lines += ["", "Action distribution:", ""]
     lines += distribution_table([("base", m["base"]), ("adapter", m["adapter"])])
     training = report.get("training")
     lines += [""]

@@ -99,6 +99,28 @@ def parse_answers(answers, num_actions):
     return np.array([[-1 if a is None else a for a in row] for row in parsed], dtype=np.int64)
 
 
+def chosen_rewards(frame, actions):
+    """The Boltzmann reward of each chosen action [prompts, samples]; an invalid answer (-1) earns 0."""
+    rewards = reward_matrix(frame)
+    valid = actions >= 0
+    return np.where(valid, rewards[np.arange(len(frame))[:, None], np.where(valid, actions, 0)], 0.0)
+
+
+def paired_gain(frame, reference_actions, other_actions, resamples=2000, seed=0):
+    """Mean reward of `other` minus `reference` on the same prompts and seeds, with a paired 95% bootstrap interval.
+
+    The bootstrap resamples prompts, not answers: answers to one prompt are alike, and both policies answered the
+    same prompts, so the per-prompt difference is the unit that varies. With 16 prompts a gain of +0.06 can have
+    an interval that reaches below 0; with the 576 held-out prompts of the stand-in's data it is about +-0.02.
+    """
+    diff = (chosen_rewards(frame, np.asarray(other_actions)).mean(axis=1)
+            - chosen_rewards(frame, np.asarray(reference_actions)).mean(axis=1))
+    picks = np.random.default_rng(seed).integers(0, len(diff), size=(resamples, len(diff)))
+    low, high = np.percentile(diff[picks].mean(axis=1), [2.5, 97.5])
+    return {"mean": float(diff.mean()), "ci95": [float(low), float(high)], "prompts": len(diff),
+            "resamples": resamples}
+
+
 def score_actions(frame, actions):
     """Metrics of chosen actions [prompts, samples] (-1 = invalid) on the rows of `frame`."""
     rewards, q, best = reward_matrix(frame), q_matrix(frame), optimal_actions(frame)
@@ -106,7 +128,7 @@ def score_actions(frame, actions):
     valid = actions >= 0
     safe = np.where(valid, actions, 0)
     rows = np.arange(len(frame))[:, None]
-    chosen_reward = np.where(valid, rewards[rows, safe], 0.0)
+    chosen_reward = chosen_rewards(frame, actions)
     worst_regret = (q.max(axis=1) - q.min(axis=1))[:, None]
     chosen_regret = np.where(valid, q.max(axis=1)[:, None] - q[rows, safe], worst_regret)
     counts = np.zeros((n_actions, n_actions + 1), dtype=np.int64)  # [optimal, predicted or invalid(last)]

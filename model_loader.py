@@ -17,7 +17,9 @@ lookup). Adapters record their base with `portable_model_id` ('tiny', or a path 
 """
 
 import json
+import logging
 import os
+import warnings
 
 import torch
 
@@ -188,6 +190,11 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None):
     kwargs = {}
     if getattr(config, "quantization_config", None):
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    silence_known_notices()
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the per-tensor 'Loading weights' bar; the scripts say when loading ends
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_id,
@@ -200,11 +207,40 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None):
     except OSError as error:
         where = "its weights cannot be read" if os.path.isdir(model_id) else "it cannot be downloaded"
         raise ModelLoadError(f"{model_id}: {where} ({one_line(error)}); copy or download the model again") from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     for layer in model.model.layers:
         # transformers 5.17 leaves dequantised MXFP4 experts in bf16 whatever dtype is asked for, and such a model
         # fails in its own experts (fp32 activations against bf16 weights); norms stay as transformers keeps them
         layer.mlp.experts.to(dtype)
     return model
+
+
+class DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of `prefixes`."""
+
+    def __init__(self, prefixes):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record):
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def silence_known_notices():
+    """Drop library notices that are harmless for how this project loads and trains gpt-oss, and only those.
+
+    - transformers says 'MXFP4 inference on CPU requires use_kernels=True' whenever an MXFP4 checkpoint is loaded on
+      a CPU, even when dequantising is what was asked for (Mxfp4Config(dequantize=True), as here);
+    - PEFT and TRL read the model's `is_gradient_checkpointing`, which transformers >= 5.2x marks as deprecated with
+      a FutureWarning at every read (every checkpoint save); the libraries, not this project, must move on.
+    Idempotent; everything else those loggers say still shows.
+    """
+    mxfp4_logger = logging.getLogger("transformers.quantizers.quantizer_mxfp4")
+    if not any(isinstance(f, DropMessages) for f in mxfp4_logger.filters):
+        mxfp4_logger.addFilter(DropMessages(("MXFP4 inference on CPU requires use_kernels",)))
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def load_tokenizer(model_id):

@@ -86,6 +86,7 @@ def main(argv=None):
         "decoding": ae.decoding_settings(settings),
         "models": {"base": scores["base"], "adapter": scores["adapter"]},
         "delta": ae.compare_scores(scores["base"], scores["adapter"], actions["base"], actions["adapter"]),
+        "gain": evaluation.paired_gain(frame, actions["base"], actions["adapter"], seed=settings["SEED"]),
         "references": evaluation.reference_scores(frame),
         "training": ae.summarize_training_log(training_rows),
         "plots": plots,

@@ -21,8 +21,10 @@ What it does, in order:
 4. writes into OUT, once the model is loaded and wrapped (nothing before): the adapter and tokenizer, checkpoints
    every SAVE_STEPS (adapter, optimiser, trainer state; each complete or absent, see run_directory.py),
    run_config.json (the resolved settings), TensorBoard logs (runs/<run>/logs; `tensorboard --logdir runs`),
-   completions.csv (every scored completion, steps counted from 1, see data_reward.CompletionLog) and
-   summary.json / summary.md. The adapter records its base as 'tiny' or a path relative to the repository.
+   completions.csv (every scored completion, steps counted from 1, see data_reward.CompletionLog),
+   validation.json (each checkpoint's score on VALIDATION_PROMPTS training prompts) and summary.json / summary.md.
+   The run's adapter is the best-scoring checkpoint's (best_checkpoint.py), not necessarily the last step's; it
+   records its base as 'tiny' or a path relative to the repository.
 At the end it evaluates the untrained and the trained policy on the held-out split (EVAL_SAMPLES answers per
 prompt at temperature 1) beside uniform guessing, the best constant action and the optimal policy.
 
@@ -42,6 +44,7 @@ import os
 import time
 from pathlib import Path
 
+import best_checkpoint
 import run_directory
 import script_settings
 
@@ -64,7 +67,12 @@ MAX_COMPLETION_LEN = 256  # tokens a completion may use before it counts as trun
 # Optimisation
 TOTAL_STEPS = 200  # optimiser steps
 SAVE_STEPS = 25  # checkpoint every this many steps
-LEARNING_RATE = 1e-5  # AdamW learning rate of the LoRA weights
+LEARNING_RATE = 1e-5  # AdamW peak learning rate of the LoRA weights
+LR_SCHEDULE = "constant"  # constant | cosine: the learning rate after the warm-up (cosine learned less on the
+                          #   stand-in within a fixed number of steps: benchmarks/RESULTS.md)
+WARMUP_STEPS = 10  # linear warm-up from 0 to LEARNING_RATE over this many steps
+MIN_LR_RATIO = 0.1  # cosine decays to LEARNING_RATE * MIN_LR_RATIO at TOTAL_STEPS, not to 0
+MAX_GRAD_NORM = 1.0  # clip the gradient's global norm to this (0 = no clipping)
 LOSS_TYPE = "dapo"  # TRL loss: dapo | grpo | dr_grpo | bnpo | ...
 BETA = 0.0  # KL penalty to the base model (0 = none, TRL's default; saves a reference forward pass)
 FORMAT_PENALTY = 1.0  # reward of an invalid answer (no final action, truncated, ambiguous): -FORMAT_PENALTY
@@ -83,26 +91,34 @@ GENERATION_BACKEND = "auto"  # engine (rollout_engine.py, CUDA graphs) | continu
 # Evaluation and logging
 EVAL_SAMPLES = 0  # answers per held-out prompt in the final before/after evaluation (0 = skip)
 EVAL_MAX_PROMPTS = 0  # held-out prompts evaluated (0 = all)
+VALIDATION_PROMPTS = 32  # training-split prompts that score every checkpoint; the best one becomes the adapter
+                         #   (0 = no scoring: the last step's adapter is kept)
+VALIDATION_SAMPLES = 4  # answers per validation prompt (temperature TEMPERATURE, the same seeds at every checkpoint)
 REPORT_TO = "tensorboard"  # TRL/transformers trackers: tensorboard | wandb | trackio | none
 SEED = 42  # seeds the stream, the sampling and the adapter's initialisation
 # The main job on a CPU: the embedded stand-in with settings sized for 2 cores and < 10 minutes
 TINY_SETTINGS = dict(
     MODEL_ID="tiny",
     OUT="runs/grpo-tiny",
-    NUM_GENERATIONS=8,
-    PROMPTS_PER_STEP=4,
+    NUM_GENERATIONS=4,  # measured across seeds: 8 prompts x 4 beat 4 x 8 at the same cost per step
+    PROMPTS_PER_STEP=8,
     TRAIN_BATCH_SIZE=32,
     GRADIENT_ACCUMULATION=1,
     MAX_COMPLETION_LEN=64,
     TOTAL_STEPS=800,
     SAVE_STEPS=100,
     LEARNING_RATE=2e-3,
+    LR_SCHEDULE="constant",  # measured across seeds: cosine decays (peak 3e-3 to 6e-3) learned less in 800 steps
+    WARMUP_STEPS=20,
     BETA=0.05,  # a little KL to the untrained stand-in keeps its Harmony format while the LoRA learns
     GRADIENT_CHECKPOINTING=False,
     EVAL_SAMPLES=4,
+    VALIDATION_PROMPTS=128,
+    VALIDATION_SAMPLES=2,
 )
 # -----------------------------------------------------------------------------
 SETTINGS = [name for name in list(globals()) if name.isupper() and name not in ("ROOT", "TINY_SETTINGS")]
+LR_SCHEDULES = ("constant", "cosine")
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # the losses TRL 1.x implements
 ADAPTER_SHAPE = ("LORA_RANK", "LORA_TARGETS", "LORA_EXPERTS")  # settings a resumed run cannot change
 
@@ -160,7 +176,8 @@ def check_settings(s):
     """Settings that cannot work -> one message naming the setting and the fix, before anything is written."""
     at_least = {"NUM_GENERATIONS": 2, "PROMPTS_PER_STEP": 1, "TRAIN_BATCH_SIZE": 1, "GRADIENT_ACCUMULATION": 1,
                 "MAX_PROMPT_LEN": 1, "MAX_COMPLETION_LEN": 1, "TOTAL_STEPS": 1, "SAVE_STEPS": 1, "LORA_RANK": 1,
-                "EVAL_SAMPLES": 0, "EVAL_MAX_PROMPTS": 0, "SEED": 0}
+                "EVAL_SAMPLES": 0, "EVAL_MAX_PROMPTS": 0, "SEED": 0, "WARMUP_STEPS": 0,
+                "VALIDATION_PROMPTS": 0, "VALIDATION_SAMPLES": 1}
     for name, least in at_least.items():
         if s[name] < least:
             why = " (GRPO compares completions within a group)" if name == "NUM_GENERATIONS" else ""
@@ -168,13 +185,16 @@ def check_settings(s):
     for name, low, high, closed_low in (("LEARNING_RATE", 0, math.inf, False), ("TEMPERATURE", 0, math.inf, False),
                                         ("LORA_ALPHA", 0, math.inf, False), ("BETA", 0, math.inf, True),
                                         ("FORMAT_PENALTY", 0, math.inf, True), ("TOP_P", 0, 1, False),
-                                        ("TOP_ENTROPY_QUANTILE", 0, 1, False)):
+                                        ("TOP_ENTROPY_QUANTILE", 0, 1, False), ("MIN_LR_RATIO", 0, 1, True),
+                                        ("MAX_GRAD_NORM", 0, math.inf, True)):
         value = s[name]
         if not (math.isfinite(value) and (low <= value if closed_low else low < value) and value <= high):
             where = f"{'at least' if closed_low else 'above'} {low}" + (f" and at most {high}" if high < math.inf
                                                                           else "")
             raise SystemExit(f"error: --{flag(name)} must be a number {where}, got {value} (the default is "
                              f"{globals()[name]})")
+    if s["LR_SCHEDULE"] not in LR_SCHEDULES:
+        raise SystemExit(f"error: --lr-schedule {s['LR_SCHEDULE']!r} is not one of {', '.join(LR_SCHEDULES)}")
     if s["LOSS_TYPE"] not in LOSS_TYPES:
         raise SystemExit(f"error: --loss-type {s['LOSS_TYPE']!r} is not one of {', '.join(LOSS_TYPES)}")
     from harmony import REASONING_EFFORTS
@@ -304,8 +324,14 @@ def lora_config(settings):
 
 
 def grpo_config(settings, device, backend):
+    import dataclasses
+
     from trl import GRPOConfig
 
+    checkpointing = {"gradient_checkpointing": settings["GRADIENT_CHECKPOINTING"]}
+    if "activation_checkpointing" in {field.name for field in dataclasses.fields(GRPOConfig)}:
+        # transformers >= 5.2x renamed it; the old name alone warns (5.17, on the GPU image, has only the old one)
+        checkpointing["activation_checkpointing"] = settings["GRADIENT_CHECKPOINTING"]
     out = settings["OUT"]
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(out) / "logs"))  # transformers 5 has no logging_dir
     return GRPOConfig(
@@ -315,8 +341,11 @@ def grpo_config(settings, device, backend):
         save_strategy="steps",
         logging_steps=1,
         learning_rate=settings["LEARNING_RATE"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
+        # transformers' schedulers: warm-up, then constant or a cosine that ends at MIN_LR_RATIO of the peak
+        lr_scheduler_type="cosine_with_min_lr" if settings["LR_SCHEDULE"] == "cosine" else "constant_with_warmup",
+        lr_scheduler_kwargs={"min_lr_rate": settings["MIN_LR_RATIO"]} if settings["LR_SCHEDULE"] == "cosine" else {},
+        warmup_steps=settings["WARMUP_STEPS"],
+        max_grad_norm=settings["MAX_GRAD_NORM"],  # 0: transformers clips nothing
         per_device_train_batch_size=settings["TRAIN_BATCH_SIZE"],
         gradient_accumulation_steps=settings["GRADIENT_ACCUMULATION"],
         steps_per_generation=settings["GRADIENT_ACCUMULATION"],
@@ -332,7 +361,7 @@ def grpo_config(settings, device, backend):
         top_entropy_quantile=settings["TOP_ENTROPY_QUANTILE"],
         reward_weights=[1.0, 1.0],
         shuffle_dataset=False,  # StepStream already orders prompts (no repeats, fair across files)
-        gradient_checkpointing=settings["GRADIENT_CHECKPOINTING"],
+        **checkpointing,
         bf16=device == "cuda",
         use_cpu=device == "cpu",
         report_to=report_trackers(settings["REPORT_TO"]),
@@ -356,7 +385,7 @@ def make_progress_printer(total_steps, every):
 
     class ProgressPrinter(TrainerCallback):
         def __init__(self):
-            self.start, self.window = None, []
+            self.start, self.window, self.best_valid = None, [], None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start, self.first_step = time.time(), state.global_step
@@ -372,10 +401,13 @@ def make_progress_printer(total_steps, every):
 
             done = state.global_step - self.first_step
             per_step = (time.time() - self.start) / max(done, 1)
+            valid = mean("valid_rate")
             print(f"step {state.global_step:5d}/{total_steps}  reward {mean('rewards/action_reward/mean'):.3f}  "
-                  f"valid {mean('valid_rate'):.3f}  accuracy {mean('accuracy'):.3f}  "
-                  f"{per_step:.2f} s/step  eta {per_step * (total_steps - state.global_step) / 60:.1f} min",
-                  flush=True)
+                  f"valid {valid:.3f}  accuracy {mean('accuracy'):.3f}  "
+                  f"{per_step:.2f} s/step  eta {per_step * (total_steps - state.global_step) / 60:.1f} min"
+                  + best_checkpoint.describe_collapse(valid, self.best_valid), flush=True)
+            if not math.isnan(valid):
+                self.best_valid = max(valid, self.best_valid or 0.0)
             self.window = []
 
     return ProgressPrinter()
@@ -461,6 +493,10 @@ def render_summary(summary):
         steps = (f"{done} steps; this process continued from {summary['resumed_from']} and ran steps "
                  f"{done - ran + 1}-{done} ({ran} steps) in {summary['train_seconds']:.0f} s on {summary['device']}")
     steps += f" (generation: {summary.get('generation_backend', 'n/a')})."
+    kept = summary.get("kept")
+    if kept:
+        steps += (f" Adapter kept: step {kept['step']} of {done}, by its score on {kept['validation_prompts']} "
+                  f"training prompts x {kept['validation_samples']} answers: {kept['reason']}.")
     lines = [f"# GRPO run {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", "", steps, "",
              render_speed(summary["speed"]), "",
              "| during training | reward | valid rate | accuracy |", "|---|---|---|---|"]
@@ -483,8 +519,9 @@ def render_summary(summary):
         lines.append(f"| best constant [{r['best_constant']['action']}] | {fmt(r['best_constant']['mean_reward'])} | "
                      f"1.000 | {fmt(r['best_constant']['accuracy'])} | {fmt(r['best_constant']['mean_regret'])} |")
         lines.append(f"| optimal (argmax Q) | {fmt(r['optimal']['mean_reward'])} | 1.000 | 1.000 | 0.000 |")
-        lines += ["", f"Gain over the untrained policy: {h['trained']['mean_reward'] - h['untrained']['mean_reward']:+.3f} "
-                  "mean reward."]
+        g = h["gain"]
+        lines += ["", f"Gain over the untrained policy: {g['mean']:+.3f} mean reward (95% interval "
+                  f"{g['ci95'][0]:+.3f} to {g['ci95'][1]:+.3f}, paired bootstrap over the {g['prompts']} prompts)."]
     elif summary.get("held_out_interrupted"):
         lines += ["", "The held-out evaluation was interrupted (Ctrl-C); the adapter is saved. Evaluate it with: "
                   f"python test_lora_adapter.py --adapter-path {out}"]
@@ -502,11 +539,22 @@ def render_speed(speed):
     return line + "."
 
 
+def keep_best_adapter(model, scorer, out, log):
+    """Load the best-scoring checkpoint's adapter into the model when it is not the last step's; what was kept."""
+    kept, reason = best_checkpoint.choose_kept(scorer.history)
+    last = scorer.history[-1]
+    if kept["step"] != last["step"]:
+        best_checkpoint.load_checkpoint_adapter(model, out / f"checkpoint-{kept['step']}")
+        log(f"kept the adapter of step {kept['step']}: {reason}; the last one stays in checkpoint-{last['step']}")
+    return {"step": kept["step"], "reason": reason, "kept_scores": kept, "last_scores": last,
+            "validation_prompts": len(scorer.frame), "validation_samples": scorer.samples}
+
+
 def evaluate_held_out(model, tokenizer, held_out, settings, backend, log):
     """Untrained (adapter disabled) and trained policy on the held-out split, same prompts and seeds."""
     import pandas as pd
 
-    from evaluation import evaluate_model, reference_scores
+    from evaluation import evaluate_model, paired_gain, reference_scores
 
     frame = pd.concat(list(held_out.values()), ignore_index=True)
     if settings["EVAL_MAX_PROMPTS"]:
@@ -515,11 +563,12 @@ def evaluate_held_out(model, tokenizer, held_out, settings, backend, log):
                   seed=settings["SEED"], backend="engine" if backend == "engine" else "generate", log=log)
     log(f"held-out evaluation: {len(frame)} prompts x {settings['EVAL_SAMPLES']} answers, untrained policy")
     with model.disable_adapter():
-        untrained, _, _ = evaluate_model(model, tokenizer, frame, **kwargs)
+        untrained, _, untrained_actions = evaluate_model(model, tokenizer, frame, **kwargs)
     log("held-out evaluation: trained policy")
-    trained, _, _ = evaluate_model(model, tokenizer, frame, **kwargs)
+    trained, _, trained_actions = evaluate_model(model, tokenizer, frame, **kwargs)
     return {"prompts": len(frame), "samples": settings["EVAL_SAMPLES"], "temperature": 1.0,
-            "untrained": untrained, "trained": trained, "references": reference_scores(frame)}
+            "untrained": untrained, "trained": trained, "references": reference_scores(frame),
+            "gain": paired_gain(frame, untrained_actions, trained_actions, seed=settings["SEED"])}
 
 
 def load_for_training(settings, train_frames, device, log):
@@ -569,7 +618,7 @@ def check_lora_targets(model, targets):
                          "all-linear")
 
 
-def make_trainer(model, tokenizer, pool, completion_log, settings, device, backend, log):
+def make_trainer(model, tokenizer, pool, completion_log, settings, device, backend, log, callbacks=()):
     from trl import GRPOTrainer
 
     from data_reward import make_reward_functions
@@ -590,7 +639,8 @@ def make_trainer(model, tokenizer, pool, completion_log, settings, device, backe
         train_dataset=stream.as_dataset(),
         processing_class=tokenizer,
         rollout_func=rollout_func,
-        callbacks=[make_progress_printer(settings["TOTAL_STEPS"], max(1, settings["TOTAL_STEPS"] // 20))],
+        callbacks=[make_progress_printer(settings["TOTAL_STEPS"], max(1, settings["TOTAL_STEPS"] // 20)),
+                   *callbacks],
     )
     time_generation(trainer, backend)
     import model_loader
@@ -664,7 +714,14 @@ def main(argv=None):
                 + ("; and a last record cut off by a kill" if torn else ""))
         if checkpoint:
             log(f"resuming from {checkpoint[1].name} (step {start_step})")
-        trainer = make_trainer(model, tokenizer, pool, completion_log, settings, device, backend, log)
+        scorer = None
+        if settings["VALIDATION_PROMPTS"]:
+            scorer = best_checkpoint.make_validation_callback(
+                tokenizer, best_checkpoint.pick_validation_rows(train_frames, pool, settings["VALIDATION_PROMPTS"],
+                                                                settings["SEED"]),
+                settings, backend, out, best_checkpoint.read_history(out, start_step) if checkpoint else [], log)
+        trainer = make_trainer(model, tokenizer, pool, completion_log, settings, device, backend, log,
+                               [scorer] if scorer else [])
         start = time.time()
         trainer.train(resume_from_checkpoint=str(checkpoint[1]) if checkpoint else None)
     except KeyboardInterrupt:
@@ -688,13 +745,14 @@ def main(argv=None):
         forget_if_nothing_done()
         raise
     train_seconds = time.time() - start
+    kept = keep_best_adapter(trainer.model, scorer, out, log) if scorer and scorer.history else None
     run_directory.save_final_atomically(trainer, tokenizer, out, model_loader.portable_model_id(settings["MODEL_ID"]))
 
     summary = {"out": str(out), "device": device_name(device), "generation_backend": backend,
                "steps_done": trainer.state.global_step,
                "steps_this_process": steps_done(), "resumed_from": checkpoint[1].name if checkpoint else None,
                "train_seconds": train_seconds, "training": summarize_log(trainer.state.log_history),
-               "speed": summarize_speed(trainer.state.log_history, device, start_step)}
+               "speed": summarize_speed(trainer.state.log_history, device, start_step), "kept": kept}
     if settings["EVAL_SAMPLES"] > 0:
         try:
             summary["held_out"] = evaluate_held_out(trainer.model, tokenizer, held_out, settings, backend, log)

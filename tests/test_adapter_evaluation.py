@@ -106,6 +106,33 @@ def test_adapter_metrics_and_delta_match_hand_computation(stubbed_generation):
     assert delta["same_action_rate"] == pytest.approx(2 / 6)  # (1, 1) on row 0 and (0, 0) on row 1
 
 
+def test_paired_gain_is_the_mean_reward_difference_with_a_bootstrap_interval_over_prompts():
+    frame = toy_frame()
+    base = np.array([[0, 1], [1, 0], [-1, 2]])
+    gain = evaluation.paired_gain(frame, base, base)
+    assert gain["mean"] == 0 and gain["ci95"] == [0, 0]  # the same answers: no gain and no doubt
+    better = np.array([[1, 1], [1, 1], [2, 2]])
+    gain = evaluation.paired_gain(frame, base, better)
+    rewards = evaluation.chosen_rewards(frame, better).mean() - evaluation.chosen_rewards(frame, base).mean()
+    assert gain["mean"] == pytest.approx(rewards) and gain["prompts"] == 3
+    assert gain["ci95"][0] <= gain["mean"] <= gain["ci95"][1]
+    assert gain["ci95"] == evaluation.paired_gain(frame, base, better)["ci95"]  # seeded
+
+
+def test_more_prompts_give_a_narrower_interval_for_the_same_per_prompt_gains():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(400, 4))
+    rewards = np.exp(q) / np.exp(q).sum(axis=1, keepdims=True)
+    frame = pd.DataFrame({f"q_action_{a}": q[:, a] for a in range(4)} | {f"reward_action_{a}": rewards[:, a]
+                                                                          for a in range(4)})
+    base = rng.integers(0, 4, size=(400, 4))
+    trained = np.where(rng.random((400, 4)) < 0.5, q.argmax(axis=1)[:, None], base)
+    wide = evaluation.paired_gain(frame.iloc[:16], base[:16], trained[:16])
+    narrow = evaluation.paired_gain(frame, base, trained)
+    assert narrow["ci95"][1] - narrow["ci95"][0] < 0.5 * (wide["ci95"][1] - wide["ci95"][0])
+    assert narrow["ci95"][0] > 0  # half the answers switched to argmax Q: a real gain, and the interval says so
+
+
 def test_reference_policies_match_hand_computation():
     references = evaluation.reference_scores(toy_frame())
     assert references["uniform"]["mean_reward"] == pytest.approx(0.25)
@@ -157,6 +184,10 @@ def test_report_has_both_models_references_and_plots(run_dir, prompt_file):
     assert len(pd.read_csv(run_dir / "eval_answers.csv")) == 2 * 3 * 2
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
     assert report["models"]["adapter"] == stored["models"]["adapter"]
+    low, high = stored["gain"]["ci95"]
+    assert low <= stored["gain"]["mean"] <= high and stored["gain"]["prompts"] == 3
+    assert stored["gain"]["mean"] == pytest.approx(stored["delta"]["mean_reward"])
+    assert "95% interval" in summary
 
 
 def test_missing_adapter_directory_exits_2(tmp_path, capsys):

@@ -168,10 +168,12 @@ def test_grpo_trains_through_the_engine(tmp_path):
     out = tmp_path / "run"
     train_grpo.main(["--tiny", "--total-steps", "2", "--save-steps", "2", "--report-to", "none", "--eval-samples", "1",
                      "--eval-max-prompts", "4", "--generation-backend", "engine", "--out", str(out)])
+    prompts, generations = train_grpo.TINY_SETTINGS["PROMPTS_PER_STEP"], train_grpo.TINY_SETTINGS["NUM_GENERATIONS"]
     log = pd.read_csv(out / "completions.csv")
     assert sorted(log["step"].unique().tolist()) == [1, 2]
-    assert (log.groupby("step")["prompt_id"].nunique() == 4).all()  # 4 groups of 8 per step
-    assert len(log) == 2 * 32
+    assert (log.groupby("step")["prompt_id"].nunique() == prompts).all()  # one group per prompt
+    assert (log.groupby(["step", "prompt_id"]).size() == generations).all()
+    assert len(log) == 2 * prompts * generations
     summary = json.loads((out / "summary.json").read_text())
     assert summary["generation_backend"] == "engine" and summary["held_out"]["prompts"] == 4
 

@@ -37,7 +37,7 @@ def test_train_help_shows_the_description_and_each_flags_comment_and_default():
     text = " ".join(result.stdout.split())  # argparse wraps lines
     assert "Fine-tune gpt-oss with GRPO and LoRA" in text and "python train_grpo.py --resume" in text
     assert "--total-steps TOTAL_STEPS optimiser steps (default: 200; --tiny: 800)" in text
-    assert "--learning-rate LEARNING_RATE AdamW learning rate of the LoRA weights (default: 1e-05; --tiny: 0.002)" in text
+    assert "--learning-rate LEARNING_RATE AdamW peak learning rate of the LoRA weights (default: 1e-05; --tiny: 0.002)" in text
     assert "~30% slower (default: true; --tiny: false)" in text  # a % in a comment does not break argparse
     assert "Optimisation:" in result.stdout and "LoRA:" in result.stdout  # grouped by the block's section headers
 

@@ -131,12 +131,15 @@ def test_completion_log_has_one_group_per_prompt_and_no_prompt_twice(short_run):
     rows = read_log(out / "completions.csv")
     assert list(rows[0]) == ["step", "micro_step", "prompt_id", "completion", "parsed_action", "reward",
                              "optimal_action"]
-    assert len(rows) == 3 * 4 * 8  # steps x prompts per step x generations
+    from train_grpo import TINY_SETTINGS
+
+    prompts, generations = TINY_SETTINGS["PROMPTS_PER_STEP"], TINY_SETTINGS["NUM_GENERATIONS"]
+    assert len(rows) == 3 * prompts * generations  # steps x prompts per step x generations
     assert "<|channel|>" in rows[0]["completion"]  # Harmony markers kept
     prompt_ids = [r["prompt_id"] for r in rows]
-    groups = [prompt_ids[i:i + 8] for i in range(0, len(prompt_ids), 8)]
+    groups = [prompt_ids[i:i + generations] for i in range(0, len(prompt_ids), generations)]
     assert all(len(set(g)) == 1 for g in groups)
-    assert len({g[0] for g in groups}) == len(groups)  # 12 groups, 12 different prompts
+    assert len({g[0] for g in groups}) == len(groups) == 3 * prompts  # every group a different prompt
     for r in rows:
         assert (r["parsed_action"] == "") == (r["reward"] == "")
 
@@ -185,6 +188,35 @@ def test_resume_drops_a_torn_last_completion_record_and_the_rows_of_later_steps(
     steps = log_steps(out / "completions.csv")
     assert steps == sorted(steps) and [steps.count(s) for s in (1, 2, 3, 4)] == [32, 32, 32, 32]
     assert len(pd.read_csv(out / "completions.csv")) == 4 * 32
+
+
+def test_every_checkpoint_is_scored_on_training_prompts_and_the_best_adapter_is_kept(short_run):
+    out, result = short_run
+    validation = json.loads((out / "validation.json").read_text())
+    assert validation["split"] == "train" and validation["prompts"] > 0
+    assert [entry["step"] for entry in validation["checkpoints"]] == [2, 3]
+    assert "validation at step 2: reward" in result.stdout
+    kept = json.loads((out / "summary.json").read_text())["kept"]
+    best = max(reversed(validation["checkpoints"]), key=lambda entry: entry["score"])
+    assert kept["step"] == best["step"] and kept["last_scores"]["step"] == 3
+    # the run's adapter is the kept checkpoint's
+    assert (out / "adapter_model.safetensors").read_bytes() == \
+        (out / f"checkpoint-{kept['step']}" / "adapter_model.safetensors").read_bytes()
+    assert f"Adapter kept: step {kept['step']} of 3" in (out / "summary.md").read_text()
+
+
+def test_resume_keeps_the_scores_of_the_checkpoints_it_continues_from(resumed_run):
+    out, _ = resumed_run
+    validation = json.loads((out / "validation.json").read_text())
+    assert [entry["step"] for entry in validation["checkpoints"]] == [2, 4]  # step 3's score went with step 3
+
+
+def test_the_main_job_prints_its_own_lines_not_library_notices(short_run):
+    _, result = short_run
+    output = result.stdout + result.stderr
+    for notice in ("is_gradient_checkpointing", "`gradient_checkpointing` is deprecated", "use_kernels",
+                   "Loading weights", "FutureWarning"):
+        assert notice not in output, notice
 
 
 def test_resume_restores_the_runs_settings_and_names_the_flags_that_change_them(resumed_run):
@@ -278,11 +310,45 @@ def test_a_reasoning_effort_other_than_the_prompts_is_refused(tmp_path):
     (["--lora-targets", "foo,bar"], "--lora-targets: foo, bar names no module"),
     (["--train-split", "nope"], "no rows with split == 'nope'"),
     (["--eval-samples", "1", "--eval-split", "nope"], "no rows with split == 'nope'"),
+    (["--lr-schedule", "linear"], "--lr-schedule 'linear' is not one of constant, cosine"),
+    (["--min-lr-ratio", "1.5"], "--min-lr-ratio must be a number at least 0 and at most 1"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be at least 0"),
+    (["--max-grad-norm=-1"], "--max-grad-norm must be a number at least 0"),
+    (["--validation-samples", "0"], "--validation-samples must be at least 1"),
 ])
 def test_settings_that_cannot_work_are_refused_before_anything_is_written(tmp_path, flags, message):
     out = tmp_path / "run"
     assert message in run_main(FAST + ["--out", str(out)] + flags)
     assert not out.exists()  # so the same command, corrected, starts a run
+
+
+def test_the_learning_rate_follows_the_chosen_schedule_after_its_warm_up(tmp_path):
+    """The schedule transformers builds from grpo_config: warm-up to the peak, then flat or a cosine to the floor."""
+    import torch
+    from transformers.optimization import get_scheduler
+
+    import train_grpo
+
+    settings = {name: getattr(train_grpo, name) for name in train_grpo.SETTINGS} | {
+        "OUT": str(tmp_path), "TOTAL_STEPS": 100, "WARMUP_STEPS": 10, "LEARNING_RATE": 1e-3, "MIN_LR_RATIO": 0.1}
+
+    def rates(schedule):
+        config = train_grpo.grpo_config(settings | {"LR_SCHEDULE": schedule}, "cpu", "generate")
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+        scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
+                                  num_training_steps=100, scheduler_specific_kwargs=config.lr_scheduler_kwargs)
+        out = []
+        for _ in range(100):
+            out.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    constant, cosine = rates("constant"), rates("cosine")
+    assert constant[0] == 0 and constant[5] == pytest.approx(5e-4) and constant[10:] == [pytest.approx(1e-3)] * 90
+    assert cosine[10] == pytest.approx(1e-3) and cosine[-1] == pytest.approx(1e-4, rel=0.05)
+    assert all(a >= b for a, b in zip(cosine[10:], cosine[11:]))  # decays, never below the floor
+    assert min(cosine[10:]) >= 1e-4 - 1e-12
 
 
 def test_an_output_path_that_is_a_file_or_under_a_file_is_refused(tmp_path):
