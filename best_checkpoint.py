@@ -60,6 +60,7 @@ def read_history(out, up_to_step=None):
 
 def make_validation_callback(tokenizer, frame, settings, backend, out, history, log):
     """A TrainerCallback that scores each saved checkpoint on `frame` and writes OUT/validation.json."""
+    import torch
     from transformers import TrainerCallback
 
     from data_reward import strict_json, write_text_atomically
@@ -73,10 +74,13 @@ def make_validation_callback(tokenizer, frame, settings, backend, out, history, 
             if any(entry["step"] == state.global_step for entry in self.history):
                 return  # a save of a step already scored (the Ctrl-C path saves again)
             start = time.time()
-            scores, _, _ = evaluate_model(model, tokenizer, frame, samples=settings["VALIDATION_SAMPLES"],
-                                          temperature=settings["TEMPERATURE"], top_p=settings["TOP_P"],
-                                          max_new_tokens=settings["MAX_COMPLETION_LEN"], seed=settings["SEED"],
-                                          backend=backend)
+            # evaluate_model seeds torch for its own sampling; training continues with the random state it had, so
+            # scoring changes nothing in the run, and a resumed run (its RNG restored from the checkpoint) matches
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+                scores, _, _ = evaluate_model(model, tokenizer, frame, samples=settings["VALIDATION_SAMPLES"],
+                                              temperature=settings["TEMPERATURE"], top_p=settings["TOP_P"],
+                                              max_new_tokens=settings["MAX_COMPLETION_LEN"], seed=settings["SEED"],
+                                              backend=backend)
             best = max(self.history, key=lambda entry: entry["score"]) if self.history else None
             entry = {"step": state.global_step, "score": scores["mean_reward"], "valid_rate": scores["valid_rate"],
                      "accuracy": scores["accuracy"], "seconds": round(time.time() - start, 1)}

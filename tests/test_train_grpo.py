@@ -205,6 +205,15 @@ def test_every_checkpoint_is_scored_on_training_prompts_and_the_best_adapter_is_
     assert f"Adapter kept: step {kept['step']} of 3" in (out / "summary.md").read_text()
 
 
+def test_scoring_the_checkpoints_changes_nothing_in_the_training(short_run, tmp_path):
+    out, _ = short_run
+    unscored = tmp_path / "unscored"
+    result = run_train(*FAST, "--out", str(unscored), "--validation-prompts", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (unscored / "validation.json").exists()
+    assert (unscored / "completions.csv").read_bytes() == (out / "completions.csv").read_bytes()
+
+
 def test_resume_keeps_the_scores_of_the_checkpoints_it_continues_from(resumed_run):
     out, _ = resumed_run
     validation = json.loads((out / "validation.json").read_text())
