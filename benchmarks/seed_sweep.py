@@ -1,6 +1,6 @@
 """Run the main job (`python train_grpo.py --tiny`) for several seeds and tabulate how it learned on each.
 
-    python benchmarks/seed_sweep.py                              # seeds 1-5, one after another; table into RESULTS.md
+    python benchmarks/seed_sweep.py --results                    # seeds 1-5, one after another; table into RESULTS.md
     python benchmarks/seed_sweep.py --seeds 1 2 3 --jobs 3 --out runs/sweep-lr3e-3 --train-flags --learning-rate 3e-3
 
 Each seed is one `train_grpo.py --tiny --seed S --out OUT/seed-S` process (its log beside it: OUT/seed-S.log),
