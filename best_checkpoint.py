@@ -75,7 +75,7 @@ def make_validation_callback(tokenizer, frame, settings, backend, out, history, 
                 return  # a save of a step already scored (the Ctrl-C path saves again)
             start = time.time()
             # evaluate_model seeds torch for its own sampling; training continues with the random state it had, so
-            # scoring changes nothing in the run, and a resumed run (its RNG restored from the checkpoint) matches
+            # scoring changes nothing in the run (the completion log is the same with and without it)
             with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
                 scores, _, _ = evaluate_model(model, tokenizer, frame, samples=settings["VALIDATION_SAMPLES"],
                                               temperature=settings["TEMPERATURE"], top_p=settings["TOP_P"],
