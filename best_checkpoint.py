@@ -77,19 +77,18 @@ def make_validation_callback(tokenizer, frame, settings, backend, out, history, 
             # evaluate_model seeds torch for its own sampling; training continues with the random state it had, so
             # scoring changes nothing in the run (the completion log is the same with and without it)
             with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-                scores, _, _ = evaluate_model(model, tokenizer, frame, samples=settings["VALIDATION_SAMPLES"],
+                scores, _, _ = evaluate_model(model, tokenizer, frame, samples=self.samples,
                                               temperature=settings["TEMPERATURE"], top_p=settings["TOP_P"],
                                               max_new_tokens=settings["MAX_COMPLETION_LEN"], seed=settings["SEED"],
                                               backend=backend)
-            best = max(self.history, key=lambda entry: entry["score"]) if self.history else None
             entry = {"step": state.global_step, "score": scores["mean_reward"], "valid_rate": scores["valid_rate"],
                      "accuracy": scores["accuracy"], "seconds": round(time.time() - start, 1)}
             self.history.append(entry)
-            write_text_atomically(strict_json({"prompts": len(frame), "samples": settings["VALIDATION_SAMPLES"],
+            write_text_atomically(strict_json({"prompts": len(frame), "samples": self.samples,
                                                "split": settings["TRAIN_SPLIT"], "checkpoints": self.history}),
                                   Path(out) / VALIDATION_FILE)
-            standing = ("best so far" if best is None or entry["score"] >= best["score"]
-                        else f"best: step {best['step']}, {best['score']:.3f}")
+            best, _ = choose_kept(self.history)  # what would be kept if the run ended here
+            standing = "best so far" if best is entry else f"best: step {best['step']}, {best['score']:.3f}"
             log(f"validation at step {state.global_step}: reward {entry['score']:.3f}  valid {entry['valid_rate']:.3f}"
                 f"  ({standing}; {entry['seconds']:.0f} s)"
                 + describe_collapse(entry["valid_rate"], max((e["valid_rate"] for e in self.history[:-1]),
@@ -105,6 +104,8 @@ def load_checkpoint_adapter(model, checkpoint_dir):
 
     weights = load_file(str(Path(checkpoint_dir) / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(model, weights)
-    missing = [key for key in getattr(result, "unexpected_keys", []) if "lora" in key]
-    if missing:
-        raise RuntimeError(f"{checkpoint_dir}: adapter weights {missing[:3]} fit no LoRA module of the model")
+    unmatched = [key for key in getattr(result, "unexpected_keys", []) if "lora" in key]
+    if unmatched:
+        raise RuntimeError(f"{checkpoint_dir}: adapter weights {', '.join(unmatched[:3])} fit no LoRA module of the "
+                           "model being trained, so it holds another run's adapter; move it out of the run "
+                           "directory (or train with --validation-prompts 0 to keep the last adapter)")

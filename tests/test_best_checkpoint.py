@@ -95,3 +95,17 @@ def test_the_kept_checkpoints_adapter_goes_back_into_the_model(tmp_path):
     assert all(torch.equal(now[n], weights[2][n]) for n in now)
     assert not all(torch.equal(now[n], weights[4][n]) for n in now)
     assert np.isclose(kept["kept_scores"]["score"], 0.35)
+
+
+def test_a_checkpoint_of_another_adapter_shape_is_refused_with_what_to_do(tmp_path):
+    from peft import get_peft_model
+
+    import model_loader
+    import train_grpo
+
+    settings = {name: getattr(train_grpo, name) for name in train_grpo.SETTINGS} | train_grpo.TINY_SETTINGS
+    experts = get_peft_model(model_loader.load_model("tiny"), train_grpo.lora_config(settings | {"LORA_EXPERTS": True}))
+    experts.save_pretrained(tmp_path / "checkpoint-2")
+    attention_only = get_peft_model(model_loader.load_model("tiny"), train_grpo.lora_config(settings))
+    with pytest.raises(RuntimeError, match=r"checkpoint-2: adapter weights .*experts.* another run's adapter; move it"):
+        best_checkpoint.load_checkpoint_adapter(attention_only, tmp_path / "checkpoint-2")
