@@ -8,18 +8,23 @@ the sampling, the bookkeeping) is one CUDA graph replayed once per token, with n
     completions, logprobs = engine.generate(prompt_ids, max_new_tokens=256, temperature=1.0)
 
 How it is built, in the order a token goes through it:
-- the model's own modules do the work (embedding, RMSNorms, q/k/v/o projections with their LoRA, router, lm_head),
-  called one by one; only attention and the cache are the engine's own: one static cache per layer
-  [rows, kv heads, positions, head dim], sliding-window layers masked to their last 128 positions, the learned
-  attention sinks as an extra softmax column, all in the same dtypes as transformers' eager attention;
-- the experts: the model's own experts module (grouped_mm on a GPU) when the experts carry no LoRA; with expert
-  LoRA (PEFT `target_parameters`) a dense path that applies the low-rank factors as two small matmuls, so the
-  adapter is never merged into (or rebuilt over) the 24 GiB of expert weights;
+- the model's own modules embed, route, run the experts and project to the vocabulary; the attention block is
+  the engine's own arithmetic over the model's weights, in as few kernels as it allows (each kernel launch costs
+  about as much as the small matmul it runs): RMSNorm as torch's fused op, q/k/v as one matmul over the stacked
+  weights plus one low-rank LoRA term, rope in three element-wise ops, the scores with mask and scale in one
+  batched matmul; one static cache per layer [rows, kv heads, positions, head dim], sliding-window layers masked
+  to their last 128 positions, the learned attention sinks as an extra softmax column;
+- the experts: in a decode step (a few dozen tokens, which touch nearly every expert) every token through every
+  expert as one batched matmul each way, routing weights applied after; for longer inputs (a prefill) the model's
+  own experts module (grouped_mm on a GPU). With expert LoRA (PEFT `target_parameters`) always the batched path,
+  with the low-rank factors as two small matmuls, so the adapter is never merged into (or rebuilt over) the
+  24 GiB of expert weights;
 - identical prompts (a GRPO group) are prefilled once and their cache copied to every sample;
-- the LoRA weights stay unmerged: the graphs read the adapter's parameters where they live, so the optimiser's
-  in-place updates are seen at the next replay without capturing again (tests/test_rollout_engine.py checks it);
-  a graph is captured again only when the batch or cache size bucket, the sampling mode or the set of enabled
-  adapters changes (e.g. `with model.disable_adapter()` for the untrained baseline);
+- the LoRA weights stay unmerged, as low-rank terms: every `generate` first copies the adapter's current A and B
+  (scale folded into B, in the model's dtype) into buffers that the graphs read at fixed addresses, so the
+  optimiser's in-place updates are seen by the next rollout without capturing again (tests/test_rollout_engine.py
+  checks it); a graph is captured again only when the batch or cache size bucket, the sampling mode or the set of
+  enabled adapters changes (e.g. `with model.disable_adapter()` for the untrained baseline);
 - sampling: temperature, top-p (nucleus), or greedy; the log-probability of each sampled token under the
   temperature-scaled distribution (what TRL's training forward computes) is returned with it;
 - stops at <|return|>, <|call|>, <|endoftext|> (harmony.STOP_TOKENS); a finished row writes nothing more, and a
@@ -42,13 +47,19 @@ LENGTH_BUCKET = 128  # cache positions are rounded up to a multiple of this, so 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # rows are padded up to one of these
 FINISHED_CHECK_EVERY = 16  # decode steps between checks whether every row has stopped (each check syncs the GPU)
 MAX_CACHED_GRAPHS = 2  # graphs (with their caches) kept; a third evicts the oldest
+DENSE_EXPERTS_MAX_TOKENS = 64  # 'auto' experts: up to this many tokens every expert reads its weights anyway, and one
+                               #   batched matmul over all experts beat grouped_mm (15.9 vs 16.6 ms a decode step of
+                               #   32 rows on an H200: benchmarks/bench_rollout_engine.py)
 
 
 class RolloutEngine:
     """Samples completions from a gpt-oss model (see module doc); one engine per model object."""
 
     def __init__(self, model, tokenizer, use_cuda_graphs=None, stop_tokens=harmony.STOP_TOKENS, experts="auto"):
-        """experts: 'auto' (the model's experts module, the dense path only for expert LoRA) or 'dense' (always)."""
+        """experts: 'module' (the model's experts module; the dense path only for expert LoRA), 'dense' (always),
+        or 'auto' (dense up to DENSE_EXPERTS_MAX_TOKENS tokens, as in a decode step, the module above)."""
+        if experts not in ("auto", "dense", "module"):
+            raise ValueError(f"experts must be 'auto', 'dense' or 'module', not {experts!r}")
         self.model = model
         self.lm = find_causal_lm(model)
         self.core = self.lm.model
@@ -66,8 +77,10 @@ class RolloutEngine:
         # transformers' grouped_mm experts are graph-safe (bf16); its eager loop and fp32 fallback sync the host
         graph_safe = getattr(self.config, "_experts_implementation", None) == "grouped_mm" and \
             self.lm.model.layers[0].mlp.router.weight.dtype == torch.bfloat16
-        self.experts = "dense" if experts == "dense" or (self.use_cuda_graphs and not graph_safe) else "auto"
+        self.experts = "dense" if self.use_cuda_graphs and not graph_safe else experts
         self.graphs = {}  # key -> DecodeState (with its graph)
+        self.weight_sets = {}  # adapter signature -> EngineWeights (the buffers the graphs of that signature read)
+        self.weights = None
         self.rope_cache = None
 
     # -- public -------------------------------------------------------------------------------------------------
@@ -90,6 +103,7 @@ class RolloutEngine:
         key = (bucket(rows, BATCH_BUCKETS), math.ceil(length / LENGTH_BUCKET) * LENGTH_BUCKET, max_new_tokens,
                "greedy" if greedy else ("top_p" if top_p < 1 else "sample"), adapter_signature(self.model))
         with torch.autocast(self.device.type, enabled=False):
+            self.weights = self._refresh_weights(key[-1])
             state = self._state_for(key)
             state.reset(temperature, top_p)
             for ids, members in groups.items():
@@ -106,8 +120,25 @@ class RolloutEngine:
     def release(self):
         """Drop the captured graphs and their caches (they are rebuilt on the next `generate`)."""
         self.graphs.clear()
+        self.weight_sets.clear()
+        self.weights = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _refresh_weights(self, signature):
+        """The layers' weights as the decode step reads them, copied in place from the live model.
+
+        Fused q/k/v projections and the LoRA factors (scale folded in) in the model's dtype, the norms' weights in
+        fp32. The copies stay at the same addresses, so captured graphs read the values of this call: an
+        optimiser step between two rollouts is seen by the next one, with no capture again.
+        """
+        fresh = gather_weights(self.core, self.dtype)
+        kept = self.weight_sets.get(signature)
+        if kept is None:
+            self.weight_sets[signature] = fresh
+            return fresh
+        kept.copy_from(fresh)
+        return kept
 
     def cache_bytes(self):
         """GPU bytes held by the kept caches and output buffers (not counting the graphs' own pools)."""
@@ -131,42 +162,41 @@ class RolloutEngine:
         return state
 
     def _ensure_rope(self, length):
-        """cos/sin tables for positions 0..length-1 from the model's own rotary embedding (yarn scaling included)."""
+        """cos/sin tables for positions 0..length-1 from the model's own rotary embedding (yarn scaling included),
+        widened to the whole head for `apply_rope`: [cos, cos] and [-sin, sin]."""
         if self.rope_cache is not None and self.rope_cache[0].shape[0] >= length:
             return
         positions = torch.arange(length, device=self.device)[None]
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
         cos, sin = self.core.rotary_emb(probe, positions)
-        self.rope_cache = (cos[0], sin[0])
+        self.rope_cache = (torch.cat([cos[0], cos[0]], dim=-1), torch.cat([-sin[0], sin[0]], dim=-1))
 
     # -- the model, layer by layer ------------------------------------------------------------------------------
     def _prefill(self, state, ids, members):
         """Run one prompt through the model, copy its cache to the rows in `members`, sample their first token."""
         length = len(ids)
+        heads, kv, d = self.kv_heads * self.groups, self.kv_heads, self.head_dim
         positions = torch.arange(length, device=self.device)
-        x = self.core.embed_tokens(torch.tensor([ids], device=self.device))
-        cos, sin = self.rope_cache[0][:length], self.rope_cache[1][:length]
+        x = self.core.embed_tokens(torch.tensor(ids, device=self.device))  # [length, hidden]
+        cos, sin = self.rope_cache[0][:length, None], self.rope_cache[1][:length, None]  # [length, 1, head_dim]
         q_pos, k_pos = positions[:, None], positions[None, :]
         causal = k_pos <= q_pos
         masks = {False: additive_mask(causal, self.dtype), True: additive_mask(causal & (k_pos > q_pos - self.window),
                                                                               self.dtype)}
         rows = torch.tensor(members, device=self.device)
-        for i, layer in enumerate(self.core.layers):
-            h = layer.input_layernorm(x)
-            attn = layer.self_attn
-            q = attn.q_proj(h).view(length, self.kv_heads * self.groups, self.head_dim).transpose(0, 1)
-            k = attn.k_proj(h).view(length, self.kv_heads, self.head_dim).transpose(0, 1)
-            v = attn.v_proj(h).view(length, self.kv_heads, self.head_dim).transpose(0, 1)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        for i, (layer, w) in enumerate(zip(self.core.layers, self.weights.layers)):
+            qkv = project(rms_norm(x, *w.input_norm), w.qkv)
+            qk = apply_rope(qkv[:, :(heads + kv) * d].view(length, heads + kv, d), cos, sin)
+            k = qk[:, heads:].transpose(0, 1)  # [kv, length, d]
+            v = qkv[:, (heads + kv) * d:].view(length, kv, d).transpose(0, 1)
             state.k[i][rows, :, :length] = k.unsqueeze(0)
             state.v[i][rows, :, :length] = v.unsqueeze(0)
-            q = q.view(self.kv_heads, self.groups, length, self.head_dim)
+            q = qk[:, :heads].transpose(0, 1).reshape(kv, self.groups, length, d)
             out = attend(q, k.unsqueeze(1), v.unsqueeze(1), masks[self.sliding[i]],
-                         attn.sinks.view(self.kv_heads, self.groups, 1), attn.scaling)
-            out = out.permute(2, 0, 1, 3).reshape(1, length, -1)
-            x = x + attn.o_proj(out)
-            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
-        logits = self.lm.lm_head(self.core.norm(x[:, -1]))  # [1, vocab]
+                         layer.self_attn.sinks.view(kv, self.groups, 1), layer.self_attn.scaling)
+            x = x + project(out.permute(2, 0, 1, 3).reshape(length, heads * d), w.o)
+            x = x + self._mlp(layer.mlp, rms_norm(x, *w.post_norm))
+        logits = self.lm.lm_head(self.core.norm(x[-1:]))  # [1, vocab]
         n = len(members)
         token, logprob = sample(logits.float().expand(n, -1), state.temperature[:n], state.top_p[:n], state.mode)
         state.tokens[rows] = token
@@ -177,31 +207,27 @@ class RolloutEngine:
 
     def _decode(self, state):
         """One decode step for every row: the body of the CUDA graph (see DecodeState.run)."""
-        rows = state.rows
+        rows, heads, kv, d = state.rows, self.kv_heads * self.groups, self.kv_heads, self.head_dim
         pos = state.pos
-        x = self.core.embed_tokens(state.tokens[:, None])  # [rows, 1, hidden]
-        cos, sin = self.rope_cache[0][pos][:, None], self.rope_cache[1][pos][:, None]  # [rows, 1, head_dim / 2]
+        x = self.core.embed_tokens(state.tokens)  # [rows, hidden]
+        cos, sin = self.rope_cache[0][pos][:, None], self.rope_cache[1][pos][:, None]  # [rows, 1, head_dim]
         k_pos = torch.arange(state.length, device=self.device)[None]
         causal = k_pos <= pos[:, None]
-        masks = {False: additive_mask(causal, self.dtype)[:, None, None],  # [rows, 1, 1, keys]
-                 True: additive_mask(causal & (k_pos > pos[:, None] - self.window), self.dtype)[:, None, None]}
+        # [rows * kv heads, 1, keys]: the layout of the attention's batched matmul, made once for all layers
+        masks = {False: expand_mask(additive_mask(causal, self.dtype), kv),
+                 True: expand_mask(additive_mask(causal & (k_pos > pos[:, None] - self.window), self.dtype), kv)}
         index = torch.arange(rows, device=self.device)
-        for i, layer in enumerate(self.core.layers):
-            h = layer.input_layernorm(x)
-            attn = layer.self_attn
-            q = attn.q_proj(h).view(rows, self.kv_heads * self.groups, self.head_dim)
-            k = attn.k_proj(h).view(rows, self.kv_heads, self.head_dim)
-            v = attn.v_proj(h).view(rows, self.kv_heads, self.head_dim)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            state.k[i][index, :, pos] = k
-            state.v[i][index, :, pos] = v
-            # one query per row: its groups become the query rows of a [kv head] matmul, so the cache is read as is
-            q = q.view(rows, self.kv_heads, self.groups, self.head_dim)
-            out = attend(q, state.k[i], state.v[i], masks[self.sliding[i]], attn.sinks.view(self.kv_heads,
-                         self.groups), attn.scaling)
-            x = x + attn.o_proj(out.reshape(rows, 1, -1))
-            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
-        logits = self.lm.lm_head(self.core.norm(x[:, 0])).float()
+        for i, (layer, w) in enumerate(zip(self.core.layers, self.weights.layers)):
+            qkv = project(rms_norm(x, *w.input_norm), w.qkv)
+            qk = apply_rope(qkv[:, :(heads + kv) * d].view(rows, heads + kv, d), cos, sin)
+            state.k[i][index, :, pos] = qk[:, heads:]
+            state.v[i][index, :, pos] = qkv[:, (heads + kv) * d:].view(rows, kv, d)
+            # one query per row: its groups become the query rows of a [row x kv head] matmul, the cache read as is
+            out = attend_one(qk[:, :heads].reshape(rows * kv, self.groups, d), state.k[i], state.v[i],
+                             masks[self.sliding[i]], state.sinks[i], layer.self_attn.scaling)
+            x = x + project(out.view(rows, heads * d), w.o)
+            x = x + self._mlp(layer.mlp, rms_norm(x, *w.post_norm))
+        logits = self.lm.lm_head(self.core.norm(x)).float()
         token, logprob = sample(logits, state.temperature, state.top_p, state.mode)
         token = torch.where(state.finished, torch.full_like(token, self.pad_id), token)
         logprob = torch.where(state.finished, torch.zeros_like(logprob), logprob)
@@ -219,7 +245,8 @@ class RolloutEngine:
         _, scores, index = mlp.router(h)
         experts = mlp.experts
         factors = expert_lora_factors(experts)
-        if factors is None and self.experts == "dense":
+        if factors is None and (self.experts == "dense" or
+                                (self.experts == "auto" and h.shape[0] <= DENSE_EXPERTS_MAX_TOKENS)):
             factors = {}
         if factors is None:
             out = experts(h, index, scores)
@@ -246,6 +273,9 @@ class DecodeState:
         self.out_tokens = torch.zeros(rows, max_new, dtype=torch.long, device=device)
         self.out_logprobs = torch.zeros(rows, max_new, device=device)
         self.stop_ids = torch.tensor(engine.stop_ids, device=device)
+        # each layer's attention sinks laid out as the decode step's [rows * kv heads, groups, 1] logits column
+        self.sinks = [torch.zeros(rows * engine.kv_heads, engine.groups, 1, dtype=engine.dtype, device=device)
+                      for _ in range(cfg.num_hidden_layers)]
         self.graph = None
         self.capture_seconds = 0.0
 
@@ -258,6 +288,9 @@ class DecodeState:
         self.out_logprobs.zero_()
         self.temperature.fill_(temperature if temperature > 0 else 1.0)
         self.top_p.fill_(top_p)
+        kv, groups = self.engine.kv_heads, self.engine.groups
+        for sinks, layer in zip(self.sinks, self.engine.core.layers):
+            sinks.view(self.rows, kv, groups).copy_(layer.self_attn.sinks.view(1, kv, groups))
 
     def capture(self):
         """Record one decode step as a CUDA graph (after warm-up runs on a side stream, as CUDA graphs require)."""
@@ -285,11 +318,67 @@ class DecodeState:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+class Projection:
+    """A linear layer as the engine runs it: weight [out, in], bias [out], LoRA factors A [R, in] and B [out, R]
+    (B times the adapter's scale; None without a live adapter). Fused q/k/v: the three stacked, B block-diagonal."""
+
+    def __init__(self, weight, bias, lora_a=None, lora_b=None):
+        self.weight, self.bias, self.lora_a, self.lora_b = weight, bias, lora_a, lora_b
+
+    def tensors(self):
+        return [t for t in (self.weight, self.bias, self.lora_a, self.lora_b) if t is not None]
+
+
+class LayerWeights:
+    def __init__(self, qkv, o, input_norm, post_norm):
+        self.qkv, self.o = qkv, o  # Projection
+        self.input_norm, self.post_norm = input_norm, post_norm  # (fp32 weight, eps)
+
+    def tensors(self):
+        return self.qkv.tensors() + self.o.tensors() + [self.input_norm[0], self.post_norm[0]]
+
+
+class EngineWeights:
+    """Every layer's LayerWeights; `copy_from` refreshes them in place (the captured graphs keep their addresses)."""
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    def tensors(self):
+        return [t for layer in self.layers for t in layer.tensors()]
+
+    def copy_from(self, fresh):
+        for kept, new in zip(self.tensors(), fresh.tensors(), strict=True):
+            if kept.shape != new.shape:
+                raise RuntimeError("the adapter's shape changed under the rollout engine; make a new RolloutEngine")
+            if kept.data_ptr() != new.data_ptr():  # a model parameter used as is needs no copy
+                kept.copy_(new)
+
+
 # -- pure helpers ------------------------------------------------------------------------------------------------
+def rms_norm(x, weight, eps):
+    """transformers' GptOssRMSNorm (fp32 statistics, fp32 weight, back to x's dtype) as one fused op where torch has
+    one; `weight` is the norm's weight already in fp32."""
+    return torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), weight, eps).to(x.dtype)
+
+
+def project(x, proj):
+    """x [tokens, in] through a Projection: bias + x W^T, plus the LoRA term (x A^T) B^T with the scale in B.
+
+    Rounded as PEFT's LoRA layer under the trainer's bf16 autocast rounds it: the base output, x A^T, the term,
+    then their sum (the scale, alpha / r, is a power of two in the usual configurations, so folding it into B
+    changes nothing)."""
+    out = torch.addmm(proj.bias, x, proj.weight.t())
+    if proj.lora_a is not None:
+        out = out + torch.mm(torch.mm(x, proj.lora_a.t()), proj.lora_b.t())
+    return out
+
+
 def apply_rope(x, cos, sin):
-    """Rotary embedding as transformers' gpt-oss applies it: the two halves of each head rotated by cos/sin."""
-    first, second = torch.chunk(x, 2, dim=-1)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    """Rotary embedding as transformers' gpt-oss applies it (the two halves of each head rotated by the position's
+    angle), written as x * [cos, cos] + swap_halves(x) * [-sin, sin] with the tables from `_ensure_rope`: the same
+    products and sums, so the same bf16 roundings (a fused multiply-add would round once less, and differ)."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
 
 def additive_mask(allowed, dtype):
@@ -298,12 +387,17 @@ def additive_mask(allowed, dtype):
                                                                                        torch.finfo(dtype).min)
 
 
-def attend(q, k, v, mask, sinks, scaling):
-    """Grouped-query attention with learned sinks, in the dtypes of transformers' eager gpt-oss attention.
+def expand_mask(mask, kv_heads):
+    """[rows, keys] -> [rows * kv_heads, 1, keys], contiguous: the layout `attend_one` adds to its scores."""
+    rows, keys = mask.shape
+    return mask[:, None, None].expand(rows, kv_heads, 1, keys).reshape(rows * kv_heads, 1, keys)
 
-    Logits are [..., keys] with any leading layout whose batch dims match k/v's (prefill: [kv, groups, queries];
-    decode: [rows, kv, groups] against a [rows, kv, keys, d] cache); `sinks` broadcasts against the logits without
-    the keys dim: one more logit per head that takes probability mass and contributes no value.
+
+def attend(q, k, v, mask, sinks, scaling):
+    """Grouped-query attention with learned sinks, in the dtypes of transformers' eager gpt-oss attention (prefill).
+
+    Logits are [kv, groups, queries, keys] against a [1, kv, keys, d] k/v; `sinks` broadcasts against the logits
+    without the keys dim: one more logit per head that takes probability mass and contributes no value.
     """
     logits = torch.matmul(q, k.transpose(-1, -2)) * scaling + mask
     sink = sinks.unsqueeze(-1).expand(*logits.shape[:-1], 1).to(logits.dtype)
@@ -311,6 +405,22 @@ def attend(q, k, v, mask, sinks, scaling):
     combined = combined - combined.max(dim=-1, keepdim=True).values
     probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
     return torch.matmul(probs.to(v.dtype), v)
+
+
+def attend_one(q, k_cache, v_cache, mask, sinks, scaling):
+    """The decode step's attention, one query per row, in as few kernels as the math allows.
+
+    q [rows * kv, groups, d] (a row's query groups are the rows of its kv head's matmul, so the cache is read as
+    is, never broadcast); caches [rows, kv, keys, d]; mask [rows * kv, 1, keys]; sinks [rows * kv, groups, 1].
+    Scores = mask + scaling * q k^T in one batched matmul (one rounding, as transformers' matmul then power-of-two
+    scale), the sink as one more column of the softmax, the maximum subtracted in the logits' dtype as there.
+    """
+    batch, _, d = q.shape
+    keys = k_cache.view(batch, -1, d)
+    scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=scaling)
+    combined = torch.cat([scores, sinks], dim=-1)
+    probs = torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1, dtype=combined.dtype)
+    return torch.bmm(probs[..., :-1], v_cache.view(batch, -1, d))
 
 
 def sample(logits, temperature, top_p, mode):
@@ -335,6 +445,62 @@ def nucleus(probs, top_p):
     before = sorted_probs.cumsum(dim=-1) - sorted_probs
     sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+def gather_weights(core, dtype):
+    """EngineWeights of a gpt-oss model (its `.model`): fused q/k/v, o, and the norms, read from the live modules."""
+    layers = []
+    for layer in core.layers:
+        attn = layer.self_attn
+        norms = [(norm.weight.float(), norm.variance_epsilon)
+                 for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+        layers.append(LayerWeights(fuse_projections([attn.q_proj, attn.k_proj, attn.v_proj], dtype),
+                                   fuse_projections([attn.o_proj], dtype), *norms))
+    return EngineWeights(layers)
+
+
+def fuse_projections(modules, dtype):
+    """One Projection for linear layers that read the same input: weights stacked, LoRA B block-diagonal.
+
+    A single layer's weight and bias are the module's own tensors (no copy). LoRA: every live adapter of every
+    layer contributes its A rows and, in its layer's output rows, its B columns times its scale (zeros elsewhere,
+    which add exactly nothing).
+    """
+    bases = [find_base_layer(m) for m in modules]
+    biases = [b.bias if b.bias is not None else torch.zeros(b.out_features, device=b.weight.device) for b in bases]
+    if len(bases) == 1:
+        weight, bias = bases[0].weight.to(dtype), biases[0].to(dtype)
+    else:
+        weight = torch.cat([b.weight for b in bases]).to(dtype)
+        bias = torch.cat([b.to(dtype) for b in biases])
+    terms = [(k, a, b, scale) for k, m in enumerate(modules) for a, b, scale in lora_terms(m)]
+    if not terms:
+        return Projection(weight, bias)
+    lora_a = torch.cat([a for _, a, _, _ in terms]).to(dtype)
+    lora_b = torch.zeros(weight.shape[0], lora_a.shape[0], dtype=dtype, device=weight.device)
+    starts = [0]
+    for b in bases:
+        starts.append(starts[-1] + b.out_features)
+    col = 0
+    for k, a, b, scale in terms:
+        lora_b[starts[k]:starts[k + 1], col:col + a.shape[0]] = (b * scale).to(dtype)
+        col += a.shape[0]
+    return Projection(weight, bias, lora_a, lora_b)
+
+
+def lora_terms(module):
+    """[(A [r, in], B [out, r], scale)] of the live LoRA adapters on a PEFT-wrapped linear layer ([] for none)."""
+    if not hasattr(module, "lora_A") or module.disable_adapters or module.merged:
+        return []
+    terms = []
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if getattr(module, "use_dora", {}).get(name) or module.lora_B[name].bias is not None:
+            raise NotImplementedError("the rollout engine runs plain LoRA adapters (no DoRA, no LoRA bias); "
+                                      "use --generation-backend generate for this adapter")
+        terms.append((module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]))
+    return terms
 
 
 def dense_experts(experts, factors, h, index, scores):

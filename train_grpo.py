@@ -60,8 +60,9 @@ OUT = "runs/grpo-gpt-oss-20b"  # run directory: adapter, checkpoints, logs, summ
 # processed TRAIN_BATCH_SIZE at a time over GRADIENT_ACCUMULATION micro-batches
 NUM_GENERATIONS = 8  # completions per prompt (one GRPO group)
 PROMPTS_PER_STEP = 4  # prompts (groups) per optimiser step
-TRAIN_BATCH_SIZE = 8  # completions per forward/backward micro-batch
-GRADIENT_ACCUMULATION = 4  # micro-batches per optimiser step (= PROMPTS_PER_STEP * NUM_GENERATIONS / TRAIN_BATCH_SIZE)
+TRAIN_BATCH_SIZE = 16  # completions per forward/backward micro-batch (16 x 2 updated in 2.3 s a step vs 2.5 s for
+                       #   8 x 4 at +2 GiB peak: benchmarks/RESULTS.md)
+GRADIENT_ACCUMULATION = 2  # micro-batches per optimiser step (= PROMPTS_PER_STEP * NUM_GENERATIONS / TRAIN_BATCH_SIZE)
 MAX_PROMPT_LEN = 1024  # prompts longer than this (in tokens) are left out and reported
 MAX_COMPLETION_LEN = 256  # tokens a completion may use before it counts as truncated (invalid)
 # Optimisation

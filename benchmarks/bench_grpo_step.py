@@ -25,24 +25,35 @@ ROOT = Path(__file__).resolve().parents[1]
 # -----------------------------------------------------------------------------
 MEASURED_STEPS = 3  # steps timed after the warm-up step, per back end
 DEFAULT_STEPS = 20  # steps of the run with default settings (the first is the warm-up)
+DEFAULT_ROW = "engine (default)"
 ROWS = {  # name -> (extra train_grpo.py flags, steps incl. warm-up or None for MEASURED_STEPS + 1)
-    "engine (default)": ([], DEFAULT_STEPS),
+    DEFAULT_ROW: ([], DEFAULT_STEPS),
     "generate": (["--generation-backend", "generate"], None),
     "engine + expert LoRA": (["--generation-backend", "engine", "--lora-experts", "true"], None),
     "continuous-batching": (["--generation-backend", "continuous-batching"], None),
+    "engine, micro-batches of 16": (["--train-batch-size", "16", "--gradient-accumulation", "2"], None),
+    "engine, one micro-batch of 32": (["--train-batch-size", "32", "--gradient-accumulation", "1"], None),
 }
+ROW_TIMEOUT = 420  # seconds a row may run (model loading included) before it is stopped and reported as such
 RUN_DIR = ROOT / "runs" / "bench-grpo-step"  # one run directory per row
 # -----------------------------------------------------------------------------
 
 
-def run_row(name, flags, steps, model_dir, log):
+def run_row(name, flags, steps, model_dir, log, timeout=ROW_TIMEOUT):
     out = RUN_DIR / name.replace(" ", "-").replace("(", "").replace(")", "").replace("+", "plus")
     command = [sys.executable, str(ROOT / "train_grpo.py"), "--model-id", str(model_dir), "--total-steps", str(steps),
-               "--save-steps", str(10 * steps), "--report-to", "none", "--eval-samples", "0", "--out", str(out), *flags]
+               "--report-to", "none", "--eval-samples", "0", "--out", str(out), *flags]
+    if name != DEFAULT_ROW:  # the other rows time steps only: no checkpoint, no validation
+        command += ["--save-steps", str(10 * steps)]
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(f"{out}.log", "w") as log_file:
-        done = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            done = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            message = f"stopped after {timeout} s before its {steps} steps ended"
+            log(f"{name}: {message}")
+            return {"backend": name, "failed": message, "steps": steps}
     wall = time.time() - start
     if done.returncode != 0:
         last = Path(f"{out}.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
@@ -56,6 +67,8 @@ def measure(name, out, steps, wall):
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     rows = [r for r in history if "step_time" in r][1:]
     summary = json.loads((out / "summary.json").read_text())
+    validation = out / "validation.json"
+    scored = json.loads(validation.read_text())["checkpoints"] if validation.is_file() else []
 
     def mean(key):
         values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
@@ -66,10 +79,14 @@ def measure(name, out, steps, wall):
             "generation_seconds": generation, "update_seconds": step - generation,
             "generated_tokens_per_second": tokens / generation, "completions_per_step": tokens / 256,
             "peak_gib": summary["speed"].get("peak_gpu_memory_gib"), "card": summary["device"],
-            "wall_seconds": wall, "generation_backend": summary.get("generation_backend")}
+            "wall_seconds": wall, "generation_backend": summary.get("generation_backend"),
+            "validation_seconds": [entry["seconds"] for entry in scored]}
 
 
 def render(results, model_dir, tokenizer):
+    model_dir = Path(model_dir).resolve()
+    if model_dir.is_relative_to(ROOT):
+        model_dir = model_dir.relative_to(ROOT)  # no machine's path in a table meant to be committed
     lines = [f"# GRPO step by generation back end ({results[0].get('card', 'GPU')})", "",
              f"Model: {model_dir} (tokenizer: {tokenizer}). Command: `python benchmarks/bench_grpo_step.py`.", "",
              "| back end | steps (measured) | s / step | generation s | update s | generated tokens / s | peak GiB | card |",
@@ -82,8 +99,8 @@ def render(results, model_dir, tokenizer):
                      f"{r['generation_seconds']:.2f} | {r['update_seconds']:.2f} | "
                      f"{r['generated_tokens_per_second']:.0f} | {r['peak_gib']:.1f} | {r['card']} |")
     by_name = {r["backend"]: r for r in results if "failed" not in r}
-    if "generate" in by_name and "engine (default)" in by_name:
-        ratio = by_name["generate"]["seconds_per_step"] / by_name["engine (default)"]["seconds_per_step"]
+    if "generate" in by_name and DEFAULT_ROW in by_name:
+        ratio = by_name["generate"]["seconds_per_step"] / by_name[DEFAULT_ROW]["seconds_per_step"]
         lines += ["", f"Engine vs TRL's generate in this run: {ratio:.1f}x faster per step."]
     return "\n".join(lines) + "\n"
 
@@ -93,6 +110,7 @@ def main():
     parser.add_argument("--model-dir", default=str(ROOT / "runs" / "stand-ins" / "gpt-oss-20b-shape"))
     parser.add_argument("--out", default=str(RUN_DIR / "grpo_step.md"), help="Markdown table (JSON beside it)")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="which rows to run")
+    parser.add_argument("--row-timeout", type=int, default=ROW_TIMEOUT, help="seconds a row may run")
     args = parser.parse_args()
     recipe = Path(args.model_dir) / "recipe.json"
     tokenizer = json.loads(recipe.read_text()).get("tokenizer", "unknown") if recipe.is_file() else "unknown"
@@ -100,7 +118,7 @@ def main():
     for name in args.rows:
         flags, steps = ROWS[name]
         print(f"{name}: running {steps or MEASURED_STEPS + 1} steps", flush=True)
-        results.append(run_row(name, flags, steps or MEASURED_STEPS + 1, args.model_dir, print))
+        results.append(run_row(name, flags, steps or MEASURED_STEPS + 1, args.model_dir, print, args.row_timeout))
         print(json.dumps(results[-1]), flush=True)
         table = render(results, args.model_dir, tokenizer)  # after every row: a stopped run keeps what it measured
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,8 @@
 
     python benchmarks/bench_rollout_engine.py --model-dir runs/stand-ins/gpt-oss-20b-shape --out runs/bench/engine.json
 
-For each experts path of the engine ('auto': the model's grouped_mm experts module; 'dense': every token through
-every expert as one batched matmul) it reports the first call (graph capture included), a full GRPO rollout
+For each experts path of the engine ('auto': dense in a decode step, the module for a prefill; 'module': the
+model's grouped_mm experts module; 'dense': every token through every expert as one batched matmul) it reports the first call (graph capture included), a full GRPO rollout
 (4 prompts x 8 samples x 256 tokens), and one decode step timed over replays of the captured graph.
 
 It also measures what a greedy comparison can and cannot show on random weights: the margin between the two
@@ -66,7 +66,9 @@ def time_engine(model, tokenizer, prompt_ids, experts, profile=False):
                 for _ in range(3):
                     engine._decode(state)  # eagerly: the same kernels the graph replays
             torch.cuda.synchronize()
-        result["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        result["kernels_per_decode_step"] = len(kernels) / 3
+        result["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
         print(result["profile"])
     engine.release()
     return result
@@ -76,7 +78,8 @@ def logprob_noise(model, tokenizer, prompt_ids, experts="auto"):
     """Engine log-probabilities of sampled tokens against the forward pass, beside the forward against itself.
 
     The forward is computed twice: each sequence alone, and the 32 right-padded in micro-batches of 8 as TRL's
-    loss does; their difference is the reference's own bf16 noise floor on this model.
+    loss does; their difference is the reference's own bf16 noise floor on this model. Both run under the bf16
+    autocast that accelerate puts around the trainer's forward.
     """
     engine = RolloutEngine(model, tokenizer, experts=experts)
     rows = [ids for ids in prompt_ids[:PROMPTS] for _ in range(SAMPLES)]
@@ -84,7 +87,7 @@ def logprob_noise(model, tokenizer, prompt_ids, experts="auto"):
     completions, logprobs = engine.generate(rows, NEW_TOKENS)
     engine.release()
     alone, batched = [], []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.dtype == torch.bfloat16):
         for prompt, completion in zip(rows, completions):
             ids = torch.tensor([prompt + completion], device="cuda")
             logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
@@ -129,7 +132,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", default=str(ROOT / "runs" / "stand-ins" / "gpt-oss-20b-shape"))
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench" / "engine.json"))
-    parser.add_argument("--experts", nargs="+", default=["auto", "dense"])
+    parser.add_argument("--experts", nargs="+", default=["auto", "module"], choices=["auto", "module", "dense"])
     parser.add_argument("--profile", action="store_true", help="also print the top kernels of three decode steps")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                         help="fp32: only the log-probability comparison (the 20b shape takes ~84 GB in fp32)")

@@ -92,6 +92,7 @@ def test_an_optimiser_step_is_seen_by_the_kept_state_without_rebuilding_it(token
     completions, before = engine.generate(prompts, 32)
     state = next(iter(engine.graphs.values()))
     assert (state.graph is not None) == (device == "cuda")
+    addresses = [t.data_ptr() for t in engine.weights.tensors()]  # what a captured graph reads
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     optimiser = torch.optim.AdamW(lora, lr=0.05)
     loss = -sum(forward_logprobs_with_grad(model, prompts[0], completions[0]))
@@ -102,6 +103,7 @@ def test_an_optimiser_step_is_seen_by_the_kept_state_without_rebuilding_it(token
     torch.manual_seed(2)
     completions_after, logprobs_after = engine.generate(prompts, 32)
     assert list(engine.graphs.values()) == [state]  # same buffers, nothing rebuilt
+    assert [t.data_ptr() for t in engine.weights.tensors()] == addresses  # the new values copied into the same place
     for completion, lps in zip(completions_after, logprobs_after):
         torch.testing.assert_close(torch.tensor(lps), forward_logprobs(model, prompts[0], completion), atol=1e-4,
                                    rtol=0)
