@@ -4,7 +4,9 @@ What train_grpo.py writes into OUT and what it and adapter_evaluation.py read ba
 - `checkpoint-<step>/` is complete or absent: the trainer writes one file by file, so `save_checkpoints_atomically`
   makes it write into a hidden `.checkpoint-partial-*` directory beside it and renames that into place when the
   last file (trainer_state.json) is written. A kill mid-save leaves only the hidden directory, which the next
-  --resume removes (`remove_partial_checkpoints`, also for the final adapter's `.final-partial-*`);
+  --resume removes (`remove_partial_checkpoints`, also for the final adapter's `.final-partial-*`). Under
+  `accelerate launch` every process writes its part of a checkpoint into the same hidden directory, and the main
+  process renames it once all are done; everything else here is the main process's to write;
 - `list_checkpoints` tells complete checkpoints from the rest (empty, or left by an older version without the rename:
   no trainer_state.json, a missing optimiser file), so --resume continues from the last complete one and says why
   it skipped the others;
@@ -39,11 +41,12 @@ class RunDirectoryError(RuntimeError):
     """A run directory that cannot be used as asked; the message says why and what to do."""
 
 
-def check_run_dir(out, resume, log):
+def check_run_dir(out, resume, log, tidy=True):
     """A run directory is never overwritten: continue it with --resume or pick another --out.
 
     Returns the (step, path) of the last complete checkpoint to resume from, or None (a new run; or a resumed
-    run that stopped before its first complete checkpoint, which starts again from step 0).
+    run that stopped before its first complete checkpoint, which starts again from step 0). With --resume, `tidy`
+    removes what interrupted saves left; of several processes only the main one tidies, the others only look.
     """
     from data_reward import why_not_writable
 
@@ -56,7 +59,8 @@ def check_run_dir(out, resume, log):
         raise RunDirectoryError(f"{out} already holds a run; continue it with --resume, or choose another --out")
     if not resume:
         return None
-    remove_partial_checkpoints(out, log)
+    if tidy:
+        remove_partial_checkpoints(out, log)
     checkpoint = last_complete_checkpoint(out, log)
     if checkpoint is None:
         log(f"{out} has no complete checkpoint: the run starts again from step 0, with its settings")
@@ -150,17 +154,29 @@ def save_checkpoints_atomically(trainer, base_model_id):
     The trainer writes checkpoint-<step>/ under the directory its `_get_output_dir` returns; for the save that is
     a fresh `.checkpoint-partial-*` directory in OUT, and the finished checkpoint is renamed from there, its
     adapter recording `base_model_id` as its base (record_base).
+    Under `accelerate launch` every process writes its part of a checkpoint (the main process the adapter, optimiser
+    and trainer state, each process its own rng_state_<rank>.pth): the main process makes the hidden directory and
+    tells the others its name, and renames it once every process has finished writing.
     """
+    from accelerate.utils import broadcast_object_list
+
     save = trainer._save_checkpoint
     out = Path(trainer.args.output_dir)
+    processes = trainer.accelerator
 
     def save_atomically(model, trial):
-        staging = Path(tempfile.mkdtemp(prefix=PARTIAL, dir=out))
+        staging = [tempfile.mkdtemp(prefix=PARTIAL, dir=out) if processes.is_main_process else None]
+        if processes.num_processes > 1:
+            broadcast_object_list(staging)
+        staging = Path(staging[0])
         trainer._get_output_dir = lambda trial=None: str(staging)
         try:
             save(model, trial)
         finally:
             del trainer._get_output_dir  # the class's own again
+        processes.wait_for_everyone()
+        if not processes.is_main_process:
+            return
         name = f"checkpoint-{trainer.state.global_step}"
         record_base(staging / name, base_model_id)
         replace_path(staging / name, out / name, staging)

@@ -13,6 +13,11 @@ Each record is one Harmony prompt with what the reward function needs to score a
   (never truncated: a prompt cut mid-Harmony would teach the model on a broken turn).
 - TRL 1.x repeats every record `num_generations` times by itself (one GRPO group per prompt), so the stream yields
   each prompt once; the trainer must be told `shuffle_dataset=False` to keep this order.
+- Several processes (`accelerate launch`): every process runs this same seeded stream. TRL cuts it into steps of
+  (processes x PROMPTS_PER_STEP) prompts, each repeated into its group; accelerate (IterableDatasetShard, as the
+  stream is one shard and TRL sets dispatch_batches=False) hands process r the r-th contiguous slice of
+  PROMPTS_PER_STEP x NUM_GENERATIONS records of each step. So within a step no prompt is on two processes and every
+  group is whole on one process (TRL still gathers all rewards before it computes the group baselines).
 """
 
 import numpy as np

@@ -4,6 +4,8 @@
     python train_grpo.py                                 # openai/gpt-oss-20b on one 80 GB GPU
     python train_grpo.py --total-steps 50 --out runs/my-run --learning-rate 2e-5
     python train_grpo.py --resume --out runs/my-run      # continue a killed or stopped run at its last checkpoint
+    accelerate launch --config_file accelerate_2gpu.yaml train_grpo.py   # 2 GPUs of one host (README: 4, 8, hosts)
+    torchrun --standalone --nproc_per_node 2 train_grpo.py --tiny        # 2 CPU processes (gloo), as the tests do
 
 Every constant below can be overridden from the command line (`TOTAL_STEPS` -> `--total-steps`); `--tiny` swaps
 in the embedded stand-in (tiny_gpt_oss.py) and the CPU-sized settings of TINY_SETTINGS, under any flags you give.
@@ -27,6 +29,15 @@ What it does, in order:
    records its base as 'tiny' or a path relative to the repository.
 At the end it evaluates the untrained and the trained policy on the held-out split (EVAL_SAMPLES answers per
 prompt at temperature 1) beside uniform guessing, the best constant action and the optimal policy.
+
+Several processes (`accelerate launch --num_processes N`, data parallel): each process trains on PROMPTS_PER_STEP
+prompts of its own a step (N x PROMPTS_PER_STEP in all, printed at the start): every process reads the same
+StepStream and accelerate hands each its own contiguous slice of every step's prompts, each GRPO group whole
+(step_stream.py). Each process generates and scores its completions; TRL gathers the rewards for the group
+baselines and DDP averages the gradients. The main process alone prints, writes completions.csv (every process's
+rows gathered to it, with a `rank` column), run_config.json, validation.json, the adapter and the summary, and runs
+the validation and the held-out evaluation; a checkpoint holds each process's RNG state. A run is resumed by as
+many processes as started it.
 
 --resume continues OUT from its last complete checkpoint with the settings of its run_config.json (flags given
 on the command line win, and are named), drops the completion-log rows of later steps (and a record cut off by
@@ -56,10 +67,11 @@ DATA_FILES = ["data/dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmon
 TRAIN_SPLIT = "train"  # rows of this `split` train
 EVAL_SPLIT = "eval"  # rows of this `split` are held out for the final evaluation
 OUT = "runs/grpo-gpt-oss-20b"  # run directory: adapter, checkpoints, logs, summary
-# GRPO batch: PROMPTS_PER_STEP * NUM_GENERATIONS completions per optimiser step,
-# processed TRAIN_BATCH_SIZE at a time over GRADIENT_ACCUMULATION micro-batches
+# GRPO batch: PROMPTS_PER_STEP * NUM_GENERATIONS completions per optimiser step and process,
+# processed TRAIN_BATCH_SIZE at a time over GRADIENT_ACCUMULATION micro-batches (all three per process, like TRL's
+# per_device_train_batch_size: N processes of `accelerate launch` train on N times as many prompts a step)
 NUM_GENERATIONS = 8  # completions per prompt (one GRPO group)
-PROMPTS_PER_STEP = 4  # prompts (groups) per optimiser step
+PROMPTS_PER_STEP = 4  # prompts (groups) per optimiser step, in each process
 TRAIN_BATCH_SIZE = 16  # completions per forward/backward micro-batch (16 x 2 updated in 2.3 s a step vs 2.5 s for
                        #   8 x 4 at +2 GiB peak: benchmarks/RESULTS.md)
 GRADIENT_ACCUMULATION = 2  # micro-batches per optimiser step (= PROMPTS_PER_STEP * NUM_GENERATIONS / TRAIN_BATCH_SIZE)
@@ -136,11 +148,12 @@ def build_parser():
     return parser
 
 
-def resolve_settings(args, log):
+def resolve_settings(args, log, processes=1):
     """Constants, then TINY_SETTINGS when --tiny, then explicit flags.
 
     With --resume the run's own run_config.json takes the place of the constants and TINY_SETTINGS (--tiny then only
-    picks the default OUT), the flags given still win, and `log` hears which settings they change.
+    picks the default OUT), the flags given still win, and `log` hears which settings they change. The run must be
+    resumed by as many `processes` as trained it.
     """
     settings = {name: globals()[name] for name in SETTINGS}
     if args.tiny:
@@ -160,6 +173,11 @@ def resolve_settings(args, log):
         if name in ADAPTER_SHAPE:
             raise SystemExit(f"error: --resume: {name} of {out} is {settings[name]!r}; the checkpoints hold an "
                              f"adapter of that shape, so it cannot change (start a new run with another --out)")
+    launched = stored.get("PROCESSES", 1)  # a run from before several processes could train had one
+    if launched != processes:
+        raise SystemExit(f"error: --resume: {out} was trained by {launched} process(es), this launch has {processes}; "
+                         "which prompts the done steps used and the size of a step depend on it, so continue it with "
+                         f"as many: {resume_command(out, launched)}")
     log(f"resuming {out} with the settings of its {run_directory.RUN_CONFIG}"
         + ("; changed on the command line: " + ", ".join(f"{name} {settings[name]!r} -> "
                                                          f"{getattr(args, name.lower())!r}" for name in changed)
@@ -381,7 +399,8 @@ def mean_of(logs, key):
 
 
 def make_progress_printer(total_steps, every):
-    """A TrainerCallback that prints one compact line every `every` steps (the full metrics go to TensorBoard)."""
+    """A TrainerCallback that prints one compact line every `every` steps (the full metrics go to TensorBoard), in the
+    main process."""
     from transformers import TrainerCallback
 
     class ProgressPrinter(TrainerCallback):
@@ -392,6 +411,8 @@ def make_progress_printer(total_steps, every):
             self.start, self.first_step = time.time(), state.global_step
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero:
+                return  # one progress line per step however many processes train (their metrics are averaged)
             if logs and "reward" in logs:
                 self.window.append(logs)
             if state.global_step % every and state.global_step != total_steps or not self.window:
@@ -446,21 +467,29 @@ def time_generation(trainer, backend):
     trainer._generate = timed
 
 
-def summarize_speed(log_history, device, first_step=0):
-    """Seconds per step (generation and the rest), generated tokens per second, peak GPU memory.
+def summarize_speed(log_history, device, first_step=0, completions_per_step=None):
+    """Seconds per step (generation and the rest), generated tokens per second, completions per second, peak GPU
+    memory (of the fullest card; every card's too when there are several).
 
-    Only steps after `first_step` count: a resumed run's history holds the steps of earlier processes too.
+    Only steps after `first_step` count: a resumed run's history holds the steps of earlier starts too. With several
+    processes the generation figures are one process's (TRL averages them over the processes), and every process
+    must call this (the peaks are gathered).
     """
     import torch
+    from accelerate.utils import gather_object
 
     rows = [r for r in log_history if "step_time" in r and r.get("step", 0) > first_step]
     step, generation, tokens = (mean_of(rows, key) for key in
                                 ("step_time", "timing/generation_seconds", "timing/generated_tokens"))
     speed = {"seconds_per_step": step, "generation_seconds_per_step": generation,
              "update_seconds_per_step": step - generation if step is not None and generation is not None else None,
-             "generated_tokens_per_second": tokens / generation if tokens and generation else None}
+             "generated_tokens_per_second": tokens / generation if tokens and generation else None,
+             "completions_per_second": completions_per_step / step if completions_per_step and step else None}
     if device == "cuda":
-        speed["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        peaks = gather_object([torch.cuda.max_memory_allocated() / 2**30])  # one per process, in process order
+        speed["peak_gpu_memory_gib"] = max(peaks)
+        if len(peaks) > 1:
+            speed["peak_gpu_memory_gib_per_process"] = peaks
     return speed
 
 
@@ -491,15 +520,18 @@ def render_summary(summary):
     if ran == done:
         steps = f"{done} steps in {summary['train_seconds']:.0f} s on {summary['device']}"
     else:
-        steps = (f"{done} steps; this process continued from {summary['resumed_from']} and ran steps "
+        steps = (f"{done} steps; this launch continued from {summary['resumed_from']} and ran steps "
                  f"{done - ran + 1}-{done} ({ran} steps) in {summary['train_seconds']:.0f} s on {summary['device']}")
     steps += f" (generation: {summary.get('generation_backend', 'n/a')})."
+    if "processes" in summary:
+        processes, prompts = summary["processes"], summary["prompts_per_step"]
+        steps += f" {describe_batch(processes, prompts // processes, summary['completions_per_step'] // prompts)}."
     kept = summary.get("kept")
     if kept:
         steps += (f" Adapter kept: step {kept['step']} of {done}, by its score on {kept['validation_prompts']} "
                   f"training prompts x {kept['validation_samples']} answers: {kept['reason']}.")
     lines = [f"# GRPO run {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", "", steps, "",
-             render_speed(summary["speed"]), "",
+             render_speed(summary["speed"], summary.get("processes", 1)), "",
              "| during training | reward | valid rate | accuracy |", "|---|---|---|---|"]
     for label, key in (("first steps", "first_steps"), ("last steps", "last_steps")):
         w = t[key]
@@ -529,13 +561,21 @@ def render_summary(summary):
     return "\n".join(lines) + "\n"
 
 
-def render_speed(speed):
+def render_speed(speed, processes=1):
     def fmt(x, unit):
         return "n/a" if x is None else f"{x:.2f} {unit}"
     line = (f"Per step: {fmt(speed['seconds_per_step'], 's')} ({fmt(speed['generation_seconds_per_step'], 's')} "
             f"generation, {fmt(speed['update_seconds_per_step'], 's')} the rest); "
-            f"{fmt(speed['generated_tokens_per_second'], 'generated tokens/s')}")
-    if "peak_gpu_memory_gib" in speed:
+            f"{fmt(speed['generated_tokens_per_second'], 'generated tokens/s')}"
+            + (" per process" if processes > 1 else ""))
+    if speed.get("completions_per_second") is not None:
+        line += f"; {fmt(speed['completions_per_second'], 'completions/s')}"
+        if processes > 1:
+            line += " (all processes)"
+    if "peak_gpu_memory_gib_per_process" in speed:
+        line += "; peak GPU memory per card " + ", ".join(f"{gib:.1f}" for gib in
+                                                           speed["peak_gpu_memory_gib_per_process"]) + " GiB"
+    elif "peak_gpu_memory_gib" in speed:
         line += f"; peak GPU memory {speed['peak_gpu_memory_gib']:.1f} GiB"
     return line + "."
 
@@ -657,22 +697,61 @@ def make_trainer(model, tokenizer, pool, completion_log, settings, device, backe
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    processes = start_processes()
     try:
-        settings = resolve_settings(args, log)
+        train(args, processes)
+    except SystemExit as stop:
+        if processes.is_main_process or not isinstance(stop.code, str):
+            raise
+        raise SystemExit(1) from None  # the main process says why; the others stop without saying it again
+    processes.destroy_process_group()  # NCCL warns at exit otherwise; nothing to do with one process
+
+
+def start_processes():
+    """accelerate's state of this process: the only one under `python`, one of several under a launcher.
+
+    Under `accelerate launch` (or torchrun) it joins the others: NCCL on GPUs, each process bound to its own GPU;
+    gloo on CPUs, which accelerate takes as one distributed run only when told cpu=True.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def describe_batch(processes, prompts_per_step, generations):
+    """'2 processes x 4 prompts x 8 answers = 64 completions per step': PROMPTS_PER_STEP counts per process."""
+    return (f"{processes} process{'es' if processes > 1 else ''} x {prompts_per_step} prompts x {generations} answers "
+            f"= {processes * prompts_per_step * generations} completions per step")
+
+
+def resume_command(out, processes):
+    """The command that continues the run in `out` with the same number of processes."""
+    launch = "python" if processes == 1 else f"accelerate launch --num_processes {processes}"
+    return f"{launch} train_grpo.py --resume --out {out}"
+
+
+def train(args, processes):
+    """The run, in every process: the main one alone prints and writes what is not a checkpoint part (see README)."""
+    main_process = processes.is_main_process
+    log = (lambda msg: print(msg, flush=True)) if main_process else (lambda msg: None)
+    try:
+        settings = resolve_settings(args, log, processes.num_processes)
         check_settings(settings)
+        log(describe_batch(processes.num_processes, settings["PROMPTS_PER_STEP"], settings["NUM_GENERATIONS"]))
         out = run_path(settings["OUT"])
         if out.resolve() == ROOT.resolve():
             raise SystemExit("error: --out must name a run directory (e.g. runs/my-run), not the repository itself")
         settings["OUT"] = str(out)
         try:
-            checkpoint = run_directory.check_run_dir(out, args.resume, log)
+            checkpoint = run_directory.check_run_dir(out, args.resume, log, tidy=main_process)
         except run_directory.RunDirectoryError as error:
             raise SystemExit(f"error: {error}") from None
         start_step = checkpoint[0] if checkpoint else 0
         finished = run_directory.finished_message(out, start_step, settings["TOTAL_STEPS"]) if checkpoint else None
         if finished:
-            print(finished)
+            log(finished)
             return
         train_frames, held_out = read_data(settings)  # before any model is loaded
 
@@ -681,14 +760,15 @@ def main(argv=None):
         import model_loader
         from data_reward import CompletionLog, write_text_atomically
 
-        device = model_loader.pick_device()
+        device = "cuda" if processes.device.type == "cuda" else "cpu"  # model_loader.pick_device, as accelerate chose
         backend = resolve_backend(settings["GENERATION_BACKEND"], device)
         torch.manual_seed(settings["SEED"])
         model, tokenizer, pool = load_for_training(settings, train_frames, device, log)
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted before training started; nothing was written") from None
 
-    # From here on OUT is written. A start that ends before its first optimiser step takes back what it wrote.
+    # From here on OUT is written (by the main process, and checkpoint parts by each process). A start that ends
+    # before its first optimiser step takes back what it wrote.
     created_out, present_before, trainer = not out.exists(), run_directory.run_files_present(out), None
 
     def steps_done():
@@ -696,27 +776,31 @@ def main(argv=None):
 
     def forget_if_nothing_done():
         if steps_done() <= 0 and start_step == 0:
-            run_directory.forget_failed_start(out, present_before, created_out)
+            if main_process:
+                run_directory.forget_failed_start(out, present_before, created_out)
             return True
         return False
 
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        processes.wait_for_everyone()  # every process has looked at OUT before the main one writes into it
         settings["MODEL_PATH"] = model_loader.resolve_model_id(settings["MODEL_ID"])
-        write_text_atomically(json.dumps(settings, indent=2) + "\n", out / run_directory.RUN_CONFIG)
+        settings["PROCESSES"] = processes.num_processes  # a resumed run must be launched with as many
+        if main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            write_text_atomically(json.dumps(settings, indent=2) + "\n", out / run_directory.RUN_CONFIG)
         completion_log = None
         if os.environ.get("GRPO_LOG_COMPLETIONS", "1") != "0":
             steps_per_generation = int(os.environ.get("GRPO_STEPS_PER_GENERATION", settings["GRADIENT_ACCUMULATION"]))
             completion_log = CompletionLog(os.environ.get("GRPO_COMPLETION_LOG_PATH", out / "completions.csv"),
                                            steps_per_generation)
-        if args.resume and completion_log is not None:
+        if args.resume and completion_log is not None and main_process:
             dropped, torn = completion_log.keep_steps_up_to(start_step)
             log(f"completion log: dropped {dropped} rows of steps after {start_step}"
                 + ("; and a last record cut off by a kill" if torn else ""))
         if checkpoint:
             log(f"resuming from {checkpoint[1].name} (step {start_step})")
         scorer = None
-        if settings["VALIDATION_PROMPTS"]:
+        if settings["VALIDATION_PROMPTS"] and main_process:  # the others train on meanwhile, up to the next gather
             scorer = best_checkpoint.make_validation_callback(
                 tokenizer, best_checkpoint.pick_validation_rows(train_frames, pool, settings["VALIDATION_PROMPTS"],
                                                                 settings["SEED"]),
@@ -731,11 +815,16 @@ def main(argv=None):
                              "command to start again") from None
         if steps_done() <= 0:
             raise SystemExit(f"\ninterrupted before step {start_step + 1} ended; {out} still continues from "
-                             f"checkpoint-{start_step}: python train_grpo.py --resume --out {out}") from None
+                             f"checkpoint-{start_step}: {resume_command(out, processes.num_processes)}") from None
+        if processes.num_processes > 1:
+            # each process stops at its own point, so a checkpoint (a collective save) cannot be made safely
+            raise SystemExit(f"\ninterrupted at step {trainer.state.global_step}; with several processes Ctrl-C "
+                             f"saves no checkpoint: {out} continues from its last one with: "
+                             f"{resume_command(out, processes.num_processes)}") from None
         if not (out / f"checkpoint-{trainer.state.global_step}").is_dir():
             trainer._save_checkpoint(trainer.model, trial=None)
         raise SystemExit(f"\ninterrupted at step {trainer.state.global_step}: checkpoint saved in {out}; "
-                         f"continue with: python train_grpo.py --resume --out {out}") from None
+                         f"continue with: {resume_command(out, processes.num_processes)}") from None
     except torch.OutOfMemoryError:
         forget_if_nothing_done()
         raise SystemExit(f"error: the GPU ran out of memory (generation backend: {backend}). {MEMORY_ADVICE}") from None
@@ -746,14 +835,20 @@ def main(argv=None):
         forget_if_nothing_done()
         raise
     train_seconds = time.time() - start
+    completions_per_step = processes.num_processes * settings["PROMPTS_PER_STEP"] * settings["NUM_GENERATIONS"]
+    speed = summarize_speed(trainer.state.log_history, device, start_step, completions_per_step)
+    if not main_process:
+        return  # the main process keeps the adapter, evaluates it and writes the summary
     kept = keep_best_adapter(trainer.model, scorer, out, log) if scorer and scorer.history else None
     run_directory.save_final_atomically(trainer, tokenizer, out, model_loader.portable_model_id(settings["MODEL_ID"]))
 
     summary = {"out": str(out), "device": device_name(device), "generation_backend": backend,
-               "steps_done": trainer.state.global_step,
+               "processes": processes.num_processes,
+               "prompts_per_step": processes.num_processes * settings["PROMPTS_PER_STEP"],
+               "completions_per_step": completions_per_step, "steps_done": trainer.state.global_step,
                "steps_this_process": steps_done(), "resumed_from": checkpoint[1].name if checkpoint else None,
                "train_seconds": train_seconds, "training": summarize_log(trainer.state.log_history),
-               "speed": summarize_speed(trainer.state.log_history, device, start_step), "kept": kept}
+               "speed": speed, "kept": kept}
     if settings["EVAL_SAMPLES"] > 0:
         try:
             summary["held_out"] = evaluate_held_out(trainer.model, tokenizer, held_out, settings, backend, log)

@@ -129,8 +129,9 @@ def test_adapters_record_their_base_so_that_another_checkout_finds_it(short_run)
 def test_completion_log_has_one_group_per_prompt_and_no_prompt_twice(short_run):
     out, _ = short_run
     rows = read_log(out / "completions.csv")
-    assert list(rows[0]) == ["step", "micro_step", "prompt_id", "completion", "parsed_action", "reward",
+    assert list(rows[0]) == ["step", "micro_step", "rank", "prompt_id", "completion", "parsed_action", "reward",
                              "optimal_action"]
+    assert {r["rank"] for r in rows} == {"0"}  # one process
     from train_grpo import TINY_SETTINGS
 
     prompts, generations = TINY_SETTINGS["PROMPTS_PER_STEP"], TINY_SETTINGS["NUM_GENERATIONS"]
