@@ -45,7 +45,8 @@ import harmony
 
 LENGTH_BUCKET = 128  # cache positions are rounded up to a multiple of this, so nearby prompt lengths share a graph
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # rows are padded up to one of these
-FINISHED_CHECK_EVERY = 16  # decode steps between checks whether every row has stopped (each check syncs the GPU)
+FINISHED_CHECK_EVERY = 16  # decode steps between checks whether every row has stopped (each check syncs the GPU;
+                           #   on a CPU, where a check costs nothing, every step is checked)
 MAX_CACHED_GRAPHS = 2  # graphs (with their caches) kept; a third evicts the oldest
 DENSE_EXPERTS_MAX_TOKENS = 64  # 'auto' experts: up to this many tokens every expert reads its weights anyway, and one
                                #   batched matmul over all experts beat grouped_mm (15.9 vs 16.6 ms a decode step of
@@ -109,10 +110,11 @@ class RolloutEngine:
             for ids, members in groups.items():
                 self._prefill(state, list(ids), members)
             state.step.fill_(1)
+            check_every = FINISHED_CHECK_EVERY if self.device.type == "cuda" else 1
             for t in range(1, max_new_tokens):
-                state.run()
-                if t % FINISHED_CHECK_EVERY == 0 and bool(state.finished[:rows].all()):
+                if t % check_every == 0 and bool(state.finished[:rows].all()):
                     break
+                state.run()
             tokens = state.out_tokens[:rows].tolist()
             logprobs = state.out_logprobs[:rows].tolist()
         return cut_at_stop(tokens, logprobs, self.stop_ids)

@@ -125,6 +125,8 @@ TINY_SETTINGS = dict(
     WARMUP_STEPS=20,
     BETA=0.05,  # a little KL to the untrained stand-in keeps its Harmony format while the LoRA learns
     GRADIENT_CHECKPOINTING=False,
+    GENERATION_BACKEND="engine",  # on a CPU the engine samples exactly generate's tokens (same seed, same adapter:
+                                  #   tested), in 0.12 s a step instead of 0.18
     EVAL_SAMPLES=4,
     VALIDATION_PROMPTS=128,
     VALIDATION_SAMPLES=2,

@@ -161,6 +161,24 @@ def test_sampling_follows_the_distribution(tokenizer, prompt_ids, device):
     assert (counts[top] - probs[top]).abs().max() < 0.1
 
 
+def test_on_a_cpu_the_engine_samples_the_very_tokens_generate_samples(tokenizer, prompt_ids):
+    """Same seed, same tokens: transformers' sampling (torch.multinomial) is the same exponential race over the same
+    random stream, so on a CPU the engine can replace `generate` in the main job without changing a single sample."""
+    model = make_model(expert_lora=False, device="cpu")
+    stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in harmony.STOP_TOKENS]
+    rows = [prompt_ids[0]] * 4 + [prompt_ids[1]] * 4  # two GRPO groups, in order, as the trainer hands them over
+    torch.manual_seed(7)
+    completions, _ = RolloutEngine(model, tokenizer).generate(rows, 40, temperature=1.0)
+    encoded = tokenizer.pad({"input_ids": rows}, padding_side="left", return_tensors="pt")
+    torch.manual_seed(7)
+    with torch.no_grad():
+        out = model.generate(**encoded, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=40,
+                             eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    expected, _ = cut_at_stop(out[:, encoded["input_ids"].shape[1]:].tolist(), [[0.0] * 40] * 8, stop_ids)
+    assert completions == expected
+    assert len({tuple(c) for c in completions}) > 2  # sampled, not one repeated answer
+
+
 def test_grpo_trains_through_the_engine(tmp_path):
     """train_grpo.py with --generation-backend engine: TRL's rollout_func path, a group per prompt, evaluation too."""
     import json
