@@ -11,7 +11,7 @@ How it is built, in the order a token goes through it:
 - the model's own modules embed, route, run the experts and project to the vocabulary; the attention block is
   the engine's own arithmetic over the model's weights, in as few kernels as it allows (each kernel launch costs
   about as much as the small matmul it runs): RMSNorm as torch's fused op, q/k/v as one matmul over the stacked
-  weights plus one low-rank LoRA term, rope in three element-wise ops, the scores with mask and scale in one
+  weights plus one low-rank LoRA term, rope with transformers' roundings, the scores with mask and scale in one
   batched matmul; one static cache per layer [rows, kv heads, positions, head dim], sliding-window layers masked
   to their last 128 positions, the learned attention sinks as an extra softmax column;
 - the experts: in a decode step (a few dozen tokens, which touch nearly every expert) every token through every
@@ -49,8 +49,8 @@ FINISHED_CHECK_EVERY = 16  # decode steps between checks whether every row has s
                            #   on a CPU, where a check costs nothing, every step is checked)
 MAX_CACHED_GRAPHS = 2  # graphs (with their caches) kept; a third evicts the oldest
 DENSE_EXPERTS_MAX_TOKENS = 64  # 'auto' experts: up to this many tokens every expert reads its weights anyway, and one
-                               #   batched matmul over all experts beat grouped_mm (15.9 vs 16.6 ms a decode step of
-                               #   32 rows on an H200: benchmarks/bench_rollout_engine.py)
+                               #   batched matmul over all experts beat grouped_mm (16.2 vs 16.9 ms a decode step of
+                               #   32 rows on an H200: benchmarks/results/engine_20b_h200.json)
 
 
 class RolloutEngine:

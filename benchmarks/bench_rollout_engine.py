@@ -3,8 +3,9 @@
     python benchmarks/bench_rollout_engine.py --model-dir runs/stand-ins/gpt-oss-20b-shape --out runs/bench/engine.json
 
 For each experts path of the engine ('auto': dense in a decode step, the module for a prefill; 'module': the
-model's grouped_mm experts module; 'dense': every token through every expert as one batched matmul) it reports the first call (graph capture included), a full GRPO rollout
-(4 prompts x 8 samples x 256 tokens), and one decode step timed over replays of the captured graph.
+model's grouped_mm experts module; 'dense': every token through every expert as one batched matmul) it reports
+the first call (graph capture included), a full GRPO rollout (4 prompts x 8 samples x 256 tokens), and one decode
+step timed over replays of the captured graph.
 
 It also measures what a greedy comparison can and cannot show on random weights: the margin between the two
 largest next-token logits at the end of each prompt, against the difference between the reference's own logits

@@ -136,6 +136,11 @@ def test_completions_stop_at_a_stop_token_and_carry_no_padding(tokenizer, prompt
     assert ended >= len(completions) - 2  # the stand-in answers well within 64 tokens
 
 
+def test_an_unknown_experts_path_is_refused_by_name(tokenizer):
+    with pytest.raises(ValueError, match="experts must be 'auto', 'dense' or 'module', not 'grouped'"):
+        RolloutEngine(make_model(expert_lora=False, device="cpu"), tokenizer, experts="grouped")
+
+
 def test_cut_at_stop_keeps_the_stop_token_and_drops_what_follows():
     completions, logprobs = cut_at_stop([[5, 6, 9, 0, 0], [5, 6, 7]], [[-1, -2, -3, 0, 0], [-1, -2, -3]], [9])
     assert completions == [[5, 6, 9], [5, 6, 7]]

@@ -22,6 +22,7 @@ import torch
 
 import harmony
 from lora_fixtures import HARMONY_CSV, perturb_lora_b
+from rollout_engine import cut_at_stop
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -81,14 +82,8 @@ def generate_logprobs(model, tokenizer, prompts, new_tokens):
                              output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[:, encoded["input_ids"].shape[1]:]
     logprobs = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], 1)
-    logprobs = logprobs.gather(2, tokens[:, :, None])[:, :, 0].cpu()
-    completions, completion_logprobs = [], []
-    for row in range(len(prompts)):
-        ids = tokens[row].tolist()
-        end = next((k + 1 for k, t in enumerate(ids) if t in stop_ids), len(ids))
-        completions.append(ids[:end])
-        completion_logprobs.append(logprobs[row, :end])
-    return completions, completion_logprobs
+    logprobs = logprobs.gather(2, tokens[:, :, None])[:, :, 0]
+    return cut_at_stop(tokens.tolist(), logprobs.tolist(), stop_ids)
 
 
 def transformers_tolerance(model, tokenizer, prompts, new_tokens, label):
