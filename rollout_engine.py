@@ -38,6 +38,7 @@ rewards, advantages and the update stay TRL's own.
 
 import math
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -48,6 +49,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # rows are 
 FINISHED_CHECK_EVERY = 16  # decode steps between checks whether every row has stopped (each check syncs the GPU;
                            #   on a CPU, where a check costs nothing, every step is checked)
 MAX_CACHED_GRAPHS = 2  # graphs (with their caches) kept; a third evicts the oldest
+COMPILE_OPTIONS = {"emulate_precision_casts": True}  # inductor: round every intermediate to its eager dtype, so a
+                                                    #   fused kernel computes what the separate kernels computed
 DENSE_EXPERTS_MAX_TOKENS = 64  # 'auto' experts: up to this many tokens every expert reads its weights anyway, and one
                                #   batched matmul over all experts beat grouped_mm (16.2 vs 16.9 ms a decode step of
                                #   32 rows on an H200: benchmarks/results/engine_20b_h200.json)
@@ -56,9 +59,12 @@ DENSE_EXPERTS_MAX_TOKENS = 64  # 'auto' experts: up to this many tokens every ex
 class RolloutEngine:
     """Samples completions from a gpt-oss model (see module doc); one engine per model object."""
 
-    def __init__(self, model, tokenizer, use_cuda_graphs=None, stop_tokens=harmony.STOP_TOKENS, experts="auto"):
+    def __init__(self, model, tokenizer, use_cuda_graphs=None, stop_tokens=harmony.STOP_TOKENS, experts="auto",
+                 compile_backend="auto"):
         """experts: 'module' (the model's experts module; the dense path only for expert LoRA), 'dense' (always),
-        or 'auto' (dense up to DENSE_EXPERTS_MAX_TOKENS tokens, as in a decode step, the module above)."""
+        or 'auto' (dense up to DENSE_EXPERTS_MAX_TOKENS tokens, as in a decode step, the module above).
+        compile_backend: a torch.compile backend for the decode step's per-layer functions, None for none, or
+        'auto': 'inductor' when CUDA graphs are used and triton is installed (fused kernels), else none."""
         if experts not in ("auto", "dense", "module"):
             raise ValueError(f"experts must be 'auto', 'dense' or 'module', not {experts!r}")
         self.model = model
@@ -79,6 +85,9 @@ class RolloutEngine:
         graph_safe = getattr(self.config, "_experts_implementation", None) == "grouped_mm" and \
             self.lm.model.layers[0].mlp.router.weight.dtype == torch.bfloat16
         self.experts = "dense" if self.use_cuda_graphs and not graph_safe else experts
+        if compile_backend == "auto":
+            compile_backend = "inductor" if self.use_cuda_graphs and has_triton() else None
+        self.kernels = DecodeKernels(compile_backend)
         self.graphs = {}  # key -> DecodeState (with its graph)
         self.weight_sets = {}  # adapter signature -> EngineWeights (the buffers the graphs of that signature read)
         self.weights = None
@@ -187,7 +196,7 @@ class RolloutEngine:
                                                                               self.dtype)}
         rows = torch.tensor(members, device=self.device)
         for i, (layer, w) in enumerate(zip(self.core.layers, self.weights.layers)):
-            qkv = project(rms_norm(x, *w.input_norm), w.qkv)
+            qkv = project(rms_norm(x, *w.input_norm), *w.qkv)
             qk = apply_rope(qkv[:, :(heads + kv) * d].view(length, heads + kv, d), cos, sin)
             k = qk[:, heads:].transpose(0, 1)  # [kv, length, d]
             v = qkv[:, (heads + kv) * d:].view(length, kv, d).transpose(0, 1)
@@ -196,7 +205,7 @@ class RolloutEngine:
             q = qk[:, :heads].transpose(0, 1).reshape(kv, self.groups, length, d)
             out = attend(q, k.unsqueeze(1), v.unsqueeze(1), masks[self.sliding[i]],
                          layer.self_attn.sinks.view(kv, self.groups, 1), layer.self_attn.scaling)
-            x = x + project(out.permute(2, 0, 1, 3).reshape(length, heads * d), w.o)
+            x = x + project(out.permute(2, 0, 1, 3).reshape(length, heads * d), *w.o)
             x = x + self._mlp(layer.mlp, rms_norm(x, *w.post_norm))
         logits = self.lm.lm_head(self.core.norm(x[-1:]))  # [1, vocab]
         n = len(members)
@@ -209,7 +218,7 @@ class RolloutEngine:
 
     def _decode(self, state):
         """One decode step for every row: the body of the CUDA graph (see DecodeState.run)."""
-        rows, heads, kv, d = state.rows, self.kv_heads * self.groups, self.kv_heads, self.head_dim
+        rows, kv = state.rows, self.kv_heads
         pos = state.pos
         x = self.core.embed_tokens(state.tokens)  # [rows, hidden]
         cos, sin = self.rope_cache[0][pos][:, None], self.rope_cache[1][pos][:, None]  # [rows, 1, head_dim]
@@ -220,15 +229,17 @@ class RolloutEngine:
                  True: expand_mask(additive_mask(causal & (k_pos > pos[:, None] - self.window), self.dtype), kv)}
         index = torch.arange(rows, device=self.device)
         for i, (layer, w) in enumerate(zip(self.core.layers, self.weights.layers)):
-            qkv = project(rms_norm(x, *w.input_norm), w.qkv)
-            qk = apply_rope(qkv[:, :(heads + kv) * d].view(rows, heads + kv, d), cos, sin)
-            state.k[i][index, :, pos] = qk[:, heads:]
-            state.v[i][index, :, pos] = qkv[:, (heads + kv) * d:].view(rows, kv, d)
-            # one query per row: its groups become the query rows of a [row x kv head] matmul, the cache read as is
-            out = attend_one(qk[:, :heads].reshape(rows * kv, self.groups, d), state.k[i], state.v[i],
-                             masks[self.sliding[i]], state.sinks[i], layer.self_attn.scaling)
-            x = x + project(out.view(rows, heads * d), w.o)
-            x = x + self._mlp(layer.mlp, rms_norm(x, *w.post_norm))
+            q, k, v = self.kernels.attention_inputs(x, w.input_norm, w.qkv, cos, sin, kv)
+            state.k[i][index, :, pos] = k
+            state.v[i][index, :, pos] = v
+            attention = (x, q, state.k[i], state.v[i], masks[self.sliding[i]], state.sinks[i],
+                         layer.self_attn.scaling, w.o, w.post_norm)
+            if self._dense_experts(rows) and expert_lora_factors(layer.mlp.experts) is None:
+                # the whole rest of the layer as one function: attention, o, norm, router, experts
+                x = self.kernels.finish_layer(*attention, w.moe)
+            else:
+                x, h = self.kernels.attention_output(*attention)
+                x = x + self._mlp(layer.mlp, h)
         logits = self.lm.lm_head(self.core.norm(x)).float()
         token, logprob = sample(logits, state.temperature, state.top_p, state.mode)
         token = torch.where(state.finished, torch.full_like(token, self.pad_id), token)
@@ -241,20 +252,19 @@ class RolloutEngine:
         state.step.add_(1)
 
     def _mlp(self, mlp, h):
-        """The MoE block: the model's router, then its experts module or, with expert LoRA, the dense path."""
+        """The MoE block: the model's router, then its experts module or the dense path (always for expert LoRA)."""
         shape = h.shape
         h = h.reshape(-1, shape[-1])
         _, scores, index = mlp.router(h)
-        experts = mlp.experts
-        factors = expert_lora_factors(experts)
-        if factors is None and (self.experts == "dense" or
-                                (self.experts == "auto" and h.shape[0] <= DENSE_EXPERTS_MAX_TOKENS)):
-            factors = {}
-        if factors is None:
-            out = experts(h, index, scores)
+        factors = expert_lora_factors(mlp.experts)
+        if factors is None and not self._dense_experts(h.shape[0]):
+            out = mlp.experts(h, index, scores)
         else:
-            out = dense_experts(find_base_layer(experts), factors, h, index, scores)
+            out = dense_experts(h, index, scores, expert_tensors(find_base_layer(mlp.experts)), factors)
         return out.reshape(shape)
+
+    def _dense_experts(self, tokens):
+        return self.experts == "dense" or (self.experts == "auto" and tokens <= DENSE_EXPERTS_MAX_TOKENS)
 
 
 class DecodeState:
@@ -302,7 +312,7 @@ class DecodeState:
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self.step.zero_()
-                self.engine._decode(self)
+                self.engine.kernels.run_or_fall_back(lambda: self.engine._decode(self))
         torch.cuda.current_stream().wait_stream(stream)
         self.step.zero_()
         self.graph = torch.cuda.CUDAGraph()
@@ -313,28 +323,34 @@ class DecodeState:
         if self.graph is not None:
             self.graph.replay()
         else:
-            self.engine._decode(self)
+            self.engine.kernels.run_or_fall_back(lambda: self.engine._decode(self))
 
     def nbytes(self):
         tensors = self.k + self.v + [self.out_tokens, self.out_logprobs]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class Projection:
+class Projection(NamedTuple):
     """A linear layer as the engine runs it: weight [out, in], bias [out], LoRA factors A [R, in] and B [out, R]
     (B times the adapter's scale; None without a live adapter). Fused q/k/v: the three stacked, B block-diagonal."""
-
-    def __init__(self, weight, bias, lora_a=None, lora_b=None):
-        self.weight, self.bias, self.lora_a, self.lora_b = weight, bias, lora_a, lora_b
+    weight: torch.Tensor
+    bias: torch.Tensor
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
 
     def tensors(self):
-        return [t for t in (self.weight, self.bias, self.lora_a, self.lora_b) if t is not None]
+        return [t for t in self if t is not None]
 
 
 class LayerWeights:
-    def __init__(self, qkv, o, input_norm, post_norm):
+    """One layer's weights as the decode step reads them. The attention's are refreshed copies (EngineWeights);
+    `moe` holds the model's own router and expert tensors, read in place: (router weight, router bias, top k,
+    gate_up, gate_up bias, down, down bias, clamp limit, gate alpha)."""
+
+    def __init__(self, qkv, o, input_norm, post_norm, moe):
         self.qkv, self.o = qkv, o  # Projection
         self.input_norm, self.post_norm = input_norm, post_norm  # (fp32 weight, eps)
+        self.moe = moe
 
     def tensors(self):
         return self.qkv.tensors() + self.o.tensors() + [self.input_norm[0], self.post_norm[0]]
@@ -364,15 +380,16 @@ def rms_norm(x, weight, eps):
     return torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), weight, eps).to(x.dtype)
 
 
-def project(x, proj):
-    """x [tokens, in] through a Projection: bias + x W^T, plus the LoRA term (x A^T) B^T with the scale in B.
+def project(x, weight, bias, lora_a=None, lora_b=None):
+    """x [tokens, in] through a Projection's tensors: bias + x W^T, plus the LoRA term (x A^T) B^T with the scale
+    in B.
 
     Rounded as PEFT's LoRA layer under the trainer's bf16 autocast rounds it: the base output, x A^T, the term,
     then their sum (the scale, alpha / r, is a power of two in the usual configurations, so folding it into B
     changes nothing)."""
-    out = torch.addmm(proj.bias, x, proj.weight.t())
-    if proj.lora_a is not None:
-        out = out + torch.mm(torch.mm(x, proj.lora_a.t()), proj.lora_b.t())
+    out = torch.addmm(bias, x, weight.t())
+    if lora_a is not None:
+        out = out + torch.mm(torch.mm(x, lora_a.t()), lora_b.t())
     return out
 
 
@@ -414,12 +431,13 @@ def attend_one(q, k_cache, v_cache, mask, sinks, scaling):
 
     q [rows * kv, groups, d] (a row's query groups are the rows of its kv head's matmul, so the cache is read as
     is, never broadcast); caches [rows, kv, keys, d]; mask [rows * kv, 1, keys]; sinks [rows * kv, groups, 1].
-    Scores = mask + scaling * q k^T in one batched matmul (one rounding, as transformers' matmul then power-of-two
-    scale), the sink as one more column of the softmax, the maximum subtracted in the logits' dtype as there.
+    Scores = q k^T * scaling + mask, rounded as transformers' eager attention rounds them, the sink as one more
+    column of the softmax, the maximum subtracted in the logits' dtype as there. (Compiled, the scale, mask, sink
+    and softmax are one kernel after the matmul; a baddbmm would first copy the mask out to every query group.)
     """
     batch, _, d = q.shape
     keys = k_cache.view(batch, -1, d)
-    scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=scaling)
+    scores = torch.bmm(q, keys.transpose(1, 2)) * scaling + mask
     combined = torch.cat([scores, sinks], dim=-1)
     probs = torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1, dtype=combined.dtype)
     return torch.bmm(probs[..., :-1], v_cache.view(batch, -1, d))
@@ -456,8 +474,10 @@ def gather_weights(core, dtype):
         attn = layer.self_attn
         norms = [(norm.weight.float(), norm.variance_epsilon)
                  for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+        router = layer.mlp.router
+        moe = (router.weight, router.bias, router.top_k, *expert_tensors(find_base_layer(layer.mlp.experts)))
         layers.append(LayerWeights(fuse_projections([attn.q_proj, attn.k_proj, attn.v_proj], dtype),
-                                   fuse_projections([attn.o_proj], dtype), *norms))
+                                   fuse_projections([attn.o_proj], dtype), *norms, moe))
     return EngineWeights(layers)
 
 
@@ -505,26 +525,131 @@ def lora_terms(module):
     return terms
 
 
-def dense_experts(experts, factors, h, index, scores):
+def route(h, weight, bias, top_k):
+    """transformers' GptOssTopKRouter: the top_k experts of each token and their softmax weights (in h's dtype)."""
+    top, index = torch.topk(torch.nn.functional.linear(h, weight, bias), top_k, dim=-1)
+    return index, torch.softmax(top, dim=1, dtype=top.dtype)
+
+
+def clamped_swiglu(gate_up, limit, alpha):
+    """transformers' GptOssExperts._apply_gate: interleaved gate/up halves, clamped, gate * sigmoid(alpha gate)."""
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def expert_tensors(experts):
+    """(gate_up [E, in, 2 x inter], its bias, down [E, inter, out], its bias, limit, alpha) of a GptOssExperts."""
+    return (experts.gate_up_proj, experts.gate_up_proj_bias, experts.down_proj, experts.down_proj_bias,
+            experts.limit, experts.alpha)
+
+
+def dense_experts(h, index, scores, experts, factors=None):
     """Every token through every expert (one batched matmul each way), LoRA as low-rank terms, routing applied.
 
     At decode batch sizes every expert is touched anyway, so this reads each weight once, as the sparse path does,
-    and it never materialises W + BA for 24 GiB of experts. factors: {name: (A [E, in, r], B [E, r, out], scale)}.
+    and it never materialises W + BA for 24 GiB of experts. experts: `expert_tensors`; factors: {name: (A [E, in,
+    r], B [E, r, out], scale)} of an expert LoRA.
     """
-    count = experts.gate_up_proj.shape[0]
-    x = h.to(experts.gate_up_proj.dtype).unsqueeze(0).expand(count, -1, -1)
-    gate_up = torch.baddbmm(experts.gate_up_proj_bias[:, None], x, experts.gate_up_proj)
+    gate_up_proj, gate_up_bias, down_proj, down_bias, limit, alpha = experts
+    factors = factors or {}
+    count = gate_up_proj.shape[0]
+    x = h.to(gate_up_proj.dtype).unsqueeze(0).expand(count, -1, -1)
+    # matmul, then bias: the roundings of transformers' experts, and compiled the bias joins the next kernel (a
+    # baddbmm would first copy it out to every token)
+    gate_up = torch.bmm(x, gate_up_proj) + gate_up_bias[:, None]
     if "gate_up_proj" in factors:
         a, b, scale = factors["gate_up_proj"]
         gate_up = gate_up + torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(gate_up.dtype) * scale
-    act = experts._apply_gate(gate_up)
-    out = torch.baddbmm(experts.down_proj_bias[:, None], act, experts.down_proj)
+    act = clamped_swiglu(gate_up, limit, alpha)
+    out = torch.bmm(act, down_proj) + down_bias[:, None]
     if "down_proj" in factors:
         a, b, scale = factors["down_proj"]
         out = out + torch.bmm(torch.bmm(act.to(a.dtype), a), b).to(out.dtype) * scale
     routing = torch.zeros(h.shape[0], count, dtype=scores.dtype, device=h.device).scatter(1, index, scores)
     weighted = out * routing.t()[:, :, None].to(out.dtype)
     return weighted.sum(dim=0, dtype=torch.float32).to(h.dtype)
+
+
+# -- the decode step's per-layer functions (compiled into fused kernels on a GPU) ---------------------------------
+def attention_inputs(x, input_norm, qkv, cos, sin, kv):
+    """One decode step's q [rows * kv, groups, d] (a row's query groups laid out as its kv head's matmul rows) and
+    the new k, v [rows, kv, d]: norm, fused q/k/v projection, rope."""
+    rows, d = x.shape[0], cos.shape[-1]
+    out = project(rms_norm(x, *input_norm), *qkv)
+    heads = out.shape[1] // d - 2 * kv
+    qk = apply_rope(out[:, :(heads + kv) * d].view(rows, heads + kv, d), cos, sin)
+    return qk[:, :heads].reshape(rows * kv, heads // kv, d), qk[:, heads:], out[:, (heads + kv) * d:].view(rows, kv, d)
+
+
+def attention_output(x, q, k_cache, v_cache, mask, sinks, scaling, o, post_norm):
+    """The residual stream after the attention block, and its post-attention norm (the MoE block's input)."""
+    out = attend_one(q, k_cache, v_cache, mask, sinks, scaling)
+    x = x + project(out.view(x.shape[0], -1), *o)
+    return x, rms_norm(x, *post_norm)
+
+
+def finish_layer(x, q, k_cache, v_cache, mask, sinks, scaling, o, post_norm, moe):
+    """The rest of a decode layer after the cache write, dense experts without LoRA: attention, o, norm, MoE."""
+    x, h = attention_output(x, q, k_cache, v_cache, mask, sinks, scaling, o, post_norm)
+    router_weight, router_bias, top_k, *experts = moe
+    index, scores = route(h, router_weight, router_bias, top_k)
+    return x + dense_experts(h, index, scores, experts)
+
+
+class DecodeKernels:
+    """The per-layer functions of a decode step, as they are or compiled by torch.compile (backend given).
+
+    Compiled, each is one graph of fused kernels for all layers (the same shapes every layer); the cache writes
+    stay outside, in place. If compiling fails (e.g. no C compiler for triton), `run_or_fall_back` says so once
+    and the engine goes on with the plain functions: slower, the same results.
+    """
+
+    FUNCTIONS = {"attention_inputs": attention_inputs, "attention_output": attention_output,
+                 "finish_layer": finish_layer}
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.use(backend)
+
+    def use(self, backend):
+        self.backend = backend
+        for name, fn in self.FUNCTIONS.items():
+            setattr(self, name, fn if backend is None else compiled(fn, backend))
+
+    def run_or_fall_back(self, step):
+        if self.backend is None:
+            return step()
+        try:
+            return step()
+        except Exception as error:  # a compiler's failure surfaces as one of many exception types
+            while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+                error = inner  # the compiler's own error, not dynamo's wrapper of it
+            reason = next((line for line in str(error).splitlines() if line.strip()), "")[:200]
+            print(f"rollout engine: torch.compile ({getattr(self.backend, '__name__', self.backend)}) failed, "
+                  f"decoding without it: {type(error).__name__}: {reason}", flush=True)
+            self.use(None)
+            return step()
+
+
+COMPILED = {}  # (function, backend) -> its torch.compile wrapper, one per process: engines share compiled code
+
+
+def compiled(fn, backend):
+    key = (fn, backend)
+    if key not in COMPILED:
+        COMPILED[key] = torch.compile(fn, backend=backend, fullgraph=True,
+                                      options=COMPILE_OPTIONS if backend == "inductor" else None)
+    return COMPILED[key]
+
+
+def has_triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def expert_lora_factors(module):

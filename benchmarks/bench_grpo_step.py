@@ -43,8 +43,8 @@ def run_row(name, flags, steps, model_dir, log, timeout=ROW_TIMEOUT):
     out = RUN_DIR / name.replace(" ", "-").replace("(", "").replace(")", "").replace("+", "plus")
     command = [sys.executable, str(ROOT / "train_grpo.py"), "--model-id", str(model_dir), "--total-steps", str(steps),
                "--report-to", "none", "--eval-samples", "0", "--out", str(out), *flags]
-    if name != DEFAULT_ROW:  # the other rows time steps only: no checkpoint, no validation
-        command += ["--save-steps", str(10 * steps)]
+    if name != DEFAULT_ROW:  # the other rows time steps only: no checkpoint, no scoring of the final adapter
+        command += ["--save-steps", str(10 * steps), "--validation-prompts", "0"]
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(f"{out}.log", "w") as log_file:

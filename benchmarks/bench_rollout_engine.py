@@ -5,7 +5,8 @@
 For each experts path of the engine ('auto': dense in a decode step, the module for a prefill; 'module': the
 model's grouped_mm experts module; 'dense': every token through every expert as one batched matmul) it reports
 the first call (graph capture included), a full GRPO rollout (4 prompts x 8 samples x 256 tokens), and one decode
-step timed over replays of the captured graph.
+step timed over replays of the captured graph; each with the decode step's per-layer functions compiled into
+fused kernels (torch.compile, inductor: the engine's default where triton is installed) and as they are ('none').
 
 It also measures what a greedy comparison can and cannot show on random weights: the margin between the two
 largest next-token logits at the end of each prompt, against the difference between the reference's own logits
@@ -40,8 +41,9 @@ def cuda_seconds(fn):
     return time.perf_counter() - start, result
 
 
-def time_engine(model, tokenizer, prompt_ids, experts, profile=False):
-    engine = RolloutEngine(model, tokenizer, experts=experts)
+def time_engine(model, tokenizer, prompt_ids, experts, compile_backend, profile=False):
+    engine = RolloutEngine(model, tokenizer, experts=experts,
+                           compile_backend=None if compile_backend == "none" else compile_backend)
     rows = [ids for ids in prompt_ids[:PROMPTS] for _ in range(SAMPLES)]
     first, _ = cuda_seconds(lambda: engine.generate(rows, NEW_TOKENS))
     state = next(iter(engine.graphs.values()))
@@ -55,7 +57,8 @@ def time_engine(model, tokenizer, prompt_ids, experts, profile=False):
     end.record()
     torch.cuda.synchronize()
     step_ms = start.elapsed_time(end) / REPLAYS
-    result = {"experts": experts, "first_call_seconds": first, "capture_seconds": state.capture_seconds,
+    result = {"experts": experts, "compile_backend": engine.kernels.backend or "none",
+              "first_call_seconds": first, "capture_seconds": state.capture_seconds,
               "rollout_seconds": sorted(rollouts)[1], "decode_step_ms": step_ms,
               "generated_tokens_per_second": PROMPTS * SAMPLES * NEW_TOKENS / sorted(rollouts)[1],
               "cache_gib": engine.cache_bytes() / 2**30}
@@ -134,6 +137,8 @@ def main():
     parser.add_argument("--model-dir", default=str(ROOT / "runs" / "stand-ins" / "gpt-oss-20b-shape"))
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench" / "engine.json"))
     parser.add_argument("--experts", nargs="+", default=["auto", "module"], choices=["auto", "module", "dense"])
+    parser.add_argument("--compile", nargs="+", default=["inductor", "none"], choices=["inductor", "none"],
+                        help="torch.compile backend of the decode step's per-layer functions")
     parser.add_argument("--profile", action="store_true", help="also print the top kernels of three decode steps")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                         help="fp32: only the log-probability comparison (the 20b shape takes ~84 GB in fp32)")
@@ -149,7 +154,8 @@ def main():
     result = {"card": torch.cuda.get_device_name(), "dtype": args.dtype,
               "prompt_tokens": [len(p) for p in prompt_ids[:PROMPTS]]}
     if args.dtype == "bf16":
-        result["engine"] = [time_engine(model, tokenizer, prompt_ids, experts, args.profile) for experts in args.experts]
+        result["engine"] = [time_engine(model, tokenizer, prompt_ids, experts, backend, args.profile)
+                            for experts in args.experts for backend in args.compile]
         result["logit_noise"] = logit_noise(model, tokenizer, prompt_ids)
     # in fp32 the dense experts path (transformers' grouped_mm fallback for fp32 is not graph-capturable)
     result["logprob_noise"] = logprob_noise(model, tokenizer, prompt_ids, "auto" if args.dtype == "bf16" else "dense")

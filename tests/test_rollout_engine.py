@@ -243,3 +243,32 @@ def test_continuous_batching_that_returns_nothing_is_reported_as_such():
     train_grpo.time_generation(other, "engine")
     with pytest.raises(IndexError):  # other back ends' errors are not relabelled
         other._generate(["a prompt"])
+
+
+@pytest.mark.parametrize("expert_lora", [False, True], ids=["attention-lora", "expert-lora"])
+def test_the_compiled_decode_functions_compute_what_the_plain_ones_do(tokenizer, prompt_ids, expert_lora):
+    # aot_eager traces the per-layer functions exactly as inductor receives them (whole graphs, no break allowed)
+    # and runs the traced ops unfused, so the results must be the same bits
+    model = make_model(expert_lora, "cpu")
+    results = []
+    for backend in (None, "aot_eager"):
+        engine = RolloutEngine(model, tokenizer, compile_backend=backend)
+        torch.manual_seed(4)
+        results.append(engine.generate(prompt_ids[:3] * 2, 24, temperature=0.8))
+        assert engine.kernels.backend == backend
+    assert results[0] == results[1]
+
+
+def test_a_failing_compiler_is_reported_once_and_the_plain_functions_take_over(tokenizer, prompt_ids, capsys):
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("no C compiler found")
+
+    model = make_model(expert_lora=False, device="cpu")
+    torch.manual_seed(5)
+    expected = RolloutEngine(model, tokenizer, compile_backend=None).generate(prompt_ids[:2], 16, temperature=0.8)
+    engine = RolloutEngine(model, tokenizer, compile_backend=broken_backend)
+    torch.manual_seed(5)
+    assert engine.generate(prompt_ids[:2], 16, temperature=0.8) == expected
+    assert engine.kernels.backend is None
+    message = capsys.readouterr().out
+    assert message.count("torch.compile") == 1 and "no C compiler found" in message
