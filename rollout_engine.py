@@ -19,6 +19,10 @@ How it is built, in the order a token goes through it:
   own experts module (grouped_mm on a GPU). With expert LoRA (PEFT `target_parameters`) always the batched path,
   with the low-rank factors as two small matmuls, so the adapter is never merged into (or rebuilt over) the
   24 GiB of expert weights;
+- on a GPU with triton the decode step's per-layer functions (`attention_inputs`, `finish_layer`, ...) are
+  compiled by torch.compile (inductor) into fused kernels, every intermediate rounded to its eager dtype; the
+  CUDA graph then replays those (13.4 against 16.3 ms a decode step of the 20b shape on an H200). Compiling
+  takes ~13 s per batch size; where it fails the engine says so once and runs the same functions uncompiled;
 - identical prompts (a GRPO group) are prefilled once and their cache copied to every sample;
 - the LoRA weights stay unmerged, as low-rank terms: every `generate` first copies the adapter's current A and B
   (scale folded into B, in the model's dtype) into buffers that the graphs read at fixed addresses, so the
