@@ -21,8 +21,8 @@ How it is built, in the order a token goes through it:
   24 GiB of expert weights;
 - on a GPU with triton the decode step's per-layer functions (`attention_inputs`, `finish_layer`, ...) are
   compiled by torch.compile (inductor) into fused kernels, every intermediate rounded to its eager dtype; the
-  CUDA graph then replays those (13.4 against 16.3 ms a decode step of the 20b shape on an H200). Compiling
-  takes ~13 s per batch size; where it fails the engine says so once and runs the same functions uncompiled;
+  CUDA graph then replays those (a decode step of the 20b shape on an H200: 14.2 ms against 16.3 uncompiled).
+  Compiling takes ~13 s per batch size; where it fails the engine says so once and runs them uncompiled;
 - identical prompts (a GRPO group) are prefilled once and their cache copied to every sample;
 - the LoRA weights stay unmerged, as low-rank terms: every `generate` first copies the adapter's current A and B
   (scale folded into B, in the model's dtype) into buffers that the graphs read at fixed addresses, so the
@@ -57,7 +57,8 @@ COMPILE_OPTIONS = {"emulate_precision_casts": True}  # inductor: round every int
                                                     #   fused kernel computes what the separate kernels computed
 DENSE_EXPERTS_MAX_TOKENS = 64  # 'auto' experts: up to this many tokens every expert reads its weights anyway, and one
                                #   batched matmul over all experts beat grouped_mm (16.2 vs 16.9 ms a decode step of
-                               #   32 rows on an H200: benchmarks/results/engine_20b_h200.json)
+                               #   32 rows on an H200, uncompiled:
+                               #   benchmarks/results/engine_20b_h200_dense_vs_grouped_mm.json)
 
 
 class RolloutEngine:
