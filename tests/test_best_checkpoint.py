@@ -106,6 +106,7 @@ def test_a_checkpoint_of_another_adapter_shape_is_refused_with_what_to_do(tmp_pa
     settings = {name: getattr(train_grpo, name) for name in train_grpo.SETTINGS} | train_grpo.TINY_SETTINGS
     experts = get_peft_model(model_loader.load_model("tiny"), train_grpo.lora_config(settings | {"LORA_EXPERTS": True}))
     experts.save_pretrained(tmp_path / "checkpoint-2")
-    attention_only = get_peft_model(model_loader.load_model("tiny"), train_grpo.lora_config(settings))
+    attention_only = get_peft_model(model_loader.load_model("tiny"),
+                                    train_grpo.lora_config(settings | {"LORA_EXPERTS": False}))
     with pytest.raises(RuntimeError, match=r"checkpoint-2: adapter weights .*experts.* another run's adapter; move it"):
         best_checkpoint.load_checkpoint_adapter(attention_only, tmp_path / "checkpoint-2")
