@@ -1,8 +1,10 @@
 """The main job must learn: `python train_grpo.py --tiny`, as a new user runs it, with its fixed seeds.
 
 On held-out prompts (EVAL_SAMPLES answers each at temperature 1) the trained stand-in's mean Boltzmann reward must
-beat the untrained one's by at least 0.05 while its valid-answer rate stays at or above 90 %, and the valid rate
-must hold during training. This is the slowest test (the whole main job: a few minutes on 2 CPU cores).
+beat the untrained one's by at least 0.08 while its valid-answer rate stays at or above 95 %, and the valid rate
+must hold during training: the bar every seed of `benchmarks/seed_sweep.py` meets (RESULTS.md: gains of +0.100 to
++0.127 over seeds 1-5 and 42; this seed with 2 threads, as here: +0.111). A run is reproducible on one machine, so
+the figures do not change from run to run. This is the slowest test (the whole main job: ~7 minutes on 2 cores).
 """
 
 import json
@@ -30,16 +32,16 @@ def summary(tmp_path_factory):
     return data
 
 
-def test_trained_policy_beats_the_untrained_one_by_at_least_0_05_on_held_out_prompts(summary):
+def test_trained_policy_beats_the_untrained_one_by_at_least_0_08_on_held_out_prompts(summary):
     held_out = summary["held_out"]
     assert held_out["prompts"] >= 500 and held_out["samples"] >= 4
     gain = held_out["trained"]["mean_reward"] - held_out["untrained"]["mean_reward"]
-    assert gain >= 0.05, held_out
+    assert gain >= 0.08, held_out
 
 
-def test_valid_answer_rate_stays_at_or_above_90_percent(summary):
-    assert summary["held_out"]["trained"]["valid_rate"] >= 0.90
-    assert summary["training"]["last_steps"]["valid_rate"] >= 0.90  # it held during training too
+def test_valid_answer_rate_stays_at_or_above_95_percent(summary):
+    assert summary["held_out"]["trained"]["valid_rate"] >= 0.95
+    assert summary["training"]["last_steps"]["valid_rate"] >= 0.95  # it held during training too
 
 
 def test_summary_reports_the_reference_policies_beside_the_gain(summary):
