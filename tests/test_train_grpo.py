@@ -404,8 +404,11 @@ def wait_for(process, text, seconds=600):
 
 
 def start_train(*args):
+    # Ctrl-C reaches the child as it reaches a user's run, even where pytest itself runs with SIGINT ignored (a
+    # shell's background job): Python turns SIGINT into KeyboardInterrupt only if it is not ignored at start
     return subprocess.Popen([sys.executable, str(ROOT / "train_grpo.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+                            stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_ctrl_c_before_training_starts_leaves_nothing_behind(tmp_path):
