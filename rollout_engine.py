@@ -628,6 +628,8 @@ class DecodeKernels:
             return step()
         try:
             return step()
+        except torch.cuda.OutOfMemoryError:
+            raise  # not the compiler's fault: the caller's out-of-memory message names the settings to lower
         except Exception as error:  # a compiler's failure surfaces as one of many exception types
             while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
                 error = inner  # the compiler's own error, not dynamo's wrapper of it
