@@ -211,7 +211,7 @@ class RolloutEngine:
             out = attend(q, k.unsqueeze(1), v.unsqueeze(1), masks[self.sliding[i]],
                          layer.self_attn.sinks.view(kv, self.groups, 1), layer.self_attn.scaling)
             x = x + project(out.permute(2, 0, 1, 3).reshape(length, heads * d), *w.o)
-            x = x + self._mlp(layer.mlp, rms_norm(x, *w.post_norm))
+            x = x + self._mlp(layer.mlp, rms_norm(x, *w.post_norm), expert_lora_factors(layer.mlp.experts))
         logits = self.lm.lm_head(self.core.norm(x[-1:]))  # [1, vocab]
         n = len(members)
         token, logprob = sample(logits.float().expand(n, -1), state.temperature[:n], state.top_p[:n], state.mode)
@@ -239,12 +239,13 @@ class RolloutEngine:
             state.v[i][index, :, pos] = v
             attention = (x, q, state.k[i], state.v[i], masks[self.sliding[i]], state.sinks[i],
                          layer.self_attn.scaling, w.o, w.post_norm)
-            if self._dense_experts(rows) and expert_lora_factors(layer.mlp.experts) is None:
+            factors = expert_lora_factors(layer.mlp.experts)
+            if factors is None and self._dense_experts(rows):
                 # the whole rest of the layer as one function: attention, o, norm, router, experts
                 x = self.kernels.finish_layer(*attention, w.moe)
             else:
                 x, h = self.kernels.attention_output(*attention)
-                x = x + self._mlp(layer.mlp, h)
+                x = x + self._mlp(layer.mlp, h, factors)
         logits = self.lm.lm_head(self.core.norm(x)).float()
         token, logprob = sample(logits, state.temperature, state.top_p, state.mode)
         token = torch.where(state.finished, torch.full_like(token, self.pad_id), token)
@@ -256,12 +257,12 @@ class RolloutEngine:
         state.pos.add_(1)
         state.step.add_(1)
 
-    def _mlp(self, mlp, h):
-        """The MoE block: the model's router, then its experts module or the dense path (always for expert LoRA)."""
+    def _mlp(self, mlp, h, factors):
+        """The MoE block: the model's router, then its experts module or the dense path (always with expert LoRA:
+        `factors`, from expert_lora_factors)."""
         shape = h.shape
         h = h.reshape(-1, shape[-1])
         _, scores, index = mlp.router(h)
-        factors = expert_lora_factors(mlp.experts)
         if factors is None and not self._dense_experts(h.shape[0]):
             out = mlp.experts(h, index, scores)
         else:
@@ -531,7 +532,8 @@ def lora_terms(module):
 
 
 def route(h, weight, bias, top_k):
-    """transformers' GptOssTopKRouter: the top_k experts of each token and their softmax weights (in h's dtype)."""
+    """transformers' GptOssTopKRouter: the top_k experts of each token and their softmax weights (in h's dtype).
+    Over tensors, not the module, so that one compiled `finish_layer` serves every layer."""
     top, index = torch.topk(torch.nn.functional.linear(h, weight, bias), top_k, dim=-1)
     return index, torch.softmax(top, dim=1, dtype=top.dtype)
 
@@ -615,7 +617,6 @@ class DecodeKernels:
                  "finish_layer": finish_layer}
 
     def __init__(self, backend):
-        self.backend = backend
         self.use(backend)
 
     def use(self, backend):
