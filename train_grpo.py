@@ -688,7 +688,10 @@ def make_trainer(model, tokenizer, pool, completion_log, settings, device, backe
                    *callbacks],
     )
     time_generation(trainer, backend)
+    import completion_scoring
     import model_loader
+
+    completion_scoring.score_completions_only_on_cpu(trainer)
 
     # checkpoints complete or absent, their adapter naming a base that another checkout finds again
     run_directory.save_checkpoints_atomically(trainer, model_loader.portable_model_id(settings["MODEL_ID"]))
