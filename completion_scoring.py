@@ -10,7 +10,8 @@ stand-in (928 tokens, prompts twice as long as the completions) the two made up 
 
 Here, within each batch TRL hands over:
 - the distinct prompts (rows of prompt ids and mask; a GRPO group shares one) go through the model once, with a
-  KV cache, and the cache is indexed out to every row (TRL shuffles rows, so groups need not be contiguous);
+  KV cache, and the cache is indexed out to every row (TRL shuffles rows, so groups need not be contiguous), by
+  `index_select`, whose backward adds a group's gradients in a fixed order: a run is reproducible;
 - the completions then run over that cache; gradients flow back through it into the prompts' forward, so the loss
   and its gradient are those of one forward over the whole sequence, to rounding (tests/test_completion_scoring.py);
 - the LM head projects only the positions that predict a completion token, and TRL's own
@@ -31,6 +32,16 @@ def split_prompts(input_ids, attention_mask, completion_len):
     rows = torch.cat([input_ids[:, :width], attention_mask[:, :width].to(input_ids.dtype)], 1)
     distinct, index = torch.unique(rows, dim=0, return_inverse=True)
     return distinct[:, :width], distinct[:, width:].to(attention_mask.dtype), index
+
+
+def take_rows(x, index):
+    """x[index] along the first dimension, with a reproducible backward.
+
+    `x[index]` backpropagates through `index_put_(accumulate=True)`, which on a CPU adds the rows of a group in
+    whatever order the threads reach them, so two runs of the same seed part after a few steps; `index_select`'s
+    backward (`index_add_`) adds them in a fixed order.
+    """
+    return x.index_select(0, index)
 
 
 def completion_logits(model, input_ids, attention_mask, completion_len, router_logits=False):
@@ -57,15 +68,17 @@ def completion_logits(model, input_ids, attention_mask, completion_len, router_l
     cache_arg = {"cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values": cache}
     prompts = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
                        output_router_logits=router_logits, **cache_arg)
-    cache.batch_select_indices(index)  # every row gets its prompt's keys and values (differentiable indexing)
+    for layer in cache.layers:  # every row gets its prompt's keys and values
+        layer.keys, layer.values = take_rows(layer.keys, index), take_rows(layer.values, index)
     completions = backbone(input_ids=input_ids[:, -completion_len:], attention_mask=attention_mask, use_cache=True,
                            output_router_logits=router_logits, **cache_arg)
-    hidden = torch.cat([prompts.last_hidden_state[index, -1:], completions.last_hidden_state[:, :-1]], 1)
+    hidden = torch.cat([take_rows(prompts.last_hidden_state[:, -1:], index), completions.last_hidden_state[:, :-1]], 1)
     gates = None
     if router_logits:
         width, experts = prompt_ids.size(1), prompts.router_logits[0].size(-1)
-        gates = tuple(torch.cat([p.view(-1, width, experts)[index], c.view(rows, completion_len, experts)], 1)
-                      .view(-1, experts) for p, c in zip(prompts.router_logits, completions.router_logits))
+        gates = tuple(torch.cat([take_rows(p.view(-1, width, experts), index),
+                                 c.view(rows, completion_len, experts)], 1).view(-1, experts)
+                      for p, c in zip(prompts.router_logits, completions.router_logits))
     return head(hidden), gates
 
 

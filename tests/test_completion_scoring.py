@@ -98,3 +98,21 @@ def test_entropy_and_aux_loss_are_left_out_unless_asked_for(trainer):
         logps, entropies, aux = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, 9)
     trainer._get_per_token_logps_and_entropies = trl_path
     assert logps.shape == (6, 9) and entropies is None and aux is None
+
+
+def test_rows_shared_by_a_group_backpropagate_in_a_fixed_order():
+    # x[index] sums the gradients of a group's rows in the order threads reach them (runs of one seed then part);
+    # take_rows must give the same bits every time
+    from completion_scoring import take_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 110, 16, requires_grad=True)
+    index = torch.arange(8).repeat_interleave(4)[torch.randperm(32)]
+    upstream = torch.randn(32, 2, 110, 16)
+    grads = set()
+    for _ in range(30):
+        x.grad = None
+        take_rows(x, index).backward(upstream)
+        grads.add(x.grad.numpy().tobytes())
+    assert len(grads) == 1
+    torch.testing.assert_close(x.grad, torch.zeros_like(x).index_put_((index,), upstream, accumulate=True))
