@@ -2,9 +2,9 @@
 
 On held-out prompts (EVAL_SAMPLES answers each at temperature 1) the trained stand-in's mean Boltzmann reward must
 beat the untrained one's by at least 0.08 while its valid-answer rate stays at or above 95 %, and the valid rate
-must hold during training: the bar every seed of `benchmarks/seed_sweep.py` meets (RESULTS.md: gains of +0.100 to
-+0.127 over seeds 1-5 and 42; this seed with 2 threads, as here: +0.111). A run is reproducible on one machine, so
-the figures do not change from run to run. This is the slowest test (the whole main job: ~7 minutes on 2 cores).
+must hold during training: the bar every seed of `benchmarks/seed_sweep.py` meets (RESULTS.md: gains of +0.099 to
++0.128 over seeds 1-5, in two draws of each; this seed, as here: +0.115). A run is reproducible on one machine, so
+the figures do not change from run to run. This is the slowest test (the whole main job: ~4.5 minutes on 2 cores).
 """
 
 import json
