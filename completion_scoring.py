@@ -85,8 +85,9 @@ def completion_logits(model, input_ids, attention_mask, completion_len, router_l
 def score_completions_only_on_cpu(trainer):
     """Route the trainer's per-token log-probabilities through `completion_logits` where the batch is on a CPU.
 
-    Wraps TRL's `_get_per_token_logps_and_entropies` (same arguments, same results); other devices and multimodal
-    inputs go to TRL's own path, and a TRL release that renames the method keeps its own path everywhere.
+    Wraps TRL's `_get_per_token_logps_and_entropies` (same arguments, same results); other devices, a model wrapped
+    for several processes (the training forward of `accelerate launch`; the reference forward is not wrapped) and
+    multimodal inputs go to TRL's own path, and a TRL release that renames the method keeps its own path everywhere.
     """
     from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
     from trl.trainer.utils import selective_log_softmax_and_entropy
@@ -97,7 +98,9 @@ def score_completions_only_on_cpu(trainer):
 
     def per_token_logps(model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
                         compute_aux_loss=False, **extra):
-        if input_ids.device.type != "cpu" or any(x is not None for x in extra.values()):
+        # a model wrapped for several processes (DDP) must be called through its wrapper, which syncs the gradients
+        wrapped = trainer.accelerator.unwrap_model(model) is not model
+        if input_ids.device.type != "cpu" or wrapped or any(x is not None for x in extra.values()):
             return original(model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                             compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
         config = model.config
