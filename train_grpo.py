@@ -19,7 +19,8 @@ What it does, in order:
 3. feeds TRL's GRPOTrainer from StepStream (step_stream.py) with two rewards (data_reward.py): the Boltzmann
    reward of the action in the final Harmony message (None when invalid) and a format penalty for invalid answers;
    the completions come from GENERATION_BACKEND: on a GPU by default the engine of rollout_engine.py (CUDA graphs,
-   plugged in as TRL's rollout_func), else TRL's own `generate` or transformers' continuous batching;
+   plugged in as TRL's rollout_func), else TRL's own `generate` or transformers' continuous batching; on a CPU the
+   loss scores the completions through completion_scoring.py (each prompt's forward once for its whole group);
 4. writes into OUT, once the model is loaded and wrapped (nothing before): the adapter and tokenizer, checkpoints
    every SAVE_STEPS (adapter, optimiser, trainer state; each complete or absent, see run_directory.py),
    run_config.json (the resolved settings), TensorBoard logs (runs/<run>/logs; `tensorboard --logdir runs`),
@@ -123,8 +124,9 @@ TINY_SETTINGS = dict(
     LEARNING_RATE=2e-3,
     LR_SCHEDULE="constant",  # measured across seeds: cosine decays (peak 3e-3 to 6e-3) learned less in 800 steps
     WARMUP_STEPS=20,
-    BETA=0.2,  # KL to the untrained stand-in: keeps its Harmony format and holds the held-out reward up (seeds 1
-               #   and 2 on 2 cores: 0.355 / 0.370 trained reward; beta 0.1: 0.348 / 0.352, 0.3: 0.348 / 0.363)
+    BETA=0.2,  # KL to the untrained stand-in: keeps its Harmony format and holds the held-out reward up (screen of
+               #   seeds 1 and 2, benchmarks/RESULTS.md: 0.355 / 0.370 trained reward; 0.1: 0.348 / 0.352; 0.3:
+               #   0.348 / 0.363)
     LORA_EXPERTS=True,  # also adapt the experts (more capacity where the MLPs decide; measured with BETA above)
     GRADIENT_CHECKPOINTING=False,
     GENERATION_BACKEND="engine",  # on a CPU the engine samples exactly generate's tokens (same seed, same adapter:
