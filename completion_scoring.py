@@ -25,6 +25,8 @@ import inspect
 
 import torch
 
+from rollout_engine import find_causal_lm
+
 
 def split_prompts(input_ids, attention_mask, completion_len):
     """Distinct prompt rows and, for every row, the index of its prompt: (prompt ids, prompt mask, index)."""
@@ -50,8 +52,8 @@ def completion_logits(model, input_ids, attention_mask, completion_len, router_l
 
     `model` is a gpt-oss causal LM, plain or PEFT-wrapped (with its adapter enabled or not, as the caller set it).
     """
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone, head = lm.model, lm.get_output_embeddings()
+    lm = find_causal_lm(model)
+    backbone, head = lm.model, lm.lm_head
     rows = input_ids.size(0)
     prompt_ids, prompt_mask, index = split_prompts(input_ids, attention_mask, completion_len)
     checkpointing = any(getattr(layer, "gradient_checkpointing", False) for layer in backbone.layers)
