@@ -7,7 +7,15 @@ Every script loads through `load_model` / `load_tokenizer` so that they all agre
   (Dao-AILab/flash-attention#1797), so training through FA2/FA3 would give wrong gradients; gpt-oss has no SDPA path;
 - the experts implementation: `grouped_mm` on a GPU (one grouped GEMM for all experts, measured fastest),
   `eager` on a CPU (a loop over the few experts a tiny model has; grouped_mm has no fast CPU kernel);
-- a clear error instead of an out-of-memory crawl when a 20b-sized model is asked for on a machine without a GPU.
+- a clear error instead of an out-of-memory crawl when a 20b-sized model is asked for on a machine without a GPU,
+  and, on a GPU, before loading: what the chosen experts format needs against the card's free memory, with what
+  fits instead (an out-of-memory error while loading gets the same message).
+
+The experts' format (EXPERTS_FORMAT / --experts-format in every script that loads a model):
+- 'bf16': the MXFP4 experts dequantised on load, as above (fp32 on a CPU): 38 GB of experts at the 20b shape;
+- 'mxfp4': the experts stay in the checkpoint's own bytes (mxfp4_experts.Mxfp4Experts; 10.2 GB at the 20b shape),
+  the rest loads as for 'bf16'. The model is built on the meta device and each checkpoint tensor is read once,
+  straight into its place, so no bf16 copy of the experts exists at any point.
 
 MODEL_ID anywhere in the project may be a Hub id (`openai/gpt-oss-20b`), a local model directory, or `tiny`
 (the embedded stand-in, built on first use under runs/, see tiny_gpt_oss.py). A local path that is missing, not a
@@ -28,6 +36,9 @@ REPOSITORY = os.path.dirname(os.path.abspath(__file__))  # relative model paths 
 # Above this many parameters a model is not something to run on a CPU here (the tiny stand-in has ~10^5).
 MAX_CPU_PARAMETERS = 2_000_000_000
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a model directory's tokenizer is in one of these
+EXPERTS_FORMATS = ("bf16", "mxfp4")  # how the experts are held: dequantised (bf16 / fp32 on a CPU), or as stored
+TRAINING_HEADROOM_GIB = 6.0  # GPU memory beyond the weights that a default GRPO step of the 20b shape took (45.4 GiB
+                             #   peak with 39 GiB of bf16 weights on an H200: benchmarks/RESULTS.md)
 
 
 class ModelLoadError(RuntimeError):
@@ -93,6 +104,11 @@ def count_parameters(config):
     experts = e * (h * 2 * i + 2 * i + i * h + h) + e * h + e
     per_layer = attention + experts + 2 * h
     return config.num_hidden_layers * per_layer + 2 * config.vocab_size * h + h
+
+
+def find_config(model):
+    """The gpt-oss config of a plain or PEFT-wrapped model."""
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
 
 
 def check_local_model_id(model_id, need_config=True):
@@ -161,13 +177,18 @@ def pick_device(device=None):
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(model_id, device=None, dtype=None, experts_implementation=None):
-    """Load a gpt-oss model for training or inference: MXFP4 experts dequantised, eager attention.
+def load_model(model_id, device=None, dtype=None, experts_implementation=None, experts_format="bf16",
+               headroom_gib=0.0):
+    """Load a gpt-oss model for training or inference: eager attention, experts as `experts_format` says.
 
     Returns the model on `device` ('cuda' when available, else 'cpu') in `dtype` (bf16 on GPU, fp32 on CPU).
+    On a GPU the card's free memory must hold the weights plus `headroom_gib` (what the caller will need beyond
+    them, e.g. TRAINING_HEADROOM_GIB), or a ModelLoadError says what fits.
     """
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
+    if experts_format not in EXPERTS_FORMATS:
+        raise ModelLoadError(f"experts format {experts_format!r} is not one of {', '.join(EXPERTS_FORMATS)}")
     model_id = resolve_model_id(model_id)
     config = load_config(model_id)
     device = pick_device(device)
@@ -178,14 +199,25 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None):
             f"{2 * n_params / 2**30:.0f} GiB of GPU memory in bf16. Run on a GPU machine, or use --tiny "
             "(the embedded stand-in) to run the same code on a CPU."
         )
-    if os.path.isdir(model_id) and getattr(config, "quantization_config", None):
+    quantized = getattr(config, "quantization_config", None)
+    if os.path.isdir(model_id) and quantized:
         from mxfp4 import CheckpointError, check_mxfp4_checkpoint
 
         try:
             check_mxfp4_checkpoint(model_id)
         except CheckpointError as error:
             raise ModelLoadError(str(error)) from None
+    if experts_format == "mxfp4" and not quantized:
+        raise ModelLoadError(f"{model_id}: its experts are not stored in MXFP4 (no quantization_config in its "
+                             "config.json), so they cannot stay in MXFP4; use --experts-format bf16")
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    if device.startswith("cuda"):
+        check_gpu_memory(model_id, config, experts_format, headroom_gib)
+    if experts_format == "mxfp4":
+        try:
+            return load_mxfp4_resident(model_id, config, device, dtype)
+        except torch.OutOfMemoryError:
+            raise ModelLoadError(memory_message(model_id, config, experts_format, headroom_gib)) from None
     experts_implementation = experts_implementation or ("grouped_mm" if device == "cuda" else "eager")
     kwargs = {}
     if getattr(config, "quantization_config", None):
@@ -207,6 +239,8 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None):
     except OSError as error:
         where = "its weights cannot be read" if os.path.isdir(model_id) else "it cannot be downloaded"
         raise ModelLoadError(f"{model_id}: {where} ({one_line(error)}); copy or download the model again") from None
+    except torch.OutOfMemoryError:
+        raise ModelLoadError(memory_message(model_id, config, experts_format, headroom_gib)) from None
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
@@ -215,6 +249,140 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None):
         # fails in its own experts (fp32 activations against bf16 weights); norms stay as transformers keeps them
         layer.mlp.experts.to(dtype)
     return model
+
+
+def weight_bytes(config, experts_format):
+    """GPU bytes of a gpt-oss model's weights: bf16 everywhere, or with the experts as MXFP4 blocks and scales."""
+    from mxfp4_experts import packed_expert_bytes
+
+    expert_values = config.num_hidden_layers * config.num_local_experts * 3 * config.hidden_size * \
+        config.intermediate_size
+    rest = 2 * (count_parameters(config) - expert_values)
+    return rest + (packed_expert_bytes(config) if experts_format == "mxfp4" else 2 * expert_values)
+
+
+def usable_gpu_bytes():
+    """Free bytes on the current GPU, within the process's memory cap (torch.cuda.set_per_process_memory_fraction)."""
+    free, total = torch.cuda.mem_get_info()
+    cap = torch.cuda.get_per_process_memory_fraction() * total - torch.cuda.memory_reserved()
+    return min(free, cap)
+
+
+def memory_message(model_id, config, experts_format, headroom_gib):
+    """What the chosen format needs, what this card has, and what fits."""
+    usable = usable_gpu_bytes() / 2**30
+    needs = {fmt: weight_bytes(config, fmt) / 2**30 + headroom_gib for fmt in EXPERTS_FORMATS}
+    what = "weights" + (f" + {headroom_gib:.0f} GiB to train" if headroom_gib else "")
+    fits = [fmt for fmt in EXPERTS_FORMATS if needs[fmt] <= usable]
+    if experts_format != "mxfp4" and "mxfp4" in fits:
+        advice = (f"--experts-format mxfp4 needs ~{needs['mxfp4']:.0f} GiB and fits: use it (the experts stay in "
+                  "MXFP4; attention LoRA only)")
+    elif fits:
+        advice = "free memory held by other processes on this card, then run again"
+    else:
+        advice = (f"even --experts-format mxfp4 needs ~{needs['mxfp4']:.0f} GiB: use a card with more memory, free "
+                  "what other processes hold, or lower the settings that size a step (--train-batch-size, "
+                  "--max-completion-len)")
+    return (f"{model_id}: with --experts-format {experts_format} this needs ~{needs[experts_format]:.0f} GiB of GPU "
+            f"memory ({what}), and this card has {usable:.1f} GiB usable; {advice}.")
+
+
+def check_gpu_memory(model_id, config, experts_format, headroom_gib):
+    """ModelLoadError before loading when the card cannot hold the weights plus the headroom asked for."""
+    if not torch.cuda.is_available():
+        return
+    if weight_bytes(config, experts_format) + headroom_gib * 2**30 > usable_gpu_bytes():
+        raise ModelLoadError(memory_message(model_id, config, experts_format, headroom_gib))
+
+
+def load_mxfp4_resident(model_id, config, device, dtype):
+    """The model with mxfp4_experts.Mxfp4Experts holding the checkpoint's expert bytes as they are.
+
+    Built on the meta device (nothing allocated), the experts swapped for MXFP4 ones, then every tensor of the
+    checkpoint read once into its place on `device`: the peak is the model's own size.
+    """
+    import copy
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from mxfp4_experts import Mxfp4Experts
+
+    plain = copy.deepcopy(config)
+    plain.quantization_config = None  # what the model holds is said by its modules, not by a quantizer
+    del plain.quantization_config
+    silence_known_notices()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(plain, dtype=dtype, attn_implementation="eager")
+    for layer in model.model.layers:
+        layer.mlp.experts = Mxfp4Experts.like(layer.mlp.experts, device="meta")
+    model.to_empty(device=device)
+    targets = dict(model.named_parameters())
+    targets.update(model.named_buffers())
+    loaded = set()
+    directory = local_directory(model_id)
+    for path in checkpoint_files(directory):
+        with safe_open(path, framework="pt", device=str(device)) as handle:
+            for name in handle.keys():
+                if name not in targets:
+                    raise ModelLoadError(f"{path}: tensor {name} has no place in a gpt-oss model; is this a gpt-oss "
+                                         "MXFP4 checkpoint?")
+                tensor = handle.get_tensor(name)
+                if tensor.shape != targets[name].shape:
+                    raise ModelLoadError(f"{path}: {name} has shape {tuple(tensor.shape)}, the config says "
+                                         f"{tuple(targets[name].shape)}; the checkpoint and its config.json disagree")
+                with torch.no_grad():
+                    targets[name].copy_(tensor)
+                loaded.add(name)
+                del tensor
+    persistent = {name for name in model.state_dict()}
+    missing = sorted(persistent - loaded - tied_names(model))
+    if missing:
+        raise ModelLoadError(f"{model_id}: the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}; copy "
+                             "the model directory again")
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as from_pretrained builds it: its tables were on meta
+    try:
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=plain).to(device)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.eval()
+    if os.path.isfile(os.path.join(directory, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model
+
+
+def local_directory(model_id):
+    """A model directory on this machine: the path itself, or a Hub id's files in the Hub cache (downloaded there
+    on first use, with HF_TOKEN from the environment where the repository needs one)."""
+    if os.path.isdir(model_id):
+        return model_id
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as error:  # the Hub client raises many types (offline, not found, gated, ...)
+        raise ModelLoadError(f"could not fetch {model_id!r} from the Hugging Face Hub ({one_line(error)}); without "
+                             "Hub access pass a local model directory, or --tiny") from None
+
+
+def checkpoint_files(directory):
+    """The safetensors files of a model directory (sharded or not)."""
+    from mxfp4 import INDEX_FILE, SINGLE_FILE
+
+    index = os.path.join(directory, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            files = sorted(set(json.load(handle)["weight_map"].values()))
+        return [os.path.join(directory, name) for name in files]
+    return [os.path.join(directory, SINGLE_FILE)]
+
+
+def tied_names(model):
+    """Names of parameters that are tied to another (never stored twice in a checkpoint)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return {"lm_head.weight"}
 
 
 class DropMessages(logging.Filter):

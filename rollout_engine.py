@@ -47,6 +47,8 @@ from typing import NamedTuple
 import torch
 
 import harmony
+import mxfp4_experts
+from mxfp4_experts import is_mxfp4_experts
 
 LENGTH_BUCKET = 128  # cache positions are rounded up to a multiple of this, so nearby prompt lengths share a graph
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # rows are padded up to one of these
@@ -240,12 +242,12 @@ class RolloutEngine:
             attention = (x, q, state.k[i], state.v[i], masks[self.sliding[i]], state.sinks[i],
                          layer.self_attn.scaling, w.o, w.post_norm)
             factors = expert_lora_factors(layer.mlp.experts)
-            if factors is None and self._dense_experts(rows):
+            if factors is None and self._dense_experts(rows) and w.moe is not None:
                 # the whole rest of the layer as one function: attention, o, norm, router, experts
                 x = self.kernels.finish_layer(*attention, w.moe)
             else:
                 x, h = self.kernels.attention_output(*attention)
-                x = x + self._mlp(layer.mlp, h, factors)
+                x = x + self._mlp(layer.mlp, h, factors, decode=True)
         logits = self.lm.lm_head(self.core.norm(x)).float()
         token, logprob = sample(logits, state.temperature, state.top_p, state.mode)
         token = torch.where(state.finished, torch.full_like(token, self.pad_id), token)
@@ -257,13 +259,20 @@ class RolloutEngine:
         state.pos.add_(1)
         state.step.add_(1)
 
-    def _mlp(self, mlp, h, factors):
+    def _mlp(self, mlp, h, factors, decode=False):
         """The MoE block: the model's router, then its experts module or the dense path (always with expert LoRA:
-        `factors`, from expert_lora_factors)."""
+        `factors`, from expert_lora_factors). MXFP4 experts (mxfp4_experts.py) take their own dense kernels in a
+        decode step, whatever its size, since those are what a CUDA graph can hold."""
         shape = h.shape
         h = h.reshape(-1, shape[-1])
         _, scores, index = mlp.router(h)
-        if factors is None and not self._dense_experts(h.shape[0]):
+        experts = find_base_layer(mlp.experts)
+        if is_mxfp4_experts(experts):
+            if decode or self._dense_experts(h.shape[0]):
+                out = mxfp4_experts.dense_forward(experts, h, index, scores, factors)
+            else:
+                out = mlp.experts(h, index, scores)
+        elif factors is None and not self._dense_experts(h.shape[0]):
             out = mlp.experts(h, index, scores)
         else:
             out = dense_experts(h, index, scores, expert_tensors(find_base_layer(mlp.experts)), factors)
@@ -480,8 +489,10 @@ def gather_weights(core, dtype):
         attn = layer.self_attn
         norms = [(norm.weight.float(), norm.variance_epsilon)
                  for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
-        router = layer.mlp.router
-        moe = (router.weight, router.bias, router.top_k, *expert_tensors(find_base_layer(layer.mlp.experts)))
+        router, experts = layer.mlp.router, find_base_layer(layer.mlp.experts)
+        # MXFP4 experts run their own kernels outside the compiled function (rollout engine's `_mlp`)
+        moe = None if is_mxfp4_experts(experts) else (router.weight, router.bias, router.top_k,
+                                                      *expert_tensors(experts))
         layers.append(LayerWeights(fuse_projections([attn.q_proj, attn.k_proj, attn.v_proj], dtype),
                                    fuse_projections([attn.o_proj], dtype), *norms, moe))
     return EngineWeights(layers)
@@ -684,13 +695,15 @@ def expert_lora_factors(module):
 
 
 def supports(model):
-    """True for a gpt-oss whose experts the engine can run (plain or LoRA-wrapped GptOssExperts; not the MXFP4
-    kernels' replacement modules, which take their routing inside)."""
+    """True for a gpt-oss whose experts the engine can run: GptOssExperts, plain or LoRA-wrapped, or
+    mxfp4_experts.Mxfp4Experts (not transformers' own MXFP4 kernels' replacement modules, which take their routing
+    inside)."""
     try:
         lm = find_causal_lm(model)
     except TypeError:
         return False
-    return all(hasattr(layer.mlp, "router") and hasattr(find_base_layer(layer.mlp.experts), "gate_up_proj")
+    return all(hasattr(layer.mlp, "router") and (hasattr(find_base_layer(layer.mlp.experts), "gate_up_proj") or
+                                                 is_mxfp4_experts(find_base_layer(layer.mlp.experts)))
                for layer in lm.model.layers)
 
 

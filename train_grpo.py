@@ -64,6 +64,11 @@ ROOT = Path(__file__).resolve().parent
 # -----------------------------------------------------------------------------
 # Model and data
 MODEL_ID = "openai/gpt-oss-20b"  # Hub id, local model directory, or 'tiny' (the embedded stand-in)
+EXPERTS_FORMAT = "bf16"  # bf16: experts dequantised on load (needs an 80 GB card at 20b); mxfp4: kept as stored,
+                         #   multiplied by mxfp4_experts.py's kernels (~13 GiB of weights: a 24 GB card; attention
+                         #   LoRA only)
+MAX_GPU_MEMORY_GIB = 0.0  # cap this process's GPU memory (0 = the whole card): e.g. 23 shows on a big card whether
+                          #   a run fits a 24 GB one
 DATA_FILES = ["data/dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"]  # Harmony CSVs with rewards
 TRAIN_SPLIT = "train"  # rows of this `split` train
 EVAL_SPLIT = "eval"  # rows of this `split` are held out for the final evaluation
@@ -239,12 +244,22 @@ def check_settings(s):
         )
     if s["TRAIN_BATCH_SIZE"] % s["NUM_GENERATIONS"] and s["NUM_GENERATIONS"] % s["TRAIN_BATCH_SIZE"]:
         raise SystemExit("error: TRAIN_BATCH_SIZE and NUM_GENERATIONS must divide one another")
+    if s["EXPERTS_FORMAT"] not in EXPERTS_FORMATS:
+        raise SystemExit(f"error: --experts-format {s['EXPERTS_FORMAT']!r} is not one of {', '.join(EXPERTS_FORMATS)}")
+    if s["EXPERTS_FORMAT"] == "mxfp4" and s["LORA_EXPERTS"]:
+        raise SystemExit("error: --lora-experts true needs --experts-format bf16: an expert adapter on MXFP4-resident "
+                         "experts is not supported yet (attention LoRA is)")
+    if not (math.isfinite(s["MAX_GPU_MEMORY_GIB"]) and s["MAX_GPU_MEMORY_GIB"] >= 0):
+        raise SystemExit(f"error: --max-gpu-memory-gib must be 0 (no cap) or a number of GiB, got "
+                         f"{s['MAX_GPU_MEMORY_GIB']}")
     if s["GENERATION_BACKEND"] not in ("auto", *GENERATION_BACKENDS):
         raise SystemExit(f"error: GENERATION_BACKEND {s['GENERATION_BACKEND']!r} is not one of auto, "
                          f"{', '.join(GENERATION_BACKENDS)}")
 
 
 GENERATION_BACKENDS = ("engine", "continuous-batching", "generate")
+EXPERTS_FORMATS = ("bf16", "mxfp4")  # model_loader.EXPERTS_FORMATS, named here so that settings are checked before
+                                     #   torch is imported
 # Said whenever generation runs out of memory: the settings that shrink it, most effective first.
 MEMORY_ADVICE = (
     "Reduce memory with --train-batch-size (and raise --gradient-accumulation to keep the batch), "
@@ -636,7 +651,10 @@ def load_for_training(settings, train_frames, device, log):
                 f"tokens and are left out (first: {too_long[0]}); raise --max-prompt-len to keep them")
         log(f"{len(pool)} training prompts from {len(train_frames)} file(s); loading {settings['MODEL_ID']} on {device}")
         start = time.time()
-        model = model_loader.load_model(settings["MODEL_ID"], device=device)
+        if device == "cuda" and settings["MAX_GPU_MEMORY_GIB"]:
+            cap_gpu_memory(settings["MAX_GPU_MEMORY_GIB"], log)
+        model = model_loader.load_model(settings["MODEL_ID"], device=device, experts_format=settings["EXPERTS_FORMAT"],
+                                        headroom_gib=model_loader.TRAINING_HEADROOM_GIB if device == "cuda" else 0)
         log(f"model loaded in {time.time() - start:.0f} s")
     except model_loader.ModelLoadError as error:
         raise SystemExit(f"error: {error}") from None
@@ -648,6 +666,15 @@ def load_for_training(settings, train_frames, device, log):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"LoRA: {trainable:,} trainable parameters")
     return model, tokenizer, pool
+
+
+def cap_gpu_memory(gib, log):
+    """Let this process allocate at most `gib` GiB of the GPU, as if the card had no more."""
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total))
+    log(f"GPU memory capped at {gib:g} GiB of {total / 2**30:.0f}")
 
 
 def check_lora_targets(model, targets):

@@ -6,7 +6,9 @@
 Workload W is train_grpo.py's defaults: 4 prompts x 8 completions x up to 256 tokens, LoRA r16 on attention,
 gradient checkpointing, the model directory's tokenizer (the real one gives 242-273-token prompts). Each row is one
 `python train_grpo.py` process (its own CUDA context, so its peak memory is its own), 1 warm-up step and then the
-measured steps; the default row runs DEFAULT_STEPS steps with no flag but the model, to show the defaults hold.
+measured steps; the default row runs DEFAULT_STEPS steps with no flag but the model, to show the defaults hold, and
+so does the MXFP4 row with `--experts-format mxfp4` alone. `--max-gpu-memory-gib 23` runs every row under a 23 GiB
+cap (torch.cuda.set_per_process_memory_fraction): what fits a 24 GB card is shown, not assumed.
 The stand-in's random weights never write a stop token, so every completion runs the full 256 tokens.
 
 Writes a Markdown table (s/step, generation s, update s, generated tokens/s, peak GiB, card) and a JSON beside it;
@@ -26,8 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 MEASURED_STEPS = 3  # steps timed after the warm-up step, per back end
 DEFAULT_STEPS = 20  # steps of the run with default settings (the first is the warm-up)
 DEFAULT_ROW = "engine (default)"
+MXFP4_ROW = "engine, MXFP4 experts"
 ROWS = {  # name -> (extra train_grpo.py flags, steps incl. warm-up or None for MEASURED_STEPS + 1)
     DEFAULT_ROW: ([], DEFAULT_STEPS),
+    MXFP4_ROW: (["--experts-format", "mxfp4"], DEFAULT_STEPS),
+    "engine, MXFP4 experts + expert LoRA": (["--experts-format", "mxfp4", "--lora-experts", "true"], None),
     "generate": (["--generation-backend", "generate"], None),
     "engine + expert LoRA": (["--generation-backend", "engine", "--lora-experts", "true"], None),
     "continuous-batching": (["--generation-backend", "continuous-batching"], None),
@@ -39,11 +44,13 @@ RUN_DIR = ROOT / "runs" / "bench-grpo-step"  # one run directory per row
 # -----------------------------------------------------------------------------
 
 
-def run_row(name, flags, steps, model_dir, log, timeout=ROW_TIMEOUT):
-    out = RUN_DIR / name.replace(" ", "-").replace("(", "").replace(")", "").replace("+", "plus")
+def run_row(name, flags, steps, model_dir, log, timeout=ROW_TIMEOUT, max_gpu_memory_gib=0):
+    out = RUN_DIR / name.replace(" ", "-").replace("(", "").replace(")", "").replace("+", "plus").replace(",", "")
     command = [sys.executable, str(ROOT / "train_grpo.py"), "--model-id", str(model_dir), "--total-steps", str(steps),
                "--report-to", "none", "--eval-samples", "0", "--out", str(out), *flags]
-    if name != DEFAULT_ROW:  # the other rows time steps only: no checkpoint, no scoring of the final adapter
+    if max_gpu_memory_gib:
+        command += ["--max-gpu-memory-gib", str(max_gpu_memory_gib)]
+    if name not in (DEFAULT_ROW, MXFP4_ROW):  # the other rows time steps only: no checkpoint, no final scoring
         command += ["--save-steps", str(10 * steps), "--validation-prompts", "0"]
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -53,13 +60,13 @@ def run_row(name, flags, steps, model_dir, log, timeout=ROW_TIMEOUT):
         except subprocess.TimeoutExpired:
             message = f"stopped after {timeout} s before its {steps} steps ended"
             log(f"{name}: {message}")
-            return {"backend": name, "failed": message, "steps": steps}
+            return {"backend": name, "failed": message, "steps": steps, "max_gpu_memory_gib": max_gpu_memory_gib}
     wall = time.time() - start
     if done.returncode != 0:
         last = Path(f"{out}.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
         log(f"{name}: FAILED after {wall:.0f} s: {last[0]}")
-        return {"backend": name, "failed": last[0], "steps": steps}
-    return measure(name, out, steps, wall)
+        return {"backend": name, "failed": last[0], "steps": steps, "max_gpu_memory_gib": max_gpu_memory_gib}
+    return {**measure(name, out, steps, wall), "max_gpu_memory_gib": max_gpu_memory_gib}
 
 
 def measure(name, out, steps, wall):
@@ -87,8 +94,11 @@ def render(results, model_dir, tokenizer):
     model_dir = Path(model_dir).resolve()
     if model_dir.is_relative_to(ROOT):
         model_dir = model_dir.relative_to(ROOT)  # no machine's path in a table meant to be committed
+    cap = results[0].get("max_gpu_memory_gib")
     lines = [f"# GRPO step by generation back end ({results[0].get('card', 'GPU')})", "",
-             f"Model: {model_dir} (tokenizer: {tokenizer}). Command: `python benchmarks/bench_grpo_step.py`.", "",
+             f"Model: {model_dir} (tokenizer: {tokenizer}). Command: `python benchmarks/bench_grpo_step.py`"
+             + (f" `--max-gpu-memory-gib {cap:g}` (every row capped at {cap:g} GiB, as on a smaller card)." if cap
+                else "."), "",
              "| back end | steps (measured) | s / step | generation s | update s | generated tokens / s | peak GiB | card |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -111,6 +121,9 @@ def main():
     parser.add_argument("--out", default=str(RUN_DIR / "grpo_step.md"), help="Markdown table (JSON beside it)")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="which rows to run")
     parser.add_argument("--row-timeout", type=int, default=ROW_TIMEOUT, help="seconds a row may run")
+    parser.add_argument("--max-gpu-memory-gib", type=float, default=0,
+                        help="cap every row's GPU memory at this many GiB (train_grpo.py's MAX_GPU_MEMORY_GIB), e.g. "
+                             "23 to show that a row fits a 24 GB card")
     args = parser.parse_args()
     recipe = Path(args.model_dir) / "recipe.json"
     tokenizer = json.loads(recipe.read_text()).get("tokenizer", "unknown") if recipe.is_file() else "unknown"
@@ -118,7 +131,8 @@ def main():
     for name in args.rows:
         flags, steps = ROWS[name]
         print(f"{name}: running {steps or MEASURED_STEPS + 1} steps", flush=True)
-        results.append(run_row(name, flags, steps or MEASURED_STEPS + 1, args.model_dir, print, args.row_timeout))
+        results.append(run_row(name, flags, steps or MEASURED_STEPS + 1, args.model_dir, print, args.row_timeout,
+                               args.max_gpu_memory_gib))
         print(json.dumps(results[-1]), flush=True)
         table = render(results, args.model_dir, tokenizer)  # after every row: a stopped run keeps what it measured
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,11 @@
 
     python benchmarks/bench_rollout_engine.py --model-dir runs/stand-ins/gpt-oss-20b-shape --out runs/bench/engine.json
 
-For each experts path of the engine ('auto': dense in a decode step, the module for a prefill; 'module': the
+For each experts format (model_loader.EXPERTS_FORMATS: bf16, or MXFP4 kept as stored) and each experts path of the engine ('auto': dense in a decode step, the module for a prefill; 'module': the
 model's grouped_mm experts module; 'dense': every token through every expert as one batched matmul) it reports
 the first call (graph capture included), a full GRPO rollout (4 prompts x 8 samples x 256 tokens), and one decode
-step timed over replays of the captured graph; each with the decode step's per-layer functions compiled into
+step timed over replays of the captured graph, beside the bytes such a step must read and the fraction of the card's
+bandwidth ceiling (a large device-to-device copy, measured first) that its time reaches; each with the decode step's per-layer functions compiled into
 fused kernels (torch.compile, inductor: the engine's default where triton is installed) and as they are ('none').
 
 It also measures what a greedy comparison can and cannot show on random weights: the margin between the two
@@ -41,7 +42,7 @@ def cuda_seconds(fn):
     return time.perf_counter() - start, result
 
 
-def time_engine(model, tokenizer, prompt_ids, experts, compile_backend, profile=False):
+def time_engine(model, tokenizer, prompt_ids, experts, compile_backend, experts_format, bandwidth, profile=False):
     engine = RolloutEngine(model, tokenizer, experts=experts,
                            compile_backend=None if compile_backend == "none" else compile_backend)
     rows = [ids for ids in prompt_ids[:PROMPTS] for _ in range(SAMPLES)]
@@ -57,7 +58,13 @@ def time_engine(model, tokenizer, prompt_ids, experts, compile_backend, profile=
     end.record()
     torch.cuda.synchronize()
     step_ms = start.elapsed_time(end) / REPLAYS
+    # the replays above ran at positions up to prompt + REPLAYS; a rollout's mean position is prompt + half its tokens
+    needed = decode_step_bytes(model, PROMPTS * SAMPLES, max(len(p) for p in prompt_ids[:PROMPTS]) + NEW_TOKENS // 2,
+                               experts_format)
     result = {"experts": experts, "compile_backend": engine.kernels.backend or "none",
+              "experts_format": experts_format, "decode_step_bytes": needed,
+              "decode_step_floor_ms": 1e3 * needed / bandwidth,
+              "fraction_of_bandwidth_ceiling": needed / bandwidth / (step_ms / 1e3),
               "first_call_seconds": first, "capture_seconds": state.capture_seconds,
               "rollout_seconds": sorted(rollouts)[1], "decode_step_ms": step_ms,
               "generated_tokens_per_second": PROMPTS * SAMPLES * NEW_TOKENS / sorted(rollouts)[1],
@@ -76,6 +83,33 @@ def time_engine(model, tokenizer, prompt_ids, experts, compile_backend, profile=
         print(result["profile"])
     engine.release()
     return result
+
+
+def copy_bandwidth():
+    """Bytes per second of a large device-to-device copy (read plus write): the card's practical bandwidth ceiling."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = [cuda_seconds(lambda: dst.copy_(src))[0] for _ in range(10)]
+    del src, dst
+    return 2 * 2**30 / sorted(seconds)[len(seconds) // 2]
+
+
+def decode_step_bytes(model, rows, cache_positions, experts_format):
+    """Bytes one decode step of `rows` rows must read: the attention, router, norm and LM-head weights, the experts
+    that random top-k routing of `rows` tokens touches (expected count), and the KV cache up to `cache_positions`
+    (sliding layers: their window). Embedding rows are gathered, not read whole."""
+    from mxfp4_experts import packed_expert_bytes
+
+    cfg = model_loader.find_config(model)
+    expert_values = cfg.num_hidden_layers * cfg.num_local_experts * 3 * cfg.hidden_size * cfg.intermediate_size
+    rest = 2 * (model_loader.count_parameters(cfg) - expert_values - cfg.vocab_size * cfg.hidden_size)
+    experts = packed_expert_bytes(cfg) if experts_format == "mxfp4" else 2 * expert_values
+    touched = 1 - (1 - cfg.num_experts_per_tok / cfg.num_local_experts) ** rows
+    kv = 0
+    for kind in cfg.layer_types:
+        positions = min(cache_positions, cfg.sliding_window) if kind == "sliding_attention" else cache_positions
+        kv += 2 * rows * cfg.num_key_value_heads * positions * cfg.head_dim * 2
+    return rest + touched * experts + kv
 
 
 def logprob_noise(model, tokenizer, prompt_ids, experts="auto"):
@@ -140,6 +174,8 @@ def main():
     parser.add_argument("--compile", nargs="+", default=["inductor", "none"], choices=["inductor", "none"],
                         help="torch.compile backend of the decode step's per-layer functions")
     parser.add_argument("--profile", action="store_true", help="also print the top kernels of three decode steps")
+    parser.add_argument("--experts-format", nargs="+", default=["bf16", "mxfp4"], choices=["bf16", "mxfp4"],
+                        help="how the experts are held (model_loader.EXPERTS_FORMATS); one model loaded after another")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                         help="fp32: only the log-probability comparison (the 20b shape takes ~84 GB in fp32)")
     args = parser.parse_args()
@@ -147,18 +183,30 @@ def main():
 
     tokenizer = model_loader.load_tokenizer(args.model_dir)
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-    model = get_peft_model(model_loader.load_model(args.model_dir, device="cuda", dtype=dtype),
-                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
     prompts = pd.read_csv(DATA, keep_default_na=False)["prompt"].tolist()[:32]
     prompt_ids = tokenizer(text=prompts)["input_ids"]
-    result = {"card": torch.cuda.get_device_name(), "dtype": args.dtype,
-              "prompt_tokens": [len(p) for p in prompt_ids[:PROMPTS]]}
-    if args.dtype == "bf16":
-        result["engine"] = [time_engine(model, tokenizer, prompt_ids, experts, backend, args.profile)
-                            for experts in args.experts for backend in args.compile]
-        result["logit_noise"] = logit_noise(model, tokenizer, prompt_ids)
-    # in fp32 the dense experts path (transformers' grouped_mm fallback for fp32 is not graph-capturable)
-    result["logprob_noise"] = logprob_noise(model, tokenizer, prompt_ids, "auto" if args.dtype == "bf16" else "dense")
+    bandwidth = copy_bandwidth()
+    result = {"card": torch.cuda.get_device_name(), "dtype": args.dtype, "copy_bandwidth_gb_per_s": bandwidth / 1e9,
+              "prompt_tokens": [len(p) for p in prompt_ids[:PROMPTS]], "engine": []}
+    for experts_format in args.experts_format:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model = get_peft_model(model_loader.load_model(args.model_dir, device="cuda", dtype=dtype,
+                                                       experts_format=experts_format),
+                               LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
+        result[f"loaded_gib_{experts_format}"] = torch.cuda.memory_allocated() / 2**30
+        if args.dtype == "bf16":
+            result["engine"] += [time_engine(model, tokenizer, prompt_ids, experts, backend, experts_format, bandwidth,
+                                             args.profile)
+                                 for experts in args.experts for backend in args.compile]
+            result[f"logit_noise_{experts_format}"] = logit_noise(model, tokenizer, prompt_ids)
+        # in fp32 the dense experts path (transformers' grouped_mm fallback for fp32 is not graph-capturable)
+        result[f"logprob_noise_{experts_format}"] = logprob_noise(model, tokenizer, prompt_ids,
+                                                                  "auto" if args.dtype == "bf16" else "dense")
+        del model
+        print(json.dumps({k: v for k, v in result.items() if k != "engine"}, indent=1), flush=True)
+        for row in result["engine"]:
+            print({k: v for k, v in row.items() if k != "profile"}, flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

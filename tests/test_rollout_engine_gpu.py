@@ -7,7 +7,7 @@ correct decoder achieves on this model: transformers' own `generate` (its KV-cac
 way), compared with the same training forward. The engine may be no further from the forward than twice that
 (or 0.02); its exactness is tested in fp32 in tests/test_rollout_engine.py.
 
-Needs a CUDA GPU with ~60 GB free and the 20b-shaped stand-in (built with the real tokenizer for real lengths):
+Each test runs with the experts in bf16 and in MXFP4 (mxfp4_experts.py). Needs a CUDA GPU with ~60 GB free and the 20b-shaped stand-in (built with the real tokenizer for real lengths):
 
     python tiny_gpt_oss.py --shape 20b --tokenizer path/to/o200k_harmony
     python -m pytest tests/test_rollout_engine_gpu.py -v -s     # GPT_OSS_20B_DIR=... to use another model directory
@@ -30,8 +30,9 @@ MODEL_DIR = Path(os.environ.get("GPT_OSS_20B_DIR", Path(__file__).resolve().pare
                                 "gpt-oss-20b-shape"))
 
 
-@pytest.fixture(scope="module")
-def setup():
+@pytest.fixture(scope="module", params=["bf16", "mxfp4"])
+def setup(request):
+    """The 20b stand-in with its experts dequantised to bf16, or kept in MXFP4 (mxfp4_experts.py)."""
     if not (MODEL_DIR / "config.json").is_file():
         pytest.skip(f"no 20b-shaped model in {MODEL_DIR}: build it with `python tiny_gpt_oss.py --shape 20b`")
     from peft import LoraConfig, get_peft_model
@@ -40,7 +41,7 @@ def setup():
     from rollout_engine import RolloutEngine
 
     tokenizer = model_loader.load_tokenizer(str(MODEL_DIR))
-    model = model_loader.load_model(str(MODEL_DIR), device="cuda")
+    model = model_loader.load_model(str(MODEL_DIR), device="cuda", experts_format=request.param)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
     torch.manual_seed(0)
     with torch.no_grad():

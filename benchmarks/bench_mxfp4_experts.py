@@ -1,0 +1,134 @@
+"""MXFP4-resident experts against bf16 ones at the 20b shape, one layer at a time, on one GPU.
+
+    python tiny_gpt_oss.py --shape 20b --tokenizer path/to/o200k_harmony
+    python benchmarks/bench_mxfp4_experts.py --model-dir runs/stand-ins/gpt-oss-20b-shape --out runs/bench/mxfp4.json
+
+Times (median of CUDA-event timings, rotating over the 24 layers so that no weight sits in the cache):
+- decode: the experts of one layer for 32 tokens (a decode step of workload W), every token through every expert:
+  mxfp4_experts.dense_forward (Triton, weights dequantised in registers) against the same math over bf16 weights
+  (two batched matmuls, the rollout engine's bf16 decode path); with the bytes each must read and the fraction of
+  the measured copy bandwidth that makes;
+- dequantisation: one layer's gate_up matrix into bf16 (the many-rows path's first step), in GB/s moved;
+- training: forward and backward of one layer's experts over a micro-batch's token-expert pairs (16 x 530 tokens,
+  top 4): mxfp4_experts.grouped_forward against transformers' grouped_mm experts over bf16 weights.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import model_loader  # noqa: E402
+import mxfp4  # noqa: E402
+import mxfp4_experts  # noqa: E402
+
+DECODE_TOKENS = 32  # rows of a decode step of workload W
+TRAIN_TOKENS = 16 * 530  # tokens of one training micro-batch of W (16 completions of a ~270-token prompt + 256)
+REPEATS = 48  # timed calls per figure (two passes over the 24 layers)
+
+
+def median_ms(fn, calls):
+    """Median milliseconds of fn(i) over `calls` calls, each timed with CUDA events after two warm-up calls."""
+    fn(0), fn(1)
+    times = []
+    for i in range(calls):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(i)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def routing(tokens, experts, top_k, generator):
+    index = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)]).cuda()
+    scores = torch.softmax(torch.randn(tokens, top_k, generator=generator), -1).cuda().to(torch.bfloat16)
+    return index, scores
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", default=str(ROOT / "runs" / "stand-ins" / "gpt-oss-20b-shape"))
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench" / "mxfp4_experts.json"))
+    parser.add_argument("--layers", type=int, default=8, help="layers to rotate over (each holds its bf16 copy too)")
+    args = parser.parse_args()
+    model = model_loader.load_model(args.model_dir, device="cuda", experts_format="mxfp4")
+    layers = [layer.mlp.experts for layer in model.model.layers[:args.layers]]
+    cfg = model.config
+    bf16 = [(mxfp4.dequantize_mxfp4(*e.matrices()[0], torch.bfloat16).transpose(1, 2).contiguous(),
+             mxfp4.dequantize_mxfp4(*e.matrices()[1], torch.bfloat16).transpose(1, 2).contiguous()) for e in layers]
+    generator = torch.Generator().manual_seed(0)
+    n = len(layers)
+
+    # the card's bandwidth ceiling: a large device-to-device copy (bytes read plus written)
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    bandwidth = 2 * 2**30 / (median_ms(lambda i: dst.copy_(src), 20) / 1e3)
+    del src, dst
+
+    h = torch.randn(DECODE_TOKENS, cfg.hidden_size, generator=generator).cuda().to(torch.bfloat16)
+    index, scores = routing(DECODE_TOKENS, cfg.num_local_experts, cfg.num_experts_per_tok, generator)
+    with torch.no_grad():
+        mxfp4_ms = median_ms(lambda i: mxfp4_experts.dense_forward(layers[i % n], h, index, scores), REPEATS)
+
+        def bf16_dense(i):
+            gate_up, down = bf16[i % n]
+            e = layers[i % n]
+            x = h.unsqueeze(0).expand(cfg.num_local_experts, -1, -1)
+            act = mxfp4_experts.swiglu(torch.bmm(x, gate_up) + e.gate_up_proj_bias[:, None], e.limit, e.alpha)
+            return torch.bmm(act, down) + e.down_proj_bias[:, None]
+
+        bf16_ms = median_ms(bf16_dense, REPEATS)
+    values = 3 * cfg.num_local_experts * cfg.hidden_size * cfg.intermediate_size
+    packed_bytes = values // 2 + values // mxfp4.BLOCK_SIZE
+    result = {"card": torch.cuda.get_device_name(), "copy_bandwidth_gb_per_s": bandwidth / 1e9,
+              "decode_tokens": DECODE_TOKENS,
+              "decode_layer_ms": {"mxfp4": mxfp4_ms, "bf16": bf16_ms},
+              "decode_layer_bandwidth_fraction": {"mxfp4": packed_bytes / bandwidth / (mxfp4_ms / 1e3),
+                                                  "bf16": 2 * values / bandwidth / (bf16_ms / 1e3)}}
+
+    gate_up_bytes = layers[0].gate_up_proj_blocks.numel() + layers[0].gate_up_proj_scales.numel()
+    dequant_ms = median_ms(lambda i: mxfp4_experts.dequantize(*layers[i % n].matrices()[0], torch.bfloat16), REPEATS)
+    result["dequantize_gate_up_ms"] = dequant_ms
+    result["dequantize_gb_per_s"] = (gate_up_bytes + 2 * values * 2 // 3) / (dequant_ms / 1e3) / 1e9
+
+    x = torch.randn(TRAIN_TOKENS, cfg.hidden_size, generator=generator).cuda().to(torch.bfloat16)
+    index, scores = routing(TRAIN_TOKENS, cfg.num_local_experts, cfg.num_experts_per_tok, generator)
+    grad = torch.randn_like(x)
+
+    def train_mxfp4(i):
+        inp = x.detach().requires_grad_()
+        mxfp4_experts.grouped_forward(layers[i % n], inp, index, scores).backward(grad)
+
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    class Bf16Experts(torch.nn.Module):  # the attributes transformers' grouped_mm experts forward reads
+        has_gate, has_bias, is_transposed, _is_expert_parallel, has_post_expert_norm = True, True, True, False, False
+
+    reference = Bf16Experts()
+    reference.num_experts = cfg.num_local_experts
+    reference._apply_gate = lambda gu: mxfp4_experts.swiglu(gu, layers[0].limit, layers[0].alpha)
+
+    def train_bf16(i):
+        reference.gate_up_proj, reference.down_proj = bf16[i % n]
+        reference.gate_up_proj_bias = layers[i % n].gate_up_proj_bias
+        reference.down_proj_bias = layers[i % n].down_proj_bias
+        inp = x.detach().requires_grad_()
+        grouped_mm_experts_forward(reference, inp, index, scores).backward(grad)
+
+    result["train_tokens"] = TRAIN_TOKENS
+    result["train_layer_forward_backward_ms"] = {"mxfp4": median_ms(train_mxfp4, REPEATS // 2),
+                                                 "bf16": median_ms(train_bf16, REPEATS // 2)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""gpt-oss experts that stay in the checkpoint's MXFP4 bytes: the module, its matmuls, and their backward.
+
+Why: the experts are 19.1 B of gpt-oss-20b's 20.9 B parameters: 38 GB dequantised to bf16, 10.2 GB as the
+checkpoint stores them (4.25 bits a value). Under attention LoRA they are frozen, so they never need to leave
+MXFP4, and a decode step, which reads nearly every expert, reads a quarter of the bytes.
+
+`Mxfp4Experts` replaces transformers' `GptOssExperts` (model_loader.load_model(..., experts_format="mxfp4")): the
+same call (hidden states, router indices, routing weights), the same math (gate/up interleaved, clamped SwiGLU,
+biases, routing weights applied after the down projection), with the weights held as the checkpoint's uint8
+`*_blocks` [E, out, in/32, 16] / `*_scales` [E, out, in/32] (mxfp4.py's layout: each output row's inputs in blocks
+of 32 values sharing a power-of-two scale, two e2m1 codes a byte, low nibble first). Three ways through it:
+- few rows on a GPU (a decode step, <= DECODE_MAX_ROWS tokens, no gradient): every token through every expert, one
+  Triton kernel per matrix that dequantises the weight tile in registers and multiplies it on the tensor cores
+  (`dense_forward`; the rollout engine captures it in its CUDA graph: static shapes, no host sync);
+- many rows (a prefill, the training forward and its recompute): the token-expert pairs sorted by expert, one
+  layer's matrix dequantised into a bf16 buffer by a Triton kernel, then torch's grouped matmul; the buffer is
+  freed after each matmul, so one matrix of one layer is all that is ever held in bf16 (~1 GiB at the 20b shape);
+- backward: `Mxfp4GroupedMatmul` saves only references to the packed bytes, dequantises them again and multiplies
+  the output gradient by the (transposed) weight: the input gradient. The experts are frozen, so no weight
+  gradient exists; the routing weights' gradient comes from autograd around it.
+On a CPU (the tiny stand-in, the tests) the same steps run in plain torch: `mxfp4.dequantize_mxfp4` (exact in
+fp32) and one matmul per expert. That path is also the oracle the GPU kernels are tested against.
+
+Scale byte 0 (2^-127) decodes to 0 in the Triton kernels; such a block's values are below 6 * 2^-127 anyway.
+"""
+
+import torch
+
+import mxfp4
+
+# -----------------------------------------------------------------------------
+DECODE_MAX_ROWS = 64  # up to this many tokens every expert is read anyway: the dense kernel; above, grouped
+KERNEL_BLOCK_N = 64  # output columns per program of the dense kernel
+KERNEL_BLOCK_K = 128  # inputs per loop step of the dense kernel (4 MXFP4 blocks)
+DEQUANT_BLOCKS = 64  # MXFP4 blocks (32 values each) dequantised per program of the dequantisation kernel
+# -----------------------------------------------------------------------------
+
+
+class Mxfp4Experts(torch.nn.Module):
+    """transformers' GptOssExperts with its weights kept as MXFP4 blocks and scales (see the module docstring).
+
+    Buffers and parameters carry the checkpoint's own names, so a checkpoint's tensors load into it as they are.
+    """
+
+    def __init__(self, num_experts, hidden_size, intermediate_size, limit, alpha, dtype=torch.bfloat16, device=None):
+        super().__init__()
+        block, half = mxfp4.BLOCK_SIZE, mxfp4.BLOCK_SIZE // 2
+        if hidden_size % block or intermediate_size % block:
+            raise ValueError(f"MXFP4 experts need hidden and intermediate sizes that are multiples of {block}, got "
+                             f"{hidden_size} and {intermediate_size}")
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.limit, self.alpha = limit, alpha
+        e, h, i = num_experts, hidden_size, intermediate_size
+        u8 = dict(dtype=torch.uint8, device=device)
+        self.register_buffer("gate_up_proj_blocks", torch.empty(e, 2 * i, h // block, half, **u8))
+        self.register_buffer("gate_up_proj_scales", torch.empty(e, 2 * i, h // block, **u8))
+        self.register_buffer("down_proj_blocks", torch.empty(e, h, i // block, half, **u8))
+        self.register_buffer("down_proj_scales", torch.empty(e, h, i // block, **u8))
+        # frozen like the packed weights (an adapter trains next to them, never them)
+        self.gate_up_proj_bias = torch.nn.Parameter(torch.empty(e, 2 * i, dtype=dtype, device=device),
+                                                    requires_grad=False)
+        self.down_proj_bias = torch.nn.Parameter(torch.empty(e, h, dtype=dtype, device=device), requires_grad=False)
+
+    @classmethod
+    def like(cls, experts, device=None):
+        """An empty Mxfp4Experts of the shape of a GptOssExperts (or its config's), biases in its dtype."""
+        return cls(experts.num_experts, experts.hidden_size, experts.intermediate_size, experts.limit, experts.alpha,
+                   dtype=experts.gate_up_proj_bias.dtype, device=device)
+
+    def extra_repr(self):
+        return (f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+                "weights=mxfp4")
+
+    def matrices(self):
+        """(gate_up, down) as (blocks, scales) pairs."""
+        return ((self.gate_up_proj_blocks, self.gate_up_proj_scales), (self.down_proj_blocks, self.down_proj_scales))
+
+    def forward(self, hidden_states, router_indices=None, routing_weights=None):
+        rows = hidden_states.shape[0]
+        if hidden_states.is_cuda and rows <= DECODE_MAX_ROWS and not (
+                torch.is_grad_enabled() and hidden_states.requires_grad):
+            return dense_forward(self, hidden_states, router_indices, routing_weights)
+        return grouped_forward(self, hidden_states, router_indices, routing_weights)
+
+
+def swiglu(gate_up, limit, alpha):
+    """transformers' GptOssExperts._apply_gate: interleaved gate/up halves, clamped, (up + 1) * gate * sigmoid."""
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+# -- many rows: grouped by expert, one matrix dequantised at a time ------------------------------------------------
+def grouped_forward(experts, hidden_states, router_indices, routing_weights):
+    """The experts over token-expert pairs sorted by expert (prefill, training); differentiable in the input and
+    the routing weights. Returns [tokens, hidden] in the input's dtype."""
+    tokens, top_k = router_indices.shape
+    flat = router_indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    expert_of_row = flat[order]
+    counts = torch.bincount(flat, minlength=experts.num_experts)
+    dtype = experts.gate_up_proj_bias.dtype
+    x = hidden_states.index_select(0, order // top_k).to(dtype)
+    (gate_up_blocks, gate_up_scales), (down_blocks, down_scales) = experts.matrices()
+    gate_up = Mxfp4GroupedMatmul.apply(x, counts, gate_up_blocks, gate_up_scales)
+    gate_up = gate_up + experts.gate_up_proj_bias.index_select(0, expert_of_row)
+    act = swiglu(gate_up, experts.limit, experts.alpha)
+    out = Mxfp4GroupedMatmul.apply(act, counts, down_blocks, down_scales)
+    out = out + experts.down_proj_bias.index_select(0, expert_of_row)
+    out = out * routing_weights.reshape(-1).index_select(0, order)[:, None].to(out.dtype)
+    # back to token order (a gather, whose backward is a gather too: no accumulation in thread order), then the
+    # top_k contributions of each token summed in fp32, as transformers' grouped_mm experts sum them
+    unsorted = out.index_select(0, torch.argsort(order))
+    return unsorted.view(tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(hidden_states.dtype)
+
+
+class Mxfp4GroupedMatmul(torch.autograd.Function):
+    """y = x W_e^T for rows grouped by expert (counts[e] rows of expert e, in order), W given as MXFP4 blocks and
+    scales [E, out, in/32, ...]. Backward: the input gradient through the same packed weights, transposed; nothing
+    but references to the packed bytes is saved (never a dequantised copy)."""
+
+    @staticmethod
+    def forward(ctx, x, counts, blocks, scales):
+        ctx.save_for_backward(counts, blocks, scales)
+        return grouped_matmul(x, counts, blocks, scales, transpose=False)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        counts, blocks, scales = ctx.saved_tensors
+        grad_x = grouped_matmul(grad_out.contiguous(), counts, blocks, scales, transpose=True)
+        return grad_x, None, None, None
+
+
+def grouped_matmul(x, counts, blocks, scales, transpose):
+    """x [rows, in] @ W_e^T per group (transpose=False), or x [rows, out] @ W_e (transpose=True, the backward)."""
+    if x.is_cuda and hasattr(torch.nn.functional, "grouped_mm"):
+        weight = dequantize(blocks, scales, x.dtype)  # [E, out, in], freed when this returns
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        return torch.nn.functional.grouped_mm(x, weight if transpose else weight.transpose(-2, -1), offs=offsets)
+    out_features = blocks.shape[-3] if not transpose else blocks.shape[-2] * mxfp4.BLOCK_SIZE
+    out = x.new_empty(x.shape[0], out_features)
+    start = 0
+    for e, count in enumerate(counts.tolist()):
+        if count:
+            weight = mxfp4.dequantize_mxfp4(blocks[e], scales[e], x.dtype)  # [out, in], exact in any float dtype
+            rows = x[start:start + count]
+            out[start:start + count] = rows @ weight if transpose else rows @ weight.t()
+        start += count
+    return out
+
+
+def dequantize(blocks, scales, dtype):
+    """MXFP4 blocks [..., G, 16] and scales [..., G] -> dtype [..., G * 32]: a Triton kernel on a GPU, else
+    mxfp4.dequantize_mxfp4 (the same values: every MXFP4 value is exact in bf16 and fp32)."""
+    if not blocks.is_cuda:
+        return mxfp4.dequantize_mxfp4(blocks, scales, dtype)
+    kernels = triton_kernels()
+    out = torch.empty(*scales.shape[:-1], scales.shape[-1] * mxfp4.BLOCK_SIZE, dtype=dtype, device=blocks.device)
+    n_blocks = scales.numel()
+    grid = (triton_cdiv(n_blocks, DEQUANT_BLOCKS),)
+    kernels.dequantize_kernel[grid](blocks, scales, out, n_blocks, BLOCKS=DEQUANT_BLOCKS)
+    return out
+
+
+# -- few rows: every token through every expert, weights dequantised in registers ---------------------------------
+def dense_forward(experts, hidden_states, router_indices, routing_weights, factors=None):
+    """Every token through every expert (a decode step: a few dozen tokens touch nearly every expert, so each
+    weight is read once either way), routing weights applied after; no gradient.
+
+    factors: {"gate_up_proj" | "down_proj": (A [E, in, r], B [E, r, out], scale)} of an expert LoRA, added as
+    low-rank terms (nothing of the experts' size is built). Returns [tokens, hidden] in the input's dtype.
+    """
+    factors = factors or {}
+    dtype = experts.gate_up_proj_bias.dtype
+    x = hidden_states.to(dtype)
+    (gate_up_blocks, gate_up_scales), (down_blocks, down_scales) = experts.matrices()
+    gate_up = dense_matmul(x, gate_up_blocks, gate_up_scales, experts.gate_up_proj_bias)  # [E, tokens, 2I]
+    if "gate_up_proj" in factors:
+        a, b, scale = factors["gate_up_proj"]
+        lora_in = x.to(a.dtype).unsqueeze(0).expand(a.shape[0], -1, -1)
+        gate_up = gate_up + torch.bmm(torch.bmm(lora_in, a), b).to(gate_up.dtype) * scale
+    act = swiglu(gate_up, experts.limit, experts.alpha)
+    out = dense_matmul(act, down_blocks, down_scales, experts.down_proj_bias)  # [E, tokens, H]
+    if "down_proj" in factors:
+        a, b, scale = factors["down_proj"]
+        out = out + torch.bmm(torch.bmm(act.to(a.dtype), a), b).to(out.dtype) * scale
+    routing = torch.zeros(x.shape[0], experts.num_experts, dtype=routing_weights.dtype, device=x.device)
+    routing = routing.scatter(1, router_indices, routing_weights)
+    weighted = out * routing.t()[:, :, None].to(out.dtype)
+    return weighted.sum(dim=0, dtype=torch.float32).to(hidden_states.dtype)
+
+
+def dense_matmul(x, blocks, scales, bias):
+    """x [tokens, in] (the same rows for every expert) or [E, tokens, in] -> [E, tokens, out] = x W_e^T + bias_e.
+
+    On a GPU one Triton kernel: each program dequantises a [KERNEL_BLOCK_N, KERNEL_BLOCK_K] tile of one expert's
+    weight in registers and multiplies it on the tensor cores, accumulating in fp32. On a CPU the reference:
+    dequantised weights, a batched matmul."""
+    experts, out_features = blocks.shape[0], blocks.shape[1]
+    in_features = blocks.shape[2] * mxfp4.BLOCK_SIZE
+    shared = x.dim() == 2
+    tokens = x.shape[-2]
+    if x.shape[-1] != in_features:
+        raise ValueError(f"dense_matmul: input has {x.shape[-1]} features, the weight takes {in_features}")
+    if not x.is_cuda:
+        weight = mxfp4.dequantize_mxfp4(blocks, scales, x.dtype)  # [E, out, in]
+        inputs = x.unsqueeze(0).expand(experts, -1, -1) if shared else x
+        return torch.bmm(inputs, weight.transpose(1, 2)) + bias[:, None].to(x.dtype)
+    kernels = triton_kernels()
+    x = x.contiguous()
+    out = torch.empty(experts, tokens, out_features, dtype=x.dtype, device=x.device)
+    block_m = max(16, triton_next_power_of_2(min(tokens, DECODE_MAX_ROWS)))
+    grid = (triton_cdiv(out_features, KERNEL_BLOCK_N), experts, triton_cdiv(tokens, block_m))
+    kernels.dense_matmul_kernel[grid](
+        x, blocks, scales, bias, out, tokens, out_features, 0 if shared else x.stride(0), x.stride(-2),
+        K=in_features, BLOCK_M=block_m, BLOCK_N=KERNEL_BLOCK_N, BLOCK_K=KERNEL_BLOCK_K)
+    return out
+
+
+# -- the Triton kernels (mxfp4_kernels.py; triton is a GPU extra) -----------------------------------------------
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def triton_next_power_of_2(n):
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def triton_kernels():
+    """mxfp4_kernels (compiled on first launch); a clear error where triton is missing."""
+    try:
+        import mxfp4_kernels
+    except ImportError as error:
+        raise RuntimeError(f"MXFP4 experts on a GPU need triton ({error}; it ships with CUDA builds of torch, or pip "
+                           "install triton), or load the model with --experts-format bf16") from None
+    return mxfp4_kernels
+
+
+# -- replacing a model's experts -----------------------------------------------------------------------------------
+def is_mxfp4_experts(module):
+    return isinstance(module, Mxfp4Experts)
+
+
+def packed_expert_bytes(config):
+    """Bytes of a gpt-oss config's expert weights as MXFP4 blocks and scales (biases not counted)."""
+    values = config.num_hidden_layers * config.num_local_experts * 3 * config.hidden_size * config.intermediate_size
+    return values // 2 + values // mxfp4.BLOCK_SIZE

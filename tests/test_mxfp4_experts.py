@@ -1,0 +1,194 @@
+"""MXFP4-resident experts (mxfp4_experts.py) on a CPU: the same model as the dequantised load, exactly.
+
+Every MXFP4 value is exact in fp32, so on the tiny stand-in in fp32 the logits, greedy tokens and gradients of the
+MXFP4 path must equal the dequantised path's up to the summation order of fp32 matmuls.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import model_loader
+import mxfp4
+import mxfp4_experts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return (model_loader.load_model("tiny", experts_format="bf16"),
+            model_loader.load_model("tiny", experts_format="mxfp4"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return model_loader.load_tokenizer("tiny")
+
+
+def prompt_ids(tokenizer, count=3):
+    import pandas as pd
+
+    from lora_fixtures import HARMONY_CSV
+
+    prompts = pd.read_csv(HARMONY_CSV, keep_default_na=False)["prompt"].tolist()[:count]
+    ids = tokenizer(text=prompts)["input_ids"]
+    return [row[:min(map(len, ids))] for row in ids]  # one length: a batch without padding
+
+
+def test_the_experts_stay_packed(models):
+    _, packed = models
+    for layer in packed.model.layers:
+        experts = layer.mlp.experts
+        assert isinstance(experts, mxfp4_experts.Mxfp4Experts)
+        assert experts.gate_up_proj_blocks.dtype == experts.down_proj_blocks.dtype == torch.uint8
+        assert not hasattr(experts, "gate_up_proj") and not hasattr(experts, "down_proj")
+
+
+def test_logits_equal_the_dequantised_model(models, tokenizer):
+    dequantised, packed = models
+    ids = torch.tensor(prompt_ids(tokenizer, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(input_ids=ids).logits, dequantised(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_greedy_tokens_equal_generate_on_the_dequantised_model(models, tokenizer):
+    dequantised, packed = models
+    ids = torch.tensor(prompt_ids(tokenizer, 1))
+    kwargs = dict(do_sample=False, max_new_tokens=40, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert packed.generate(ids, **kwargs).tolist() == dequantised.generate(ids, **kwargs).tolist()
+
+
+def test_the_rollout_engine_samples_the_same_tokens(models, tokenizer):
+    from rollout_engine import RolloutEngine
+
+    rows = [ids for ids in prompt_ids(tokenizer, 2) for _ in range(3)]
+    results = []
+    for model in models:
+        torch.manual_seed(5)
+        results.append(RolloutEngine(model, tokenizer).generate(rows, 32))
+    assert results[0][0] == results[1][0]
+    torch.testing.assert_close(torch.tensor(sum(results[0][1], [])), torch.tensor(sum(results[1][1], [])),
+                               atol=1e-5, rtol=0)
+
+
+def test_input_and_lora_gradients_equal_autograd_through_dequantised_weights(models, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    ids = torch.tensor(prompt_ids(tokenizer, 2))
+    grads = []
+    for model in models:
+        torch.manual_seed(0)
+        wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+        with torch.no_grad():
+            for name, param in wrapped.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn_like(param) * 0.1)  # a live adapter: gradients reach lora_A too
+        embeds = wrapped.get_input_embeddings()(ids).detach().requires_grad_()
+        logits = wrapped(inputs_embeds=embeds).logits
+        torch.log_softmax(logits, -1)[..., :7].mean().backward()  # gradients of order 1: atol means something
+        grads.append({"input": embeds.grad} | {n: p.grad for n, p in wrapped.named_parameters() if p.requires_grad})
+        wrapped.unload()  # the module-scoped models go back without their adapter
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 1
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_backward_saves_only_the_packed_bytes():
+    torch.manual_seed(0)
+    weight = torch.randn(3, 64, 96) * 0.1
+    blocks, scales = mxfp4.quantize_mxfp4(weight)
+    counts = torch.tensor([2, 0, 3])
+    x = torch.randn(5, 96, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = mxfp4_experts.Mxfp4GroupedMatmul.apply(x, counts, blocks, scales)
+    assert saved and all(not t.is_floating_point() for t in saved)  # no dequantised copy, no activation
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    dequantised = mxfp4.dequantize_mxfp4(blocks, scales, torch.float32)  # [E, out, in]
+    expert_of_row = torch.repeat_interleave(torch.arange(3), counts)
+    torch.testing.assert_close(out, torch.bmm(x.detach()[:, None], dequantised[expert_of_row].transpose(1, 2))[:, 0])
+    torch.testing.assert_close(x.grad, torch.bmm(grad[:, None], dequantised[expert_of_row])[:, 0])
+
+
+def test_nibble_order_and_scale_bias_are_the_checkpoints():
+    """One hand-written block: byte 0x71 holds code 1 (0.5) in its low nibble, the even input, and code 7 (6.0) in
+    its high nibble, the odd one; byte 0xA0 holds 0 and code 10 (-1.0); scale byte 128 means 2^(128 - 127) = 2."""
+    blocks = torch.zeros(1, 1, 1, 16, dtype=torch.uint8)
+    blocks[..., 0], blocks[..., 1] = 0x71, 0xA0
+    scales = torch.full((1, 1, 1), 128, dtype=torch.uint8)
+    x = torch.zeros(1, 32)
+    x[0, :4] = torch.tensor([1.0, 10.0, 100.0, 1000.0])  # reads each input's value off the sum
+    out = mxfp4_experts.dense_matmul(x, blocks, scales, torch.zeros(1, 1))
+    assert out.item() == 2 * (0.5 * 1 + 6.0 * 10 + 0.0 * 100 - 1.0 * 1000)
+
+
+@pytest.mark.skipif(not any((Path(p) / "triton").is_dir() for p in sys.path if p), reason="triton not installed")
+def test_triton_kernels_in_the_interpreter_match_the_reference():
+    """The Triton kernels themselves, run by Triton's CPU interpreter in fp32 (bf16 is not emulated there)."""
+    script = """
+import torch, mxfp4, mxfp4_kernels
+torch.manual_seed(0)
+weight = torch.randn(3, 96, 256) * 0.05
+blocks, scales = mxfp4.quantize_mxfp4(weight)
+ref = mxfp4.dequantize_mxfp4(blocks, scales, torch.float32)
+out = torch.empty_like(ref)
+mxfp4_kernels.dequantize_kernel[(36,)](blocks, scales, out, scales.numel(), BLOCKS=64)
+assert torch.equal(out, ref)
+x, bias = torch.randn(3, 5, 256), torch.randn(3, 96)
+y = torch.empty(3, 5, 96)
+mxfp4_kernels.dense_matmul_kernel[(2, 3, 1)](x, blocks, scales, bias, y, 5, 96, x.stride(0), x.stride(1), K=256,
+                                             BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)
+torch.testing.assert_close(y, torch.bmm(x, ref.transpose(1, 2)) + bias[:, None], atol=1e-4, rtol=1e-4)
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_checkpoint_without_mxfp4_experts_is_refused(models, tmp_path):
+    dequantised, _ = models
+    dequantised.save_pretrained(tmp_path)  # plain weights, no quantization_config
+    with pytest.raises(model_loader.ModelLoadError, match="not stored in MXFP4.*--experts-format bf16"):
+        model_loader.load_model(str(tmp_path), experts_format="mxfp4")
+
+
+def test_an_unknown_experts_format_is_refused():
+    with pytest.raises(model_loader.ModelLoadError, match="not one of bf16, mxfp4"):
+        model_loader.load_model("tiny", experts_format="fp8")
+
+
+def test_a_card_too_small_is_told_what_fits(monkeypatch):
+    """A 24 GB card's user loading the 20b shape in bf16 hears, before anything loads, that MXFP4 fits."""
+    from transformers import GptOssConfig
+
+    from tiny_gpt_oss import GPT_OSS_20B
+
+    config = GptOssConfig(**GPT_OSS_20B)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(model_loader, "usable_gpu_bytes", lambda: 23 * 2**30)
+    with pytest.raises(model_loader.ModelLoadError) as error:
+        model_loader.check_gpu_memory("gpt-oss-20b", config, "bf16", model_loader.TRAINING_HEADROOM_GIB)
+    message = str(error.value)
+    assert "--experts-format bf16" in message and "23.0 GiB usable" in message
+    assert "--experts-format mxfp4 needs ~" in message and "fits" in message
+    model_loader.check_gpu_memory("gpt-oss-20b", config, "mxfp4", model_loader.TRAINING_HEADROOM_GIB)  # no error
+    monkeypatch.setattr(model_loader, "usable_gpu_bytes", lambda: 12 * 2**30)
+    with pytest.raises(model_loader.ModelLoadError, match="even --experts-format mxfp4 needs"):
+        model_loader.check_gpu_memory("gpt-oss-20b", config, "mxfp4", model_loader.TRAINING_HEADROOM_GIB)
+
+
+def test_weight_bytes_of_the_20b_shape():
+    from transformers import GptOssConfig
+
+    from tiny_gpt_oss import GPT_OSS_20B
+
+    config = GptOssConfig(**GPT_OSS_20B)
+    assert 38.5e9 < model_loader.weight_bytes(config, "bf16") < 42.5e9  # 20.9 B parameters in bf16
+    assert 12.5e9 < model_loader.weight_bytes(config, "mxfp4") < 14.5e9  # 10.2 GB of experts + 3.6 GB of the rest

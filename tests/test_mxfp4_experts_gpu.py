@@ -1,0 +1,123 @@
+"""MXFP4-resident experts on a GPU at the 20b shape: the Triton kernels against the plain-torch reference on the
+stand-in's own packed weights, the backward, and the memory a loaded model takes.
+
+    python tiny_gpt_oss.py --shape 20b --tokenizer path/to/o200k_harmony
+    python -m pytest tests/test_mxfp4_experts_gpu.py -v -s     # GPT_OSS_20B_DIR=... to use another model directory
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import mxfp4
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+MODEL_DIR = Path(os.environ.get("GPT_OSS_20B_DIR", Path(__file__).resolve().parents[1] / "runs" / "stand-ins" /
+                                "gpt-oss-20b-shape"))
+BF16_TOLERANCE = 1e-2  # relative error of a bf16 product against the fp32 reference
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    """(model, GiB the loading added at its peak)."""
+    if not (MODEL_DIR / "config.json").is_file():
+        pytest.skip(f"no 20b-shaped model in {MODEL_DIR}: build it with `python tiny_gpt_oss.py --shape 20b`")
+    import model_loader
+
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model = model_loader.load_model(str(MODEL_DIR), device="cuda", experts_format="mxfp4")
+    return model, (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
+def relative_error(out, ref):
+    assert torch.isfinite(out).all()
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def test_loading_never_holds_the_experts_in_bf16(loaded):
+    model, peak_gib = loaded
+    print(f"\npeak while loading: {peak_gib:.2f} GiB")
+    assert peak_gib < 16  # bf16 experts alone would be 35.6 GiB
+    experts = model.model.layers[0].mlp.experts
+    assert type(experts).__name__ == "Mxfp4Experts" and experts.gate_up_proj_blocks.dtype == torch.uint8
+
+
+def test_dequantisation_kernel_is_exact(loaded):
+    import mxfp4_experts
+
+    experts = loaded[0].model.layers[3].mlp.experts
+    for blocks, scales in experts.matrices():
+        out = mxfp4_experts.dequantize(blocks, scales, torch.bfloat16)
+        assert torch.equal(out, mxfp4.dequantize_mxfp4(blocks, scales, torch.bfloat16))
+
+
+@pytest.mark.parametrize("tokens", [1, 32, 64])
+def test_dense_kernel_matches_the_reference(loaded, tokens):
+    import mxfp4_experts
+
+    experts = loaded[0].model.layers[5].mlp.experts
+    torch.manual_seed(tokens)
+    for (blocks, scales), bias, shared in ((experts.matrices()[0], experts.gate_up_proj_bias, True),
+                                           (experts.matrices()[1], experts.down_proj_bias, False)):
+        weight = mxfp4.dequantize_mxfp4(blocks, scales, torch.float32)  # [E, out, in]
+        shape = (tokens, weight.shape[2]) if shared else (weight.shape[0], tokens, weight.shape[2])
+        x = torch.randn(shape, device="cuda").to(torch.bfloat16)
+        out = torch.full((weight.shape[0], tokens, weight.shape[1]), float("nan"), device="cuda")  # poisoned
+        out = mxfp4_experts.dense_matmul(x, blocks, scales, bias)
+        inputs = x.float().expand(weight.shape[0], -1, -1) if shared else x.float()
+        ref = torch.bmm(inputs, weight.transpose(1, 2)) + bias.float()[:, None]
+        error = relative_error(out, ref)
+        print(f"\ndense kernel, {tokens} tokens, {'gate_up' if shared else 'down'}: relative error {error:.2e}")
+        assert error <= BF16_TOLERANCE
+
+
+def test_dense_forward_matches_the_grouped_reference(loaded):
+    """The decode path (Triton) and the many-rows path (dequantised + grouped matmul) compute one function."""
+    import mxfp4_experts
+
+    experts = loaded[0].model.layers[7].mlp.experts
+    torch.manual_seed(0)
+    h = torch.randn(32, experts.hidden_size, device="cuda").to(torch.bfloat16)
+    index = torch.stack([torch.randperm(experts.num_experts, device="cuda")[:4] for _ in range(32)])
+    scores = torch.softmax(torch.randn(32, 4, device="cuda"), -1).to(torch.bfloat16)
+    with torch.no_grad():
+        dense = mxfp4_experts.dense_forward(experts, h, index, scores)
+        grouped = mxfp4_experts.grouped_forward(experts, h, index, scores)
+    error = relative_error(dense, grouped)
+    print(f"\ndense vs grouped experts: relative error {error:.2e}")
+    assert error <= BF16_TOLERANCE
+
+
+def test_backward_gives_the_input_gradient_through_the_packed_weights(loaded):
+    import mxfp4_experts
+
+    experts = loaded[0].model.layers[11].mlp.experts
+    torch.manual_seed(1)
+    rows = 300
+    h = torch.randn(rows, experts.hidden_size, device="cuda").to(torch.bfloat16).requires_grad_()
+    index = torch.stack([torch.randperm(experts.num_experts, device="cuda")[:4] for _ in range(rows)])
+    scores = torch.softmax(torch.randn(rows, 4, device="cuda"), -1).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(rows, experts.hidden_size, device="cuda").to(torch.bfloat16)
+    mxfp4_experts.grouped_forward(experts, h, index, scores).backward(grad)
+    # reference: fp32 autograd through the dequantised weights
+    gate_up = mxfp4.dequantize_mxfp4(*experts.matrices()[0], torch.float32)
+    down = mxfp4.dequantize_mxfp4(*experts.matrices()[1], torch.float32)
+    h_ref = h.detach().float().requires_grad_()
+    scores_ref = scores.detach().float().requires_grad_()
+    out = torch.zeros(rows, experts.hidden_size, device="cuda")
+    for k in range(4):
+        e = index[:, k]
+        gu = torch.bmm(h_ref[:, None], gate_up[e].transpose(1, 2))[:, 0] + experts.gate_up_proj_bias[e].float()
+        act = mxfp4_experts.swiglu(gu, experts.limit, experts.alpha)
+        y = torch.bmm(act[:, None], down[e].transpose(1, 2))[:, 0] + experts.down_proj_bias[e].float()
+        out = out + y * scores_ref[:, k:k + 1]
+    out.backward(grad.float())
+    for name, got, ref in (("input", h.grad, h_ref.grad), ("routing weights", scores.grad, scores_ref.grad)):
+        error = relative_error(got, ref)
+        print(f"\n{name} gradient: relative error {error:.2e}")
+        assert error <= 2 * BF16_TOLERANCE  # two bf16 matmuls and a bf16 SwiGLU on the way
