@@ -83,9 +83,22 @@ def check_settings(settings):
                          "recommended sampling temperature")
     if "TOP_P" in settings and not 0 < settings["TOP_P"] <= 1:
         raise InputError(f"--top-p must lie in (0, 1], got {settings['TOP_P']}; 1.0 turns nucleus sampling off")
+    if "EXPERTS_FORMAT" in settings and settings["EXPERTS_FORMAT"] not in EXPERTS_FORMATS:
+        raise InputError(f"--experts-format {settings['EXPERTS_FORMAT']!r} is not one of {', '.join(EXPERTS_FORMATS)}")
     if "LOGIT_TOLERANCE" in settings and not (math.isfinite(settings["LOGIT_TOLERANCE"])
                                               and settings["LOGIT_TOLERANCE"] >= 0):
         raise InputError(f"--logit-tolerance must be a number of at least 0, got {settings['LOGIT_TOLERANCE']}")
+
+
+EXPERTS_FORMATS = ("bf16", "mxfp4")  # model_loader.EXPERTS_FORMATS, checked before torch is imported
+
+
+def check_experts_format(experts_format, adapter_config, adapter_dir):
+    """InputError for an adapter with expert LoRA on MXFP4-resident experts (PEFT wraps only bf16 experts)."""
+    targets = expert_lora_targets(adapter_config)
+    if experts_format == "mxfp4" and targets:
+        raise InputError(f"{adapter_dir}: the adapter trains the experts ({', '.join(targets)}), which PEFT can "
+                         "only put on dequantised experts; evaluate it with --experts-format bf16")
 
 
 def check_writable(directory):
@@ -366,13 +379,14 @@ def load_run_tokenizer(adapter_dir, base_model_id):
     return model_loader.load_tokenizer(base_model_id)
 
 
-def load_adapted_model(adapter_dir, base_model_id, device=None, dtype=None):
-    """(PeftModel in eval mode, tokenizer): the base through model_loader (experts dequantised) plus the adapter."""
+def load_adapted_model(adapter_dir, base_model_id, device=None, dtype=None, experts_format="bf16"):
+    """(PeftModel in eval mode, tokenizer): the base through model_loader (experts dequantised, or kept in MXFP4
+    with experts_format='mxfp4') plus the adapter."""
     from peft import PeftModel
 
     import model_loader
 
-    model = model_loader.load_model(base_model_id, device=device, dtype=dtype)
+    model = model_loader.load_model(base_model_id, device=device, dtype=dtype, experts_format=experts_format)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     return model, load_run_tokenizer(adapter_dir, base_model_id)

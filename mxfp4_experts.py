@@ -30,8 +30,8 @@ import mxfp4
 
 # -----------------------------------------------------------------------------
 DECODE_MAX_ROWS = 64  # up to this many tokens every expert is read anyway: the dense kernel; above, grouped
-KERNEL_BLOCK_N = 64  # output columns per program of the dense kernel
-KERNEL_BLOCK_K = 128  # inputs per loop step of the dense kernel (4 MXFP4 blocks)
+KERNEL_MAX_BLOCK_M = 128  # rows a program of the dense kernel multiplies (more rows: more programs, each
+                          #   dequantising its weights again)
 DEQUANT_BLOCKS = 64  # MXFP4 blocks (32 values each) dequantised per program of the dequantisation kernel
 # -----------------------------------------------------------------------------
 
@@ -194,8 +194,8 @@ def dense_forward(experts, hidden_states, router_indices, routing_weights, facto
 def dense_matmul(x, blocks, scales, bias):
     """x [tokens, in] (the same rows for every expert) or [E, tokens, in] -> [E, tokens, out] = x W_e^T + bias_e.
 
-    On a GPU one Triton kernel: each program dequantises a [KERNEL_BLOCK_N, KERNEL_BLOCK_K] tile of one expert's
-    weight in registers and multiplies it on the tensor cores, accumulating in fp32. On a CPU the reference:
+    On a GPU one Triton kernel: each program dequantises tiles of one expert's weight in registers and multiplies
+    them on the tensor cores, accumulating in fp32 (tile shapes autotuned once per weight shape). On a CPU the reference:
     dequantised weights, a batched matmul."""
     experts, out_features = blocks.shape[0], blocks.shape[1]
     in_features = blocks.shape[2] * mxfp4.BLOCK_SIZE
@@ -210,11 +210,13 @@ def dense_matmul(x, blocks, scales, bias):
     kernels = triton_kernels()
     x = x.contiguous()
     out = torch.empty(experts, tokens, out_features, dtype=x.dtype, device=x.device)
-    block_m = max(16, triton_next_power_of_2(min(tokens, DECODE_MAX_ROWS)))
-    grid = (triton_cdiv(out_features, KERNEL_BLOCK_N), experts, triton_cdiv(tokens, block_m))
-    kernels.dense_matmul_kernel[grid](
-        x, blocks, scales, bias, out, tokens, out_features, 0 if shared else x.stride(0), x.stride(-2),
-        K=in_features, BLOCK_M=block_m, BLOCK_N=KERNEL_BLOCK_N, BLOCK_K=KERNEL_BLOCK_K)
+    # one row tile for up to KERNEL_MAX_BLOCK_M rows: each further tile dequantises every weight again
+    block_m = max(16, triton_next_power_of_2(min(tokens, KERNEL_MAX_BLOCK_M)))
+    def grid(tile):
+        return triton_cdiv(out_features, tile["BLOCK_N"]), experts, triton_cdiv(tokens, block_m)
+
+    kernels.dense_matmul_kernel[grid](x, blocks, scales, bias, out, tokens, out_features,
+                                      0 if shared else x.stride(0), x.stride(-2), K=in_features, BLOCK_M=block_m)
     return out
 
 

@@ -40,30 +40,41 @@ def dequantize_kernel(blocks_ptr, scales_ptr, out_ptr, n_blocks, BLOCKS: tl.cons
              mask=valid[:, None])
 
 
+def dense_configs():
+    """Tile shapes tried once per weight shape (triton.autotune): with few rows the kernel streams the weights and
+    dequantises every value once, so the tiles differ in how many weight bytes a program keeps in flight."""
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=stages)
+            for n, k, w, stages in ((64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (32, 128, 4, 4),
+                                    (128, 128, 8, 3))]
+
+
+@triton.autotune(configs=dense_configs(), key=["N", "K", "BLOCK_M"])
 @triton.jit
-def dense_matmul_kernel(x_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, M, N, stride_xe, stride_xm, K: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def dense_matmul_kernel(x_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, M, N, stride_xe, stride_xm,
+                        K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[e] = x[e] W_e^T + bias_e for one expert e and BLOCK_N output columns per program, W_e as MXFP4: each
+    [BLOCK_N, BLOCK_K] weight tile is dequantised in registers (codes interleaved back into input order, scaled per
+    block of 32) and multiplied on the tensor cores; inputs past K are masked (K need not divide into tiles)."""
     pid_n, expert, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
-    packed_row = K // 2
-    groups = K // 32
     x_base = x_ptr + expert.to(tl.int64) * stride_xe + rows[:, None] * stride_xm
-    w_base = blocks_ptr + (expert.to(tl.int64) * N + cols[:, None]) * packed_row
-    s_base = scales_ptr + (expert.to(tl.int64) * N + cols[:, None]) * groups
+    w_base = blocks_ptr + (expert.to(tl.int64) * N + cols[:, None]) * (K // 2)
+    s_base = scales_ptr + (expert.to(tl.int64) * N + cols[:, None]) * (K // 32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_base + k[None, :], mask=row_ok[:, None], other=0.0)
-        packed = tl.load(w_base + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :], mask=col_ok[:, None],
+        x = tl.load(x_base + k[None, :], mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
+        pair = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_base + pair[None, :], mask=col_ok[:, None] & (pair < K // 2)[None, :],
                          other=0).to(tl.int32)
-        scale = scale_values(tl.load(s_base + (k0 // 32 + tl.arange(0, BLOCK_K // 32))[None, :],
-                                     mask=col_ok[:, None], other=0))
-        w = tl.join(e2m1_magnitudes(packed & 15), e2m1_magnitudes(packed >> 4))  # [N, K/2, 2]
+        group = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        scale = scale_values(tl.load(s_base + group[None, :], mask=col_ok[:, None] & (group < K // 32)[None, :],
+                                     other=0))
+        w = tl.join(e2m1_magnitudes(packed & 15), e2m1_magnitudes(packed >> 4))  # [N, K/2, 2]: low nibble first
         w = tl.reshape(w, [BLOCK_N, BLOCK_K // 32, 32]) * scale[:, :, None]
-        w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(x.dtype)
-        acc += tl.dot(x, tl.trans(w))
+        acc = tl.dot(x, tl.trans(tl.reshape(w, [BLOCK_N, BLOCK_K]).to(x.dtype)), acc)
     bias = tl.load(bias_ptr + expert.to(tl.int64) * N + cols, mask=col_ok, other=0.0)
     acc += bias.to(tl.float32)[None, :]
     out = out_ptr + (expert.to(tl.int64) * M + rows[:, None]) * N + cols[None, :]

@@ -20,6 +20,7 @@ from export_quantized_model import EXPORT_DIR
 
 # -----------------------------------------------------------------------------
 MODEL_PATH = EXPORT_DIR  # export directory (export_quantized_model.py's default output) or a Hub id
+EXPERTS_FORMAT = "bf16"  # bf16: the experts dequantised on load; mxfp4: kept as exported (a 24 GB card)
 PROMPT_PATH = "data/dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"  # Harmony CSV with Q/rewards
 SPLIT = "eval"  # prompts come from this `split` ('' = every row): the held-out split by default
 MAX_PROMPTS = 5  # prompts answered, spread evenly over the split (0 = all)
@@ -64,7 +65,7 @@ def main(argv=None):
         frame = ae.read_prompt_frame(settings["PROMPT_PATH"], settings["SPLIT"], settings["MAX_PROMPTS"])
         start = time.time()
         tokenizer = model_loader.load_tokenizer(model_id)  # first: it fails in a second, the model in minutes
-        model = model_loader.load_model(model_id)
+        model = model_loader.load_model(model_id, experts_format=settings["EXPERTS_FORMAT"])
     except (ae.InputError, model_loader.ModelLoadError, CheckpointError) as error:
         ae.fail(error)
 

@@ -27,6 +27,7 @@ import adapter_evaluation as ae
 # -----------------------------------------------------------------------------
 ADAPTER_PATH = ""  # run directory holding adapter_config.json; '' = the newest under runs/
 BASE_MODEL_ID = ""  # '' = the adapter's base_model_name_or_path; or a Hub id, a local model directory, 'tiny'
+EXPERTS_FORMAT = "bf16"  # bf16: the base's experts dequantised; mxfp4: kept as stored (a 24 GB card; attention LoRA)
 PROMPT_PATH = "data/dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"  # Harmony CSV with Q/rewards
 SPLIT = "eval"  # rows of this `split` are evaluated ('' = every row): the held-out split by default
 MAX_PROMPTS = 0  # evaluate N of those rows, spread evenly over them (0 = all)
@@ -46,6 +47,7 @@ def main(argv=None):
     settings = ae.read_settings(ae.build_parser(__doc__, constants), constants, argv)
     try:
         adapter_dir, adapter_config, base, frame, fit = ae.check_inputs(settings)
+        ae.check_experts_format(settings["EXPERTS_FORMAT"], adapter_config, adapter_dir)
         ae.check_writable(adapter_dir)
     except ae.InputError as error:
         ae.fail(error)
@@ -59,7 +61,8 @@ def main(argv=None):
     device = model_loader.pick_device()
     ae.log(f"adapter {adapter_dir} on base {base} ({device}); {len(frame)} prompts from {settings['PROMPT_PATH']}")
     try:
-        model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device)
+        model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device,
+                                                 experts_format=settings["EXPERTS_FORMAT"])
         ae.check_adapter_output(model, tokenizer, frame["prompt"].iat[0], adapter_dir)
     except (ae.InputError, model_loader.ModelLoadError) as error:
         ae.fail(error)
@@ -93,6 +96,7 @@ def main(argv=None):
         "answers_file": f"{PREFIX}_answers.csv",
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "experts_format": settings["EXPERTS_FORMAT"],
         "seconds": round(time.time() - start, 1),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "peft": __import__("peft").__version__},

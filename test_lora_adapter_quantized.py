@@ -6,16 +6,16 @@
 Three evaluations of the same adapter on the same prompts and sampling seeds (test_lora_adapter.py's metrics):
 1. reference: the base dequantised by model_loader (bf16 on a GPU, fp32 on a CPU) + the PEFT adapter, and the base
    alone (adapter disabled);
-2. MXFP4 base + the PEFT adapter, and the MXFP4 base alone. Real MXFP4 inference needs a CUDA GPU (compute
-   capability >= 7.5), triton, the `kernels` package and OpenAI's triton kernels downloaded from the Hub at run
-   time (kernels-community/gpt-oss-triton-kernels); without any of these transformers silently dequantises instead.
-   The script probes for them, checks after loading that the experts really are MXFP4 modules, and otherwise says
-   why and SIMULATES this model exactly: the dequantised base holds the very same weights as the MXFP4 checkpoint
-   (dequantisation is exact; verified by re-quantising every expert back to the checkpoint's bytes), so the MXFP4
-   base and an attention-only adapter on it have the reference's weights and the delta is zero by construction
-   (not re-run). Only the kernels' arithmetic is left out. Expert LoRA (adapter_config target_parameters) cannot
-   be put on packed MXFP4 experts by PEFT and is silently ignored there: the script says so, and simulates it by
-   evaluating the adapter with its expert LoRA switched off;
+2. MXFP4 base + the PEFT adapter, and the MXFP4 base alone. transformers' own MXFP4 inference needs a CUDA GPU
+   (compute capability >= 7.5), triton, the `kernels` package and OpenAI's triton kernels downloaded from the Hub
+   at run time (kernels-community/gpt-oss-triton-kernels); the script probes for them and checks after loading
+   that the experts really are MXFP4 modules (mode 'mxfp4-kernels'). Where they cannot run, an attention-only
+   adapter is evaluated on the base with its experts kept in MXFP4 by this project's own path (mxfp4_experts.py;
+   mode 'mxfp4-experts'): Triton kernels on a GPU, the plain-torch reference on a CPU, measured like any variant.
+   Expert LoRA (adapter_config target_parameters) cannot be put on packed MXFP4 experts by PEFT and is silently
+   ignored there: the script says so and SIMULATES that model (mode 'simulated'): the dequantised base holds the
+   very same weights as the MXFP4 checkpoint (verified by re-quantising every expert back to the checkpoint's
+   bytes), so its base delta is zero by construction, and the adapter is evaluated with its expert LoRA off;
 3. export: the adapter merged and the experts re-quantised to MXFP4 exactly as export_quantized_model.py writes them
    (simulated in the evaluation dtype: expert values as stored, other weights not rounded to bf16). Identical to the
    reference for attention-only adapters up to the merge's float rounding; with expert LoRA it shows what the
@@ -139,7 +139,21 @@ def main(argv=None):
 
     available, why = probe_mxfp4_kernels(device)
     mxfp4, mxfp4_actions, mxfp4_logits, by_construction, roundtrip = {}, {}, {}, [], None
-    mode = "mxfp4-kernels" if available else "simulated"
+    mode = "mxfp4-kernels" if available else "simulated" if expert_targets else "mxfp4-experts"
+    if mode == "mxfp4-experts":
+        # transformers' kernels are out of reach, this project's are not: the base's experts kept as stored
+        del model
+        release_memory()
+        ae.log(f"2/3 MXFP4 base: experts kept in MXFP4 by mxfp4_experts.py ({why.split(':')[0]} for transformers' "
+               "own kernels)")
+        mx_model, _ = ae.load_adapted_model(adapter_dir, base, device=device, experts_format="mxfp4")
+        mxfp4, mxfp4_actions, _ = ae.evaluate_base_and_adapter(mx_model, tokenizer, frame, settings)
+        with mx_model.disable_adapter():
+            mxfp4_logits["base"] = prompt_logits(mx_model, tokenizer, prompts)
+        mxfp4_logits["adapter"] = prompt_logits(mx_model, tokenizer, prompts)
+        del mx_model
+        release_memory()
+        model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device)
     if available:
         del model
         release_memory()
@@ -237,6 +251,10 @@ def describe(mode, why, expert_targets, dtype):
     """One paragraph saying plainly what was run and what was simulated."""
     if mode == "mxfp4-kernels":
         text = f"Ran the base with MXFP4 experts on the GPU kernels ({why}) against the dequantised {dtype} base."
+    elif mode == "mxfp4-experts":
+        text = (f"transformers' MXFP4 kernels could not run here ({why}), so the base ran with its experts kept in "
+                "MXFP4 by this project's own path (mxfp4_experts.py: Triton kernels on a GPU, the plain-torch "
+                f"reference on a CPU) against the dequantised {dtype} base: the deltas are measured, not assumed.")
     else:
         text = (f"MXFP4 inference could not run here: {why}. Instead the MXFP4 base was simulated by the dequantised "
                 f"base ({dtype}), which holds exactly the checkpoint's MXFP4 weights, so its delta is zero by "

@@ -294,7 +294,8 @@ def test_a_run_directory_that_cannot_be_written_exits_2_before_evaluating(run_di
 
 @pytest.mark.parametrize("flags, message", [(["--max-prompts", "-1"], "--max-prompts must be at least 0"),
                                             (["--samples", "0"], "--samples must be at least 1"),
-                                            (["--temperature", "0"], "--temperature must be a number above 0")])
+                                            (["--temperature", "0"], "--temperature must be a number above 0"),
+                                            (["--experts-format", "fp8"], "--experts-format 'fp8' is not one of")])
 def test_settings_out_of_range_exit_2(run_dir, capsys, flags, message):
     code, last = run_main(evaluate_script.main, ["--adapter-path", str(run_dir)] + flags, capsys)
     assert code == 2 and message in last
@@ -307,3 +308,23 @@ def test_json_reports_are_strict_json(tmp_path):
 
     assert json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse) == {
         "max_rel_diff": None, "values": [1.0, None]}
+
+
+def test_an_expert_lora_adapter_on_mxfp4_experts_exits_2_naming_the_way_on(tmp_path, prompt_file, capsys):
+    from lora_fixtures import make_adapter
+
+    run = make_adapter(tmp_path / "expert-run", expert_lora=True)
+    code, message = run_main(evaluate_script.main, ["--adapter-path", str(run), "--prompt-path", str(prompt_file),
+                                                    "--experts-format", "mxfp4"], capsys)
+    assert code == 2 and "trains the experts" in message and "--experts-format bf16" in message
+    assert not list(run.glob("eval_*"))
+
+
+def test_an_attention_adapter_evaluates_on_mxfp4_experts_like_on_dequantised_ones(run_dir, prompt_file):
+    """Same prompts and seeds, experts kept in MXFP4: on a CPU the same answers (the reference path is exact)."""
+    flags = ["--adapter-path", str(run_dir), "--prompt-path", str(prompt_file), "--samples", "2",
+             "--max-new-tokens", "48"]
+    dequantised = evaluate_script.main(flags)
+    packed = evaluate_script.main(flags + ["--experts-format", "mxfp4"])
+    assert packed["experts_format"] == "mxfp4" and dequantised["experts_format"] == "bf16"
+    assert packed["models"] == dequantised["models"]

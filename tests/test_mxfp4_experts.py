@@ -141,11 +141,17 @@ ref = mxfp4.dequantize_mxfp4(blocks, scales, torch.float32)
 out = torch.empty_like(ref)
 mxfp4_kernels.dequantize_kernel[(36,)](blocks, scales, out, scales.numel(), BLOCKS=64)
 assert torch.equal(out, ref)
-x, bias = torch.randn(3, 5, 256), torch.randn(3, 96)
-y = torch.empty(3, 5, 96)
-mxfp4_kernels.dense_matmul_kernel[(2, 3, 1)](x, blocks, scales, bias, y, 5, 96, x.stride(0), x.stride(1), K=256,
-                                             BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)
-torch.testing.assert_close(y, torch.bmm(x, ref.transpose(1, 2)) + bias[:, None], atol=1e-4, rtol=1e-4)
+weight = torch.randn(3, 96, 288) * 0.05  # 288 inputs: not a multiple of any tile's width
+blocks, scales = mxfp4.quantize_mxfp4(weight)
+ref = mxfp4.dequantize_mxfp4(blocks, scales, torch.float32)
+x, bias = torch.randn(3, 5, 288), torch.randn(3, 96)
+kernel = mxfp4_kernels.dense_matmul_kernel.fn  # one tile shape, not the autotuner's timing runs
+for tile_n, tile_k in ((64, 128), (32, 256)):
+    y = torch.full((3, 5, 96), float("nan"))
+    grid = (-(-96 // tile_n), 3, 1)
+    kernel[grid](x, blocks, scales, bias, y, 5, 96, x.stride(0), x.stride(1), K=288, BLOCK_M=16, BLOCK_N=tile_n,
+                 BLOCK_K=tile_k)
+    torch.testing.assert_close(y, torch.bmm(x, ref.transpose(1, 2)) + bias[:, None], atol=1e-4, rtol=1e-4)
 """
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)

@@ -36,30 +36,36 @@ def test_probe_says_why_mxfp4_cannot_run_on_a_cpu():
     assert not available and "no CUDA GPU" in why
 
 
-def test_cpu_run_is_reported_as_simulated_with_the_reason(attention_report):
+def test_cpu_run_evaluates_the_mxfp4_resident_base_and_says_so(attention_report):
     run_dir, report = attention_report
-    assert report["mode"] == "simulated"
+    assert report["mode"] == "mxfp4-experts"
     assert report["mxfp4_kernels"] == {"available": False, "reason": quantized_script.probe_mxfp4_kernels("cpu")[1]}
-    assert "could not run here" in report["what_was_done"]
-    assert "simulated" in (run_dir / "eval_quantized_summary.md").read_text()
+    assert "mxfp4_experts.py" in report["what_was_done"] and "measured, not assumed" in report["what_was_done"]
+    assert "mxfp4-experts" in (run_dir / "eval_quantized_summary.md").read_text()
     assert (run_dir / report["plots"]["action_counts"]).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_dequantised_base_is_bit_for_bit_the_mxfp4_checkpoint(attention_report):
+def test_attention_only_adapter_on_mxfp4_experts_is_measured_not_copied(attention_report):
+    """The MXFP4 variant is a second model run through other code (the packed experts' reference path): its logits
+    differ from the dequantised model's by fp32 summation order only, never by nothing copied over."""
     _, report = attention_report
-    roundtrip = report["requantize_roundtrip"]
-    assert roundtrip["expert_weights"] == 4 and roundtrip["bit_identical"] == 4  # 2 layers x (gate_up, down)
-
-
-def test_attention_only_adapter_has_zero_mxfp4_delta_by_construction(attention_report):
-    _, report = attention_report
-    assert report["mxfp4"]["by_construction"] == ["base", "adapter"]
+    assert report["mxfp4"]["by_construction"] == []
+    assert report["requantize_roundtrip"] is None
     for key in ("mxfp4_base", "mxfp4_adapter"):
-        assert report["delta"][key]["mean_reward"] == 0 and report["delta"][key]["same_action_rate"] == 1
-        assert report["logits"][key]["max_abs_diff"] == 0
+        assert 0 < report["logits"][key]["max_abs_diff"] < 1e-4
+        assert report["delta"][key]["same_action_rate"] == 1
     # the export only adds the merge's float rounding: its logits stay within float error of the reference
     assert report["logits"]["export_adapter"]["max_rel_diff"] < 1e-4
     assert report["export"]["changed_expert_weights"] == []
+
+
+def test_an_expert_lora_adapter_is_simulated_with_the_reason(expert_report):
+    run_dir, report = expert_report
+    assert report["mode"] == "simulated"
+    assert "could not run here" in report["what_was_done"]
+    assert "simulated" in (run_dir / "eval_quantized_summary.md").read_text()
+    roundtrip = report["requantize_roundtrip"]
+    assert roundtrip["expert_weights"] == 4 and roundtrip["bit_identical"] == 4  # 2 layers x (gate_up, down)
 
 
 def test_expert_lora_is_reported_as_ignored_by_an_mxfp4_base(expert_report):

@@ -325,6 +325,9 @@ def test_a_reasoning_effort_other_than_the_prompts_is_refused(tmp_path):
     (["--warmup-steps", "-1"], "--warmup-steps must be at least 0"),
     (["--max-grad-norm=-1"], "--max-grad-norm must be a number at least 0"),
     (["--validation-samples", "0"], "--validation-samples must be at least 1"),
+    (["--experts-format", "fp8"], "--experts-format 'fp8' is not one of bf16, mxfp4"),
+    (["--experts-format", "mxfp4", "--lora-experts", "true"], "--lora-experts true needs --experts-format bf16"),
+    (["--max-gpu-memory-gib=-1"], "--max-gpu-memory-gib must be 0 (no cap) or a number of GiB"),
 ])
 def test_settings_that_cannot_work_are_refused_before_anything_is_written(tmp_path, flags, message):
     out = tmp_path / "run"
