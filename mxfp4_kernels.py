@@ -79,3 +79,55 @@ def dense_matmul_kernel(x_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, M, N, 
     acc += bias.to(tl.float32)[None, :]
     out = out_ptr + (expert.to(tl.int64) * M + rows[:, None]) * N + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def blocked_configs():
+    """Tile shapes for blocked_matmul_kernel (triton.autotune, once per weight shape)."""
+    return [triton.Config({"BLOCK_N": n, "UNROLL": u}, num_warps=w, num_stages=stages)
+            for n, u, w, stages in ((64, 2, 4, 3), (64, 4, 4, 3), (128, 2, 4, 3), (128, 4, 8, 3), (32, 4, 4, 4))]
+
+
+@triton.jit
+def fp16_times_2_to_14(codes):
+    """e2m1 codes (low 4 bits of an int16) -> fp16 whose value is the code's value times 2^-14: the 3 magnitude bits
+    land on the exponent's two low bits and the mantissa's top bit (exact, subnormals included), bit 3 on the sign."""
+    return (((codes & 7) << 9) | ((codes & 8) << 12)).to(tl.float16, bitcast=True)
+
+
+@triton.autotune(configs=blocked_configs(), key=["N", "K", "BLOCK_M"])
+@triton.jit
+def blocked_matmul_kernel(x_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, M, N, stride_xe, stride_xm,
+                          K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
+    """out[e] = x[e] W_e^T + bias_e like dense_matmul_kernel, with less arithmetic per weight: x comes as fp16 with
+    its even and odd inputs in two halves ([.., 2, K/2]); each 32-input block's codes become fp16 by bit moves alone
+    (value x 2^-14), are multiplied on the tensor cores without their scale, and the block's partial sum is scaled
+    once per output (2^(scale - 127 + 14), fp32) before it joins the accumulator."""
+    pid_n, expert, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    byte = tl.arange(0, 16)
+    x_even = x_ptr + expert.to(tl.int64) * stride_xe + rows[:, None] * stride_xm
+    w_base = blocks_ptr + (expert.to(tl.int64) * N + cols[:, None]) * (K // 2)
+    s_base = scales_ptr + (expert.to(tl.int64) * N + cols) * (K // 32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g0 in range(0, K // 32, UNROLL):
+        for u in tl.static_range(UNROLL):
+            g = g0 + u
+            ok = g < K // 32
+            pair = g * 16 + byte  # the block's 16 bytes: inputs 2 * pair (low nibble) and 2 * pair + 1 (high)
+            xe = tl.load(x_even + pair[None, :], mask=row_ok[:, None] & ok, other=0.0)
+            xo = tl.load(x_even + K // 2 + pair[None, :], mask=row_ok[:, None] & ok, other=0.0)
+            packed = tl.load(w_base + pair[None, :], mask=col_ok[:, None] & ok, other=0).to(tl.int16)
+            low = fp16_times_2_to_14(packed)
+            high = fp16_times_2_to_14(packed >> 4)
+            part = tl.dot(xo, tl.trans(high), tl.dot(xe, tl.trans(low)))
+            scale_byte = tl.load(s_base + g, mask=col_ok & ok, other=0).to(tl.int32)
+            # 2^(byte - 127 + 14) as float32 bits: exact for bytes up to 240 (values below 2^114; a bf16 model's weights
+            # that large would already be infinite in its matmuls)
+            scale = ((scale_byte + 14) << 23).to(tl.float32, bitcast=True)
+            acc += part * scale[None, :]
+    bias = tl.load(bias_ptr + expert.to(tl.int64) * N + cols, mask=col_ok, other=0.0)
+    acc += bias.to(tl.float32)[None, :]
+    out = out_ptr + (expert.to(tl.int64) * M + rows[:, None]) * N + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

@@ -5,7 +5,8 @@
 
 Times (median of CUDA-event timings, rotating over the 24 layers so that no weight sits in the cache):
 - decode: the experts of one layer for 32 tokens (a decode step of workload W), every token through every expert:
-  mxfp4_experts.dense_forward (Triton, weights dequantised in registers) against the same math over bf16 weights
+  mxfp4_experts.dense_forward with each of its decode kernels (DENSE_KERNEL: 'interleaved', 'blocked') against
+  the same math over bf16 weights
   (two batched matmuls, the rollout engine's bf16 decode path); with the bytes each must read and the fraction of
   the measured copy bandwidth that makes;
 - dequantisation: one layer's gate_up matrix into bf16 (the many-rows path's first step), in GB/s moved;
@@ -75,7 +76,11 @@ def main():
     h = torch.randn(DECODE_TOKENS, cfg.hidden_size, generator=generator).cuda().to(torch.bfloat16)
     index, scores = routing(DECODE_TOKENS, cfg.num_local_experts, cfg.num_experts_per_tok, generator)
     with torch.no_grad():
-        mxfp4_ms = median_ms(lambda i: mxfp4_experts.dense_forward(layers[i % n], h, index, scores), REPEATS)
+        kernel_ms = {}
+        for kernel in ("interleaved", "blocked"):  # mxfp4_experts.DENSE_KERNEL's choices
+            mxfp4_experts.DENSE_KERNEL = kernel
+            kernel_ms[kernel] = median_ms(lambda i: mxfp4_experts.dense_forward(layers[i % n], h, index, scores),
+                                          REPEATS)
 
         def bf16_dense(i):
             gate_up, down = bf16[i % n]
@@ -89,8 +94,9 @@ def main():
     packed_bytes = values // 2 + values // mxfp4.BLOCK_SIZE
     result = {"card": torch.cuda.get_device_name(), "copy_bandwidth_gb_per_s": bandwidth / 1e9,
               "decode_tokens": DECODE_TOKENS,
-              "decode_layer_ms": {"mxfp4": mxfp4_ms, "bf16": bf16_ms},
-              "decode_layer_bandwidth_fraction": {"mxfp4": packed_bytes / bandwidth / (mxfp4_ms / 1e3),
+              "decode_layer_ms": {**{f"mxfp4 {k}": ms for k, ms in kernel_ms.items()}, "bf16": bf16_ms},
+              "decode_layer_bandwidth_fraction": {**{f"mxfp4 {k}": packed_bytes / bandwidth / (ms / 1e3)
+                                                     for k, ms in kernel_ms.items()},
                                                   "bf16": 2 * values / bandwidth / (bf16_ms / 1e3)}}
 
     gate_up_bytes = layers[0].gate_up_proj_blocks.numel() + layers[0].gate_up_proj_scales.numel()

@@ -152,6 +152,15 @@ for tile_n, tile_k in ((64, 128), (32, 256)):
     kernel[grid](x, blocks, scales, bias, y, 5, 96, x.stride(0), x.stride(1), K=288, BLOCK_M=16, BLOCK_N=tile_n,
                  BLOCK_K=tile_k)
     torch.testing.assert_close(y, torch.bmm(x, ref.transpose(1, 2)) + bias[:, None], atol=1e-4, rtol=1e-4)
+# the blocked kernel: fp16 inputs, even and odd ones in two halves
+halves = x.reshape(3, 5, 144, 2).transpose(-1, -2).contiguous().to(torch.float16)
+for tile_n, unroll in ((64, 2), (32, 4)):
+    y = torch.full((3, 5, 96), float("nan"))
+    mxfp4_kernels.blocked_matmul_kernel.fn[(-(-96 // tile_n), 3, 1)](
+        halves, blocks, scales, bias, y, 5, 96, halves.stride(0), halves.stride(-3), K=288, BLOCK_M=16,
+        BLOCK_N=tile_n, UNROLL=unroll)
+    expected = torch.bmm(x.half().float(), ref.transpose(1, 2)) + bias[:, None]
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 """
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)

@@ -56,8 +56,9 @@ def test_dequantisation_kernel_is_exact(loaded):
         assert torch.equal(out, mxfp4.dequantize_mxfp4(blocks, scales, torch.bfloat16))
 
 
+@pytest.mark.parametrize("kernel", ["interleaved", "blocked"])
 @pytest.mark.parametrize("tokens", [1, 32, 64])
-def test_dense_kernel_matches_the_reference(loaded, tokens):
+def test_dense_kernel_matches_the_reference(loaded, tokens, kernel):
     import mxfp4_experts
 
     experts = loaded[0].model.layers[5].mlp.experts
@@ -68,11 +69,11 @@ def test_dense_kernel_matches_the_reference(loaded, tokens):
         shape = (tokens, weight.shape[2]) if shared else (weight.shape[0], tokens, weight.shape[2])
         x = torch.randn(shape, device="cuda").to(torch.bfloat16)
         out = torch.full((weight.shape[0], tokens, weight.shape[1]), float("nan"), device="cuda")  # poisoned
-        out = mxfp4_experts.dense_matmul(x, blocks, scales, bias)
+        out = mxfp4_experts.dense_matmul(x, blocks, scales, bias, kernel=kernel)
         inputs = x.float().expand(weight.shape[0], -1, -1) if shared else x.float()
         ref = torch.bmm(inputs, weight.transpose(1, 2)) + bias.float()[:, None]
         error = relative_error(out, ref)
-        print(f"\ndense kernel, {tokens} tokens, {'gate_up' if shared else 'down'}: relative error {error:.2e}")
+        print(f"\n{kernel} kernel, {tokens} tokens, {'gate_up' if shared else 'down'}: relative error {error:.2e}")
         assert error <= BF16_TOLERANCE
 
 
