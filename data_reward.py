@@ -451,15 +451,16 @@ def make_reward_functions(tokenizer, format_penalty=1.0, completion_log=None):
       group, which keeps the valid-answer rate up.
     Both parse each completion once (cached per batch) with harmony.parse_final_action.
     """
-    cache = {}
+    # The batch last parsed, held by reference: TRL hands both rewards the same list object. Keyed by the object, not
+    # by id(): a freed list's id is reused by the next batch's list, which would then get the old batch's parses.
+    cache = {"batch": None, "parsed": None}
 
     def parse(completion_ids, num_actions):
-        key = id(completion_ids)
-        if key not in cache:
-            cache.clear()
+        if cache["batch"] is not completion_ids:
             texts = decode_completions(tokenizer, completion_ids)
-            cache[key] = (texts, [parse_final_action(t, num_actions) for t in texts])
-        return cache[key]
+            cache["parsed"] = (texts, [parse_final_action(t, num_actions) for t in texts])
+            cache["batch"] = completion_ids
+        return cache["parsed"]
 
     def action_reward(prompts, completions, completion_ids, action_rewards, **kwargs):
         texts, actions = parse(completion_ids, len(action_rewards[0]))

@@ -87,3 +87,19 @@ def test_reward_logs_valid_rate_and_accuracy(tokenizer, rewards):
     action_reward(prompts=["p"] * 4, completions=["c"] * 4, completion_ids=ids, action_rewards=[REWARDS] * 4,
                   optimal_action=[1, 1, 1, 0], log_metric=lambda name, value: logged.__setitem__(name, value))
     assert logged == {"valid_rate": 0.75, "accuracy": 0.25}
+
+
+def test_each_batch_is_scored_by_its_own_parse_when_lists_are_freed_between_calls(tokenizer):
+    """TRL builds a new list of completion ids for every batch and frees the last one: CPython then often gives the
+    new list the freed one's id. A parse cached under id() scored such a batch with the previous batch's actions."""
+    action_reward, format_reward = make_reward_functions(tokenizer, format_penalty=1.0)
+    valid = tokenizer(f"{A}ok<|end|>{F}[1]<|return|>", add_special_tokens=False)["input_ids"]
+    invalid = tokenizer(f"{A}ok<|end|>{F}<|return|>", add_special_tokens=False)["input_ids"]
+    for call in range(400):
+        batch = [list(valid if call % 2 == 0 else invalid)]
+        expected = REWARDS[1] if call % 2 == 0 else None
+        assert action_reward(prompts=["p"], completions=["c"], completion_ids=batch, action_rewards=[REWARDS]) == \
+            [expected], f"call {call}"
+        assert format_reward(prompts=["p"], completions=["c"], completion_ids=batch, action_rewards=[REWARDS]) == \
+            [0.0 if expected is not None else -1.0], f"call {call}"
+        del batch
