@@ -435,11 +435,6 @@ def decode_completions(tokenizer, completion_ids):
     return tokenizer.batch_decode(completion_ids, skip_special_tokens=False)
 
 
-def parse_actions(tokenizer, completion_ids, num_actions):
-    """completion token ids -> the action of each final message, or None where the answer is invalid."""
-    return [parse_final_action(text, num_actions) for text in decode_completions(tokenizer, completion_ids)]
-
-
 def make_reward_functions(tokenizer, format_penalty=1.0, completion_log=None):
     """The two rewards GRPO trains on: the Boltzmann action reward and the format reward.
 

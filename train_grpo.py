@@ -45,9 +45,10 @@ on the command line win, and are named), drops the completion-log rows of later 
 a kill), and says so when the run is already finished. Ctrl-C saves a checkpoint; before the first step ends it
 takes back what the start wrote, during the final evaluation it writes the summary without it.
 
-Deviations from textbook GRPO (TRL 1.x defaults unless set here): DAPO loss (token-level normalisation),
-no KL term (beta = 0), one optimiser step per generation batch (on-policy; steps_per_generation = gradient
-accumulation), no prompt truncation (over-long prompts are left out of the stream and reported).
+Deviations from textbook GRPO (TRL 1.x defaults unless set here): DAPO loss (token-level normalisation), a KL
+term to the base model only as BETA sets it (0 by default, 0.2 with --tiny), one optimiser step per generation
+batch (on-policy; steps_per_generation = gradient accumulation), no prompt truncation (over-long prompts are left
+out of the stream and reported).
 """
 
 import json

@@ -18,7 +18,9 @@ def summary(gain=0.1, trained=0.36, valid=0.98, last_valid=0.97, kept_step=700):
             "kept": {"step": kept_step, "reason": "step 700 scored best"},
             "held_out": {"prompts": 576, "samples": 4, "untrained": {"mean_reward": trained - gain},
                          "trained": {"mean_reward": trained, "valid_rate": valid},
-                         "gain": {"mean": gain, "ci95": [gain - 0.02, gain + 0.02]}}}
+                         "gain": {"mean": gain, "ci95": [gain - 0.02, gain + 0.02]},
+                         "references": {"uniform": {"mean_reward": 0.25}, "best_constant": {"mean_reward": 0.3125},
+                                        "optimal": {"mean_reward": 0.5875}}}}
 
 
 def write_run(tmp_path, seed, **fields):
@@ -68,3 +70,9 @@ def test_a_sweep_never_writes_over_earlier_runs(tmp_path):
     (tmp_path / "seed-2").mkdir()
     with pytest.raises(SystemExit, match="seeds 2; pass another --out"):
         seed_sweep.main(["--out", str(tmp_path), "--seeds", "1", "2"])
+
+
+def test_the_table_quotes_the_reference_policies_of_the_runs_own_summary(tmp_path):
+    rows = [seed_sweep.read_row(1, write_run(tmp_path, 1), 300.0, 0)]
+    table = seed_sweep.render_table(rows, [], 1, 2, [])
+    assert "uniform guessing 0.250, best constant 0.312, optimal 0.588" in table  # read, not written in
