@@ -443,11 +443,14 @@ def make_progress_printer(total_steps, every):
                 value = mean_of(self.window, key)
                 return float("nan") if value is None else value
 
+            def shown(value):  # a window in which every answer was invalid has no action reward
+                return "  n/a" if math.isnan(value) else f"{value:.3f}"
+
             done = state.global_step - self.first_step
             per_step = (time.time() - self.start) / max(done, 1)
             valid = mean("valid_rate")
-            print(f"step {state.global_step:5d}/{total_steps}  reward {mean('rewards/action_reward/mean'):.3f}  "
-                  f"valid {valid:.3f}  accuracy {mean('accuracy'):.3f}  "
+            print(f"step {state.global_step:5d}/{total_steps}  reward {shown(mean('rewards/action_reward/mean'))}  "
+                  f"valid {shown(valid)}  accuracy {shown(mean('accuracy'))}  "
                   f"{per_step:.2f} s/step  eta {per_step * (total_steps - state.global_step) / 60:.1f} min"
                   + best_checkpoint.describe_collapse(valid, self.best_valid), flush=True)
             if not math.isnan(valid):

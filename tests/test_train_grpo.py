@@ -475,3 +475,19 @@ def test_out_of_memory_names_the_settings_that_reduce_memory(tmp_path, monkeypat
     for flag in ("--train-batch-size", "--gradient-accumulation", "--max-completion-len", "--num-generations"):
         assert flag in message
     assert not (tmp_path / "run").exists()  # a start that did no step leaves nothing: the same command can run again
+
+
+def test_a_step_with_every_answer_invalid_prints_no_nan(capsys):
+    """Such a step has no action reward (TRL logs None); the progress line says n/a instead of nan."""
+    from types import SimpleNamespace
+
+    import train_grpo
+
+    printer = train_grpo.make_progress_printer(total_steps=2, every=1)
+    state = SimpleNamespace(global_step=0, is_world_process_zero=True)
+    printer.on_train_begin(None, state, None)
+    state.global_step = 1
+    printer.on_log(None, state, None, logs={"reward": -1.0, "rewards/action_reward/mean": None, "valid_rate": 0.0,
+                                            "accuracy": 0.0})
+    line = capsys.readouterr().out
+    assert "reward   n/a" in line and "valid 0.000" in line and "nan" not in line
