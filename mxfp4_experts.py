@@ -137,7 +137,7 @@ class Mxfp4GroupedMatmul(torch.autograd.Function):
 
 def grouped_matmul(x, counts, blocks, scales, transpose):
     """x [rows, in] @ W_e^T per group (transpose=False), or x [rows, out] @ W_e (transpose=True, the backward)."""
-    if x.is_cuda and hasattr(torch.nn.functional, "grouped_mm"):
+    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch.nn.functional, "grouped_mm"):  # its CUDA dtype
         weight = dequantize(blocks, scales, x.dtype)  # [E, out, in], freed when this returns
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         return torch.nn.functional.grouped_mm(x, weight if transpose else weight.transpose(-2, -1), offs=offsets)

@@ -207,3 +207,14 @@ def test_weight_bytes_of_the_20b_shape():
     config = GptOssConfig(**GPT_OSS_20B)
     assert 38.5e9 < model_loader.weight_bytes(config, "bf16") < 42.5e9  # 20.9 B parameters in bf16
     assert 12.5e9 < model_loader.weight_bytes(config, "mxfp4") < 14.5e9  # 10.2 GB of experts + 3.6 GB of the rest
+
+
+def test_running_out_of_memory_while_loading_gets_the_same_message(monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 38.96 GiB")
+
+    monkeypatch.setattr(model_loader, "check_gpu_memory", lambda *args: None)  # the estimate said it fits
+    monkeypatch.setattr(model_loader, "load_mxfp4_resident", out_of_memory)
+    monkeypatch.setattr(model_loader, "usable_gpu_bytes", lambda: 10 * 2**30)
+    with pytest.raises(model_loader.ModelLoadError, match=r"needs ~\d+ GiB of GPU memory .* 10.0 GiB usable"):
+        model_loader.load_model("tiny", device="cuda", experts_format="mxfp4")
