@@ -737,6 +737,7 @@ def make_trainer(model, tokenizer, pool, completion_log, settings, device, backe
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    stop_on_sigterm()
     processes = start_processes()
     try:
         train(args, processes)
@@ -745,6 +746,19 @@ def main(argv=None):
             raise
         raise SystemExit(1) from None  # the main process says why; the others stop without saying it again
     processes.destroy_process_group()  # NCCL warns at exit otherwise; nothing to do with one process
+
+
+def stop_on_sigterm():
+    """SIGTERM (what `kill` and job schedulers send before SIGKILL) stops a run as Ctrl-C does: a checkpoint and the
+    command that resumes, instead of an exit that loses the steps since the last checkpoint."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def start_processes():

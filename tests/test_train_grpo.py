@@ -460,6 +460,29 @@ def test_ctrl_c_leaves_a_checkpoint_that_resume_continues(tmp_path):
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == step + 1
 
 
+def test_sigterm_saves_a_checkpoint_as_ctrl_c_does_and_resume_loses_and_repeats_nothing(tmp_path):
+    """What a scheduler or `kill` sends before SIGKILL: the same checkpoint and resume command as Ctrl-C."""
+    out = tmp_path / "terminated"
+    process = start_train("--tiny", "--total-steps", "200", "--save-steps", "1000", "--eval-samples", "0",
+                          "--validation-prompts", "0", "--out", str(out))
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        log = out / "completions.csv"
+        if log.exists() and len(read_log(log)) >= 3 * 32:
+            break
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert "checkpoint saved" in stderr and "--resume" in stderr, stdout[-2000:] + stderr[-2000:]
+    checkpoint = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    result = run_train("--total-steps", str(step + 2), "--out", str(out), "--resume")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    steps = log_steps(out / "completions.csv")
+    assert steps == sorted(steps) and {s: steps.count(s) for s in set(steps)} == {s: 32 for s in range(1, step + 3)}
+
+
 def test_out_of_memory_names_the_settings_that_reduce_memory(tmp_path, monkeypatch, capsys):
     import torch
     from trl import GRPOTrainer
