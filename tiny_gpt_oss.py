@@ -33,6 +33,7 @@ the recipe changes.
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -409,10 +410,20 @@ def write_then_publish(out_dir, write):
     tmp_dir = Path(tempfile.mkdtemp(prefix=out_dir.name + ".partial-", dir=out_dir.parent))
     try:
         write(tmp_dir)
+        apply_umask(tmp_dir)
         publish(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
+
+
+def apply_umask(directory):
+    """Give a build the modes any file made here gets (mkdtemp makes 0700, and some writers 0600): with the usual
+    umask another user on a shared machine can read the stand-in, as they can the rest of the checkout."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *Path(directory).rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def publish(tmp_dir, final_dir):

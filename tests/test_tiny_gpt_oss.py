@@ -154,3 +154,24 @@ def test_a_model_directory_without_config_or_of_another_model_is_named(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(model_loader.ModelLoadError, match="expected 'gpt_oss'"):
         model_loader.load_model(str(tmp_path))
+
+
+def test_a_build_gets_the_modes_of_the_umask_so_other_users_can_read_it(tmp_path):
+    """mkdtemp makes its directory 0700 and safetensors may write 0600: another user's `--tiny` could not read it."""
+    import os
+
+    from tiny_gpt_oss import write_then_publish
+
+    def write(directory):
+        (directory / "config.json").write_text("{}")
+        descriptor = os.open(directory / "model.safetensors", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(descriptor)
+
+    old = os.umask(0o022)
+    try:
+        out = write_then_publish(tmp_path / "stand-in", write) or tmp_path / "stand-in"
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {"config.json": 0o644,
+                                                                       "model.safetensors": 0o644}
