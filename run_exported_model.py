@@ -53,6 +53,17 @@ def user_message(prompt):
     return match[1].strip() if match else prompt
 
 
+def check_model_output(model, tokenizer, prompt, model_id):
+    """InputError when the model's logits on `prompt` are not all finite: sampling from them is meaningless (and
+    torch.multinomial fails on them)."""
+    from adapter_merge import prompt_logits
+
+    if not prompt_logits(model, tokenizer, [prompt])[0].isfinite().all():
+        raise ae.InputError(f"{model_id}: the model's logits are NaN or infinite, so it cannot answer; its weights "
+                            "are broken (an export from a diverged run?): export again from a good adapter "
+                            "(export_quantized_model.py --adapter-path <run>/checkpoint-<step>)")
+
+
 def main(argv=None):
     constants = {name: globals()[name] for name in SETTINGS}
     settings = ae.read_settings(ae.build_parser(__doc__, constants), constants, argv)
@@ -66,6 +77,7 @@ def main(argv=None):
         start = time.time()
         tokenizer = model_loader.load_tokenizer(model_id)  # first: it fails in a second, the model in minutes
         model = model_loader.load_model(model_id, experts_format=settings["EXPERTS_FORMAT"])
+        check_model_output(model, tokenizer, frame["prompt"].iat[0], model_id)
     except (ae.InputError, model_loader.ModelLoadError, CheckpointError) as error:
         ae.fail(error)
 

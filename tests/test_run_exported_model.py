@@ -74,3 +74,22 @@ def test_settings_out_of_range_exit_2(model_dir, capsys, flags, message):
         runner.main(["--model-path", str(model_dir)] + flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_model_with_nan_logits_exits_2_with_one_message(model_dir, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken-export"
+    shutil.copytree(model_dir, broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["lm_head.weight"] = torch.full_like(tensors["lm_head.weight"], float("nan"))
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    prompts = write_prompt_subset(tmp_path / "held_out.csv", rows=1)
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main(["--model-path", str(broken), "--prompt-path", str(prompts), "--max-new-tokens", "8"])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "logits are NaN or infinite" in message and "export again" in message
