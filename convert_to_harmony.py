@@ -12,8 +12,9 @@ data's first day, 2025-05-05); without it the date is today's, as the template i
 --model-id defaults to `tiny`, the embedded stand-in's tokenizer (it carries the original gpt-oss template, which
 ships inside trl, so this works offline); `openai/gpt-oss-20b` uses the real tokenizer where the Hub is reachable.
 Both render the same text: the template is the same. A file whose prompts are already Harmony is refused.
-Bad input (no data rows, an empty prompt, an output path that cannot be written, ...) exits with status 2 and a
-message naming the file; nothing is written unless every file is good.
+Bad input (no data rows, an empty prompt, a prompt holding a Harmony marker such as <|end|> or a control character,
+a Q value that is not a finite number, an output path that cannot be written, ...) exits with status 2 and a message
+naming the file and row; nothing is written unless every file is good.
 """
 
 import argparse
@@ -21,8 +22,8 @@ import sys
 from pathlib import Path
 
 import harmony
-from data_reward import (FIRST_DATA_ROW, PROMPT_COLUMN, DataError, list_row_problems, read_data_csv, why_not_writable,
-                         write_csv_atomically)
+from data_reward import (FIRST_DATA_ROW, PROMPT_COLUMN, DataError, list_row_problems, read_data_csv,
+                         validate_data_files, why_not_writable, write_csv_atomically)
 
 # -----------------------------------------------------------------------------
 MODEL_ID = "tiny"  # whose chat template renders the prompts: 'tiny', a local model directory or a Hub id
@@ -75,8 +76,10 @@ def main(argv=None):
         date = harmony.parse_date(args.date)
         frames = {}
         for path in args.csv:
-            frames[path] = read_data_csv(path)
+            frames[path] = read_data_csv(path)  # as text: every column but the prompt is written back unchanged
             check_convertible(path, frames[path])
+        # the data contract every script checks (finite Q values, safe prompt text), with the same messages
+        validate_data_files(args.csv, require_rewards=False, same_action_count=False)
     except (DataError, ValueError) as error:
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)

@@ -274,6 +274,17 @@ def parse_number_column(df, column, path):
     return values, problems
 
 
+def list_prompt_problems(prompts, path):
+    """`path:row:` lines for prompts that are unsafe text (a legacy situation) or not exactly a rendered Harmony
+    prompt with a safe user message (harmony.why_unsafe_text, why_not_rendered_prompt)."""
+    import harmony
+
+    reasons = [harmony.why_not_rendered_prompt(p) if harmony.is_harmony_prompt(p) else harmony.why_unsafe_text(p)
+               for p in prompts]
+    bad = [row for row, reason in enumerate(reasons) if reason]
+    return list_row_problems(path, bad, lambda row: f"{PROMPT_COLUMN} {reasons[row]}")
+
+
 def list_file_problems(df, path, require_rewards):
     """Return (problem lines, {column: float values}) for one data frame read from path."""
     problems = []
@@ -282,6 +293,7 @@ def list_file_problems(df, path, require_rewards):
         return [f"{path}: the header has no data rows below it"], numbers
     empty_prompt = np.flatnonzero((df[PROMPT_COLUMN].astype(str).str.strip() == "").to_numpy())
     problems += list_row_problems(path, empty_prompt, lambda row: f"{PROMPT_COLUMN} is empty")
+    problems += list_prompt_problems(df[PROMPT_COLUMN].astype(str), path)
     try:
         q_columns = find_action_columns(df.columns, Q_PREFIX)
     except DataError as error:

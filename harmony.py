@@ -14,6 +14,7 @@ A rendered prompt ends with `<|start|>assistant`; a well-formed answer continues
 import datetime
 import importlib.resources
 import re
+import unicodedata
 
 # The gpt-oss template stamps "Current date: YYYY-MM-DD" into the system message.
 DATE_LINE = re.compile(r"Current date: \d{4}-\d{2}-\d{2}")
@@ -96,6 +97,44 @@ def render_prompt(tokenizer, prompt, reasoning_effort="low", date=None):
 def format_answer(analysis, action):
     """The Harmony continuation of a rendered prompt for a well-formed answer choosing `action`."""
     return f"{ANALYSIS_HEADER}{analysis}<|end|><|start|>assistant{FINAL_HEADER}[{action}]<|return|>"
+
+
+# Any Harmony marker as text: the tokenizer encodes it as a special token wherever it stands
+MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+# A rendered prompt, exactly: one system, one developer and one user message, ending where the assistant starts
+RENDERED_PROMPT = re.compile(r"<\|start\|>system<\|message\|>(?P<system>.*?)<\|end\|>"
+                             r"<\|start\|>developer<\|message\|>(?P<developer>.*?)<\|end\|>"
+                             r"<\|start\|>user<\|message\|>(?P<user>.*?)<\|end\|><\|start\|>assistant", re.DOTALL)
+LINE_CHARACTERS = "\n\r\t"  # the control characters a situation's text may hold
+
+
+def why_unsafe_text(text):
+    """Why `text` (a situation, written by a person or another tool) cannot go into a prompt, or None.
+
+    A Harmony marker in it would be read as a real special token, so a prompt could forge the conversation (an
+    assistant's final answer inside the user turn, say); a control character other than line breaks and tabs is
+    no text a model was trained to read. Both are refused, never silently stripped.
+    """
+    marker = MARKER.search(text)
+    if marker:
+        return (f"holds {marker.group()!r}, which the tokenizer reads as a Harmony special token (the text could "
+                "forge the conversation); remove it from the text")
+    control = next((c for c in text if unicodedata.category(c) == "Cc" and c not in LINE_CHARACTERS), None)
+    if control is not None:
+        return f"holds the control character U+{ord(control):04X}; remove it from the text"
+    return None
+
+
+def why_not_rendered_prompt(text):
+    """Why `text` is not a Harmony prompt as convert_to_harmony.py renders it, or None: the template's structure
+    exactly (one system, one developer and one user message, ending at <|start|>assistant), and a user message
+    that passes why_unsafe_text."""
+    match = RENDERED_PROMPT.fullmatch(text)
+    if match is None or any(MARKER.search(match[part]) for part in ("system", "developer")):
+        return ("is not what the template renders (one system, one developer and one user message, ending at "
+                "<|start|>assistant); render the situation again with convert_to_harmony.py")
+    reason = why_unsafe_text(match["user"])
+    return None if reason is None else f"has a user message that {reason}"
 
 
 def is_harmony_prompt(text):
