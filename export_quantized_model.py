@@ -14,7 +14,8 @@ config.json with the mxfp4 quantization_config, generation_config.json, tokenize
 export_report.json (strict JSON: a value that is not a finite number is null). Nothing is written while the merged
 model's logits are not all finite (an adapter of a diverged run). Everything is written into a temporary directory
 beside the target and renamed into place only after the export verified itself, so an interrupted or failed export
-never leaves a half model:
+never leaves a half model (and an overwrite killed between its renames is finished by the next run, so the target
+always holds a complete export, the old or the new one):
 - mxfp4.check_mxfp4_checkpoint on the directory; tensor names equal to the base checkpoint's;
 - every stored tensor compared byte for byte with the base checkpoint: with an attention-only adapter every expert
   tensor must be identical;
@@ -111,8 +112,7 @@ def remove_stale_partials(out, log):
     """
     out = Path(out)
     for path in sorted(out.parent.glob(f".{out.name}.partial-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
-        pid = path.name.rsplit(".partial-", 1)[-1].split("-")[0] if ".partial-" in path.name else ""
-        if pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid)):
+        if ".partial-" in path.name and writer_alive(path, ".partial-"):
             continue
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         shutil.rmtree(path)
@@ -171,13 +171,47 @@ def publish(tmp_dir, out):
     for path in Path(tmp_dir).iterdir():
         os.chmod(path, 0o666 & ~umask)
     os.chmod(tmp_dir, 0o777 & ~umask)
+    # renamed first to say 'complete': a kill anywhere below leaves either the old export at `out` or this one
+    # ready beside it, and the next export finishes the swap (recover_interrupted_publish)
+    ready = Path(tmp_dir).with_name(Path(tmp_dir).name.replace(".partial-", ".ready-", 1))
+    os.replace(tmp_dir, ready)
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / out.name)
-        os.replace(tmp_dir, out)
+        os.replace(ready, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp_dir, out)
+        os.replace(ready, out)
+
+
+def recover_interrupted_publish(out, log):
+    """Finish the swap of an export that was killed while being published, so `out` holds a complete export.
+
+    A `.NAME.ready-*` directory is a complete, verified export that was about to replace `out`: it goes into place
+    (the export it replaces, if still there, is set aside and removed). Without one, a missing `out` whose previous
+    export sits in `.NAME.old-*` gets that one back. Directories of a publisher still running are left alone.
+    """
+    out = Path(out)
+    ready = [p for p in sorted(out.parent.glob(f".{out.name}.ready-*"), key=lambda p: p.stat().st_mtime)
+             if not writer_alive(p, ".ready-")]
+    if ready:
+        if out.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, aside / out.name)
+        os.replace(ready[-1], out)
+        log(f"finished publishing the export that an interrupted run left complete beside {out}")
+        return
+    previous = [p / out.name for p in sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+                if (p / out.name).is_dir()]
+    if not out.exists() and previous:
+        os.replace(previous[-1], out)
+        log(f"restored the previous export of {out}, which an interrupted run had set aside")
+
+
+def writer_alive(path, marker):
+    """True when the name of `path` (`.NAME<marker><pid>-...`) names another process that is still running."""
+    pid = path.name.rsplit(marker, 1)[-1].split("-")[0]
+    return pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid))
 
 
 def compare_bytes(export_dir, base_reader):
@@ -223,6 +257,7 @@ def export(settings, log=ae.log):
     adapter_config = ae.read_adapter_config(adapter_dir)
     base = ae.resolve_base_model(adapter_config, settings["BASE_MODEL_ID"], adapter_dir)
     out = ae.resolve_path(settings["EXPORT_DIR"])
+    recover_interrupted_publish(out, log)  # a killed swap: `out` holds a complete export again, old or new
     check_output_dir(out, settings["OVERWRITE"])
     import model_loader
 
@@ -242,7 +277,7 @@ def export(settings, log=ae.log):
                                lora_expert_parameters, prompt_logits, quantize_experts)
     from mxfp4 import check_mxfp4_checkpoint, save_mxfp4_checkpoint
 
-    remove_stale_partials(out, log)
+    remove_stale_partials(out, log)  # after recover_interrupted_publish (in the input checks) kept what is complete
     start, seconds = time.time(), {}
     device = model_loader.pick_device()
     base_dir = local_checkpoint_dir(base)

@@ -1,6 +1,11 @@
 """Tests for export_quantized_model.py: round trip, quantisation report, atomic output, Hub push (mocked), bad input."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -139,6 +144,43 @@ def test_overwrite_replaces_an_existing_export(attention_run, prompt_file, tmp_p
     assert report["verified"]
     assert json.loads((out / "config.json").read_text())["model_type"] == "gpt_oss"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the stale partial exports removed too
+
+
+ROOT = Path(__file__).resolve().parents[1]
+KILLED_PUBLISH = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import export_quantized_model
+rename, calls = os.replace, []
+def killing_replace(source, target):
+    calls.append(source)
+    if len(calls) == int(sys.argv[4]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup runs, as with a real kill
+    rename(source, target)
+os.replace = killing_replace
+export_quantized_model.publish(Path(sys.argv[2]), Path(sys.argv[3]))
+"""
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3])  # before the 'ready' rename, between old-aside and new-in, after
+def test_an_overwrite_killed_between_its_renames_leaves_a_complete_export_after_the_next_run(tmp_path, kill_at):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "model.safetensors").write_text("old export")
+    new = tmp_path / ".model.partial-999999999-ab12"  # a finished export in its temporary directory (a dead pid)
+    new.mkdir()
+    (new / "model.safetensors").write_text("new export")
+    killed = subprocess.run([sys.executable, "-c", KILLED_PUBLISH, str(ROOT), str(new), str(out), str(kill_at)])
+    assert killed.returncode == -signal.SIGKILL
+    if kill_at == 3:  # killed in the middle of the swap: nothing at the target
+        assert not out.exists()
+    messages = []
+    exporter.recover_interrupted_publish(out, messages.append)
+    exporter.remove_stale_partials(out, messages.append)
+    expected = "old export" if kill_at == 1 else "new export"  # a finished export that was not yet 'ready' is lost
+    assert (out / "model.safetensors").read_text() == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_push_creates_private_repo_and_uploads_without_printing_the_token(attention_run, prompt_file, tmp_path,
