@@ -142,8 +142,9 @@ def is_harmony_prompt(text):
     return text.lstrip().startswith("<|start|>system<|message|>")
 
 
-# One bracketed action; inner spaces are tolerated ('[ 2 ]' is read as 2), anything else in brackets is not an action.
-BRACKETED_ACTION = re.compile(r"\[\s*(\d+)\s*\]")
+# The whole final message, stripped of surrounding whitespace: one action number in ASCII digits, without leading
+# zeros, in square brackets, as the developer instructions ask ('[2]'; not '[ 2 ]', '[02]', '[２]' or '[2] x')
+ANSWER = re.compile(r"\[(0|[1-9][0-9]*)\]")
 MESSAGE = re.compile(
     r"<\|channel\|>(?P<channel>[^<]*)<\|message\|>(?P<content>.*?)(?P<end><\|end\|>|<\|return\|>|<\|call\|>|$)",
     re.DOTALL,
@@ -168,15 +169,15 @@ def parse_final_action(completion, num_actions):
     """The action chosen in the final message of a Harmony completion, or None when the answer is invalid.
 
     Valid means: exactly one final message, it is the last message and ends with <|return|> (not cut off,
-    not a tool call), and it holds exactly one bracketed action in range. Text in the analysis channel never
-    counts, whatever actions it mentions.
+    not a tool call), and, stripped of surrounding whitespace, it is exactly `[n]` (ANSWER) for a listed action n.
+    Text in the analysis channel never counts, whatever actions it mentions.
     """
     completion = completion.replace("<|endoftext|>", "")  # padding after the answer
     messages = split_messages(completion)
     finals = [m for m in messages if m[0].split()[:1] == ["final"]]
     if len(finals) != 1 or messages[-1] is not finals[0] or finals[0][2] != "<|return|>":
         return None
-    actions = BRACKETED_ACTION.findall(finals[0][1])
-    if len(actions) != 1 or int(actions[0]) >= num_actions:
+    answer = ANSWER.fullmatch(finals[0][1].strip())
+    if answer is None or int(answer[1]) >= num_actions:
         return None
-    return int(actions[0])
+    return int(answer[1])
