@@ -31,8 +31,9 @@ import mxfp4
 # -----------------------------------------------------------------------------
 DECODE_MAX_ROWS = 64  # up to this many tokens every expert is read anyway: the dense kernel; above, grouped
 DENSE_KERNEL = "interleaved"  # the decode kernel: 'interleaved' (mxfp4_kernels.dense_matmul_kernel: bf16 weights
-                              #   rebuilt in registers, 1.11 ms a layer of 32 tokens on an H200) or 'blocked'
-                              #   (blocked_matmul_kernel: fp16 codes by bit moves, scales on each block's sum)
+                              #   rebuilt in registers; 1.11 ms a layer of 32 tokens on an H200, run end to end) or
+                              #   'blocked' (blocked_matmul_kernel: fp16 codes by bit moves, scales on each block's
+                              #   sum; 0.64 ms, kernel-tested, not yet run in the engine: benchmarks/RESULTS.md)
 KERNEL_MAX_BLOCK_M = 128  # rows a program of the dense kernel multiplies (more rows: more programs, each
                           #   dequantising its weights again)
 DEQUANT_BLOCKS = 64  # MXFP4 blocks (32 values each) dequantised per program of the dequantisation kernel
