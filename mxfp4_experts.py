@@ -21,7 +21,8 @@ of 32 values sharing a power-of-two scale, two e2m1 codes a byte, low nibble fir
 On a CPU (the tiny stand-in, the tests) the same steps run in plain torch: `mxfp4.dequantize_mxfp4` (exact in
 fp32) and one matmul per expert. That path is also the oracle the GPU kernels are tested against.
 
-Scale byte 0 (2^-127) decodes to 0 in the Triton kernels; such a block's values are below 6 * 2^-127 anyway.
+Scale byte 0 (2^-127) decodes to 0 in the dequantisation and 'interleaved' kernels; such a block's values are below
+6 * 2^-127 anyway.
 """
 
 import torch
@@ -88,7 +89,8 @@ class Mxfp4Experts(torch.nn.Module):
 
 
 def swiglu(gate_up, limit, alpha):
-    """transformers' GptOssExperts._apply_gate: interleaved gate/up halves, clamped, (up + 1) * gate * sigmoid."""
+    """transformers' GptOssExperts._apply_gate: interleaved gate/up halves, clamped, (up + 1) * gate * sigmoid
+    (the rollout engine's bf16 experts use it too)."""
     gate, up = gate_up[..., ::2], gate_up[..., 1::2]
     gate = gate.clamp(min=None, max=limit)
     up = up.clamp(min=-limit, max=limit)

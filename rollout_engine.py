@@ -48,7 +48,7 @@ import torch
 
 import harmony
 import mxfp4_experts
-from mxfp4_experts import is_mxfp4_experts
+from mxfp4_experts import is_mxfp4_experts, swiglu
 
 LENGTH_BUCKET = 128  # cache positions are rounded up to a multiple of this, so nearby prompt lengths share a graph
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # rows are padded up to one of these
@@ -549,14 +549,6 @@ def route(h, weight, bias, top_k):
     return index, torch.softmax(top, dim=1, dtype=top.dtype)
 
 
-def clamped_swiglu(gate_up, limit, alpha):
-    """transformers' GptOssExperts._apply_gate: interleaved gate/up halves, clamped, gate * sigmoid(alpha gate)."""
-    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
-    gate = gate.clamp(min=None, max=limit)
-    up = up.clamp(min=-limit, max=limit)
-    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
-
-
 def expert_tensors(experts):
     """(gate_up [E, in, 2 x inter], its bias, down [E, inter, out], its bias, limit, alpha) of a GptOssExperts."""
     return (experts.gate_up_proj, experts.gate_up_proj_bias, experts.down_proj, experts.down_proj_bias,
@@ -580,7 +572,7 @@ def dense_experts(h, index, scores, experts, factors=None):
     if "gate_up_proj" in factors:
         a, b, scale = factors["gate_up_proj"]
         gate_up = gate_up + torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(gate_up.dtype) * scale
-    act = clamped_swiglu(gate_up, limit, alpha)
+    act = swiglu(gate_up, limit, alpha)
     out = torch.bmm(act, down_proj) + down_bias[:, None]
     if "down_proj" in factors:
         a, b, scale = factors["down_proj"]
