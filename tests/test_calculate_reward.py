@@ -242,3 +242,12 @@ def test_a_directory_that_cannot_be_written_is_refused_and_the_file_kept(tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "cannot be written" in err
     assert path.read_text() == TOY
+
+
+def test_a_prompt_holding_a_nul_byte_is_refused_and_the_file_not_rewritten(tmp_path, capsys):
+    path = write(tmp_path, TOY.replace("2,plain,", "2,pla\x00in,"))
+    before = path.read_bytes()
+    assert run_main(path, "--tau", "0.05") == 2
+    assert capsys.readouterr().err == f"error: {path}:4: prompt holds the control character U+0000; remove it from " \
+                                      "the text\n"
+    assert path.read_bytes() == before
