@@ -254,10 +254,9 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None, e
 
 def weight_bytes(config, experts_format):
     """GPU bytes of a gpt-oss model's weights: bf16 everywhere, or with the experts as MXFP4 blocks and scales."""
-    from mxfp4_experts import packed_expert_bytes
+    from mxfp4_experts import expert_weight_count, packed_expert_bytes
 
-    expert_values = config.num_hidden_layers * config.num_local_experts * 3 * config.hidden_size * \
-        config.intermediate_size
+    expert_values = expert_weight_count(config)
     rest = 2 * (count_parameters(config) - expert_values)
     return rest + (packed_expert_bytes(config) if experts_format == "mxfp4" else 2 * expert_values)
 
@@ -310,8 +309,7 @@ def load_mxfp4_resident(model_id, config, device, dtype):
     from mxfp4_experts import Mxfp4Experts
 
     plain = copy.deepcopy(config)
-    plain.quantization_config = None  # what the model holds is said by its modules, not by a quantizer
-    del plain.quantization_config
+    del plain.quantization_config  # what the model holds is said by its modules, not by a quantizer
     silence_known_notices()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(plain, dtype=dtype, attn_implementation="eager")

@@ -259,7 +259,12 @@ def is_mxfp4_experts(module):
     return isinstance(module, Mxfp4Experts)
 
 
+def expert_weight_count(config):
+    """Values in a gpt-oss config's expert weights, all layers (gate_up: 2 x hidden x inter, down: inter x hidden)."""
+    return config.num_hidden_layers * config.num_local_experts * 3 * config.hidden_size * config.intermediate_size
+
+
 def packed_expert_bytes(config):
     """Bytes of a gpt-oss config's expert weights as MXFP4 blocks and scales (biases not counted)."""
-    values = config.num_hidden_layers * config.num_local_experts * 3 * config.hidden_size * config.intermediate_size
+    values = expert_weight_count(config)
     return values // 2 + values // mxfp4.BLOCK_SIZE

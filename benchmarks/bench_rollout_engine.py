@@ -98,12 +98,11 @@ def decode_step_bytes(model, rows, cache_positions, experts_format):
     """Bytes one decode step of `rows` rows must read: the attention, router, norm and LM-head weights, the experts
     that random top-k routing of `rows` tokens touches (expected count), and the KV cache up to `cache_positions`
     (sliding layers: their window). Embedding rows are gathered, not read whole."""
-    from mxfp4_experts import packed_expert_bytes
+    from mxfp4_experts import expert_weight_count, packed_expert_bytes
 
     cfg = model_loader.find_config(model)
-    expert_values = cfg.num_hidden_layers * cfg.num_local_experts * 3 * cfg.hidden_size * cfg.intermediate_size
-    rest = 2 * (model_loader.count_parameters(cfg) - expert_values - cfg.vocab_size * cfg.hidden_size)
-    experts = packed_expert_bytes(cfg) if experts_format == "mxfp4" else 2 * expert_values
+    experts = packed_expert_bytes(cfg) if experts_format == "mxfp4" else 2 * expert_weight_count(cfg)
+    rest = model_loader.weight_bytes(cfg, experts_format) - experts - 2 * cfg.vocab_size * cfg.hidden_size
     touched = 1 - (1 - cfg.num_experts_per_tok / cfg.num_local_experts) ** rows
     kv = 0
     for kind in cfg.layer_types:
