@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harmony import parse_final_action
+from harmony import is_harmony_prompt, parse_final_action, why_not_rendered_prompt, why_unsafe_text
 
 # ------------------------------------------------------------------------------------------------
 Q_PREFIX = "q_action_"  # Q-value columns: q_action_0 .. q_action_<n-1>
@@ -277,10 +277,7 @@ def parse_number_column(df, column, path):
 def list_prompt_problems(prompts, path):
     """`path:row:` lines for prompts that are unsafe text (a legacy situation) or not exactly a rendered Harmony
     prompt with a safe user message (harmony.why_unsafe_text, why_not_rendered_prompt)."""
-    import harmony
-
-    reasons = [harmony.why_not_rendered_prompt(p) if harmony.is_harmony_prompt(p) else harmony.why_unsafe_text(p)
-               for p in prompts]
+    reasons = [why_not_rendered_prompt(p) if is_harmony_prompt(p) else why_unsafe_text(p) for p in prompts]
     bad = [row for row, reason in enumerate(reasons) if reason]
     return list_row_problems(path, bad, lambda row: f"{PROMPT_COLUMN} {reasons[row]}")
 
