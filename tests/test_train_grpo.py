@@ -406,6 +406,15 @@ def wait_for(process, text, seconds=600):
     raise AssertionError(f"{text!r} never printed:\n" + "".join(lines[-30:]))
 
 
+def wait_for_log_rows(log, rows, seconds=600):
+    """Wait until a running job's completion log holds at least `rows` rows (a few steps done)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if log.exists() and len(read_log(log)) >= rows:
+            return
+        time.sleep(0.5)
+
+
 def start_train(*args):
     # Ctrl-C reaches the child as it reaches a user's run, even where pytest itself runs with SIGINT ignored (a
     # shell's background job): Python turns SIGINT into KeyboardInterrupt only if it is not ignored at start
@@ -442,12 +451,7 @@ def test_ctrl_c_leaves_a_checkpoint_that_resume_continues(tmp_path):
     out = tmp_path / "interrupted"
     process = start_train("--tiny", "--total-steps", "200", "--save-steps", "1000", "--eval-samples", "0",
                           "--out", str(out))
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        log = out / "completions.csv"
-        if log.exists() and len(read_log(log)) >= 3 * 32:
-            break
-        time.sleep(0.5)
+    wait_for_log_rows(out / "completions.csv", 3 * 32)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode != 0
@@ -465,12 +469,7 @@ def test_sigterm_saves_a_checkpoint_as_ctrl_c_does_and_resume_loses_and_repeats_
     out = tmp_path / "terminated"
     process = start_train("--tiny", "--total-steps", "200", "--save-steps", "1000", "--eval-samples", "0",
                           "--validation-prompts", "0", "--out", str(out))
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        log = out / "completions.csv"
-        if log.exists() and len(read_log(log)) >= 3 * 32:
-            break
-        time.sleep(0.5)
+    wait_for_log_rows(out / "completions.csv", 3 * 32)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode != 0 and "Traceback" not in stderr, stderr[-2000:]
