@@ -192,12 +192,16 @@ def check_adapter_weights(path):
                          "train again with a lower --learning-rate")
 
 
-def check_adapter_output(model, tokenizer, prompt, adapter_dir):
-    """InputError when the adapted model's logits on `prompt` are not all finite (weights too large to use)."""
+def has_finite_output(model, tokenizer, prompt):
+    """True when every logit of the model on `prompt` is finite (sampling from NaN or inf logits is meaningless)."""
     from adapter_merge import prompt_logits
 
-    logits = prompt_logits(model, tokenizer, [prompt])[0]
-    if not logits.isfinite().all():
+    return bool(prompt_logits(model, tokenizer, [prompt])[0].isfinite().all())
+
+
+def check_adapter_output(model, tokenizer, prompt, adapter_dir):
+    """InputError when the adapted model's logits on `prompt` are not all finite (weights too large to use)."""
+    if not has_finite_output(model, tokenizer, prompt):
         raise InputError(f"{adapter_dir}: with this adapter the model's logits are NaN or infinite (its weights are "
                          "finite but far too large); the training diverged. Use an earlier checkpoint "
                          "(--adapter-path <run>/checkpoint-<step>) or train again with a lower --learning-rate")

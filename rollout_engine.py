@@ -275,7 +275,7 @@ class RolloutEngine:
         elif factors is None and not self._dense_experts(h.shape[0]):
             out = mlp.experts(h, index, scores)
         else:
-            out = dense_experts(h, index, scores, expert_tensors(find_base_layer(mlp.experts)), factors)
+            out = dense_experts(h, index, scores, expert_tensors(experts), factors)
         return out.reshape(shape)
 
     def _dense_experts(self, tokens):

@@ -56,9 +56,7 @@ def user_message(prompt):
 def check_model_output(model, tokenizer, prompt, model_id):
     """InputError when the model's logits on `prompt` are not all finite: sampling from them is meaningless (and
     torch.multinomial fails on them)."""
-    from adapter_merge import prompt_logits
-
-    if not prompt_logits(model, tokenizer, [prompt])[0].isfinite().all():
+    if not ae.has_finite_output(model, tokenizer, prompt):
         raise ae.InputError(f"{model_id}: the model's logits are NaN or infinite, so it cannot answer; its weights "
                             "are broken (an export from a diverged run?): export again from a good adapter "
                             "(export_quantized_model.py --adapter-path <run>/checkpoint-<step>)")
