@@ -31,12 +31,17 @@ import mxfp4
 
 # -----------------------------------------------------------------------------
 DECODE_MAX_ROWS = 64  # up to this many tokens every expert is read anyway: the dense kernel; above, grouped
-DENSE_KERNEL = "interleaved"  # the decode kernel: 'interleaved' (mxfp4_kernels.dense_matmul_kernel: bf16 weights
-                              #   rebuilt in registers; 1.11 ms a layer of 32 tokens on an H200, run end to end) or
-                              #   'blocked' (blocked_matmul_kernel: fp16 codes by bit moves, scales on each block's
-                              #   sum; 0.64 ms, kernel-tested, not yet run in the engine: benchmarks/RESULTS.md)
+DENSE_KERNEL = "auto"  # the decode kernel: 'auto' takes 'transposed' where it applies, else 'blocked';
+                       #   'transposed' (mxfp4_kernels.transposed_matmul_kernel: the weights as the tensor cores'
+                       #   operand from registers; Hopper or newer, scale bytes in TRANSPOSED_SCALE_BYTES),
+                       #   'blocked' (fp16 codes by bit moves, scales on each block's sum) or 'interleaved' (bf16
+                       #   weights rebuilt in registers, the first and slowest): benchmarks/RESULTS.md has the figures
 KERNEL_MAX_BLOCK_M = 128  # rows a program of the dense kernel multiplies (more rows: more programs, each
                           #   dequantising its weights again)
+TRANSPOSED_MAX_ROWS = 64  # the 'transposed' kernel holds all rows in one tile (more rows: 'blocked')
+TRANSPOSED_SCALE_BYTES = (104, 128)  # scale bytes for which 'transposed' is exact: its fp16 weights value x 2^(byte -
+                                     #   127) span 0.5 x 2^-23 (the smallest fp16 subnormal) .. 6 x 2^1, its factor
+                                     #   2^(byte - 113) stays a normal fp16; gpt-oss' weights lie well inside
 DEQUANT_BLOCKS = 64  # MXFP4 blocks (32 values each) dequantised per program of the dequantisation kernel
 # -----------------------------------------------------------------------------
 
@@ -65,6 +70,7 @@ class Mxfp4Experts(torch.nn.Module):
         self.gate_up_proj_bias = torch.nn.Parameter(torch.empty(e, 2 * i, dtype=dtype, device=device),
                                                     requires_grad=False)
         self.down_proj_bias = torch.nn.Parameter(torch.empty(e, h, dtype=dtype, device=device), requires_grad=False)
+        self.decode_kernel = None  # chosen on the first decode step, once the weights are in place (choose_dense_kernel)
 
     @classmethod
     def like(cls, experts, device=None):
@@ -79,6 +85,12 @@ class Mxfp4Experts(torch.nn.Module):
     def matrices(self):
         """(gate_up, down) as (blocks, scales) pairs."""
         return ((self.gate_up_proj_blocks, self.gate_up_proj_scales), (self.down_proj_blocks, self.down_proj_scales))
+
+    def dense_kernel(self):
+        """This module's decode kernel (choose_dense_kernel over both matrices' scales; a host sync, once)."""
+        if self.decode_kernel is None:
+            self.decode_kernel = choose_dense_kernel(self.gate_up_proj_scales, self.down_proj_scales)
+        return self.decode_kernel
 
     def forward(self, hidden_states, router_indices=None, routing_weights=None):
         rows = hidden_states.shape[0]
@@ -181,13 +193,14 @@ def dense_forward(experts, hidden_states, router_indices, routing_weights, facto
     dtype = experts.gate_up_proj_bias.dtype
     x = hidden_states.to(dtype)
     (gate_up_blocks, gate_up_scales), (down_blocks, down_scales) = experts.matrices()
-    gate_up = dense_matmul(x, gate_up_blocks, gate_up_scales, experts.gate_up_proj_bias)  # [E, tokens, 2I]
+    kernel = experts.dense_kernel() if x.is_cuda else None
+    gate_up = dense_matmul(x, gate_up_blocks, gate_up_scales, experts.gate_up_proj_bias, kernel)  # [E, tokens, 2I]
     if "gate_up_proj" in factors:
         a, b, scale = factors["gate_up_proj"]
         lora_in = x.to(a.dtype).unsqueeze(0).expand(a.shape[0], -1, -1)
         gate_up = gate_up + torch.bmm(torch.bmm(lora_in, a), b).to(gate_up.dtype) * scale
     act = swiglu(gate_up, experts.limit, experts.alpha)
-    out = dense_matmul(act, down_blocks, down_scales, experts.down_proj_bias)  # [E, tokens, H]
+    out = dense_matmul(act, down_blocks, down_scales, experts.down_proj_bias, kernel)  # [E, tokens, H]
     if "down_proj" in factors:
         a, b, scale = factors["down_proj"]
         out = out + torch.bmm(torch.bmm(act.to(a.dtype), a), b).to(out.dtype) * scale
@@ -200,10 +213,10 @@ def dense_forward(experts, hidden_states, router_indices, routing_weights, facto
 def dense_matmul(x, blocks, scales, bias, kernel=None):
     """x [tokens, in] (the same rows for every expert) or [E, tokens, in] -> [E, tokens, out] = x W_e^T + bias_e.
 
-    On a GPU one Triton kernel: each program dequantises tiles of one expert's weight in registers and multiplies
-    them on the tensor cores, accumulating in fp32 (tile shapes autotuned once per weight shape). On a CPU the reference:
-    dequantised weights, a batched matmul."""
-    kernel = kernel or DENSE_KERNEL
+    On a GPU one Triton kernel (`kernel`, default DENSE_KERNEL; 'auto' asks choose_dense_kernel, a host sync): each
+    program dequantises tiles of one expert's weight in registers and multiplies them on the tensor cores,
+    accumulating in fp32 (tile shapes autotuned once per weight shape). On a CPU the reference: dequantised
+    weights, a batched matmul."""
     experts, out_features = blocks.shape[0], blocks.shape[1]
     in_features = blocks.shape[2] * mxfp4.BLOCK_SIZE
     shared = x.dim() == 2
@@ -214,6 +227,11 @@ def dense_matmul(x, blocks, scales, bias, kernel=None):
         weight = mxfp4.dequantize_mxfp4(blocks, scales, x.dtype)  # [E, out, in]
         inputs = x.unsqueeze(0).expand(experts, -1, -1) if shared else x
         return torch.bmm(inputs, weight.transpose(1, 2)) + bias[:, None].to(x.dtype)
+    kernel = kernel or DENSE_KERNEL
+    if kernel == "auto":
+        kernel = choose_dense_kernel(scales)
+    if kernel == "transposed" and tokens > TRANSPOSED_MAX_ROWS:
+        kernel = "blocked"
     kernels = triton_kernels()
     out = torch.empty(experts, tokens, out_features, dtype=x.dtype, device=x.device)
     # one row tile for up to KERNEL_MAX_BLOCK_M rows: each further tile dequantises every weight again
@@ -222,6 +240,17 @@ def dense_matmul(x, blocks, scales, bias, kernel=None):
     def grid(tile):
         return triton_cdiv(out_features, tile["BLOCK_N"]), experts, triton_cdiv(tokens, block_m)
 
+    if kernel == "transposed":
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        # fp16 inputs, each 32-input block permuted for the kernel; rows of all experts stacked
+        x = permute_for_transposed(x).to(torch.float16).reshape(-1, in_features).contiguous()
+        # tile shapes are placeholders: the autotuner's pre-hook sets those of the config it runs
+        x_desc = TensorDescriptor.from_tensor(x, [block_m, 128])
+        w_desc = TensorDescriptor.from_tensor(blocks.view(experts * out_features, in_features // 2), [64, 64])
+        kernels.transposed_matmul_kernel[lambda tile: grid(tile)[:2]](
+            x_desc, w_desc, scales, bias, out, tokens, out_features, 0 if shared else tokens, K=in_features,
+            BLOCK_M=block_m)
+        return out
     if kernel == "blocked":
         # fp16 inputs, even and odd ones in two halves: [.., tokens, 2, in / 2]
         x = x.reshape(*x.shape[:-1], in_features // 2, 2).transpose(-1, -2).contiguous().to(torch.float16)
@@ -233,6 +262,26 @@ def dense_matmul(x, blocks, scales, bias, kernel=None):
     kernels.dense_matmul_kernel[grid](x, blocks, scales, bias, out, tokens, out_features,
                                       0 if shared else x.stride(0), x.stride(-2), K=in_features, BLOCK_M=block_m)
     return out
+
+
+def permute_for_transposed(x):
+    """[..., in] -> the same values with each block of 32 inputs reordered as transposed_matmul_kernel multiplies
+    them: position 8q + 2c + h holds input 8c + 2q + h (c, q < 4; h < 2), i.e. the byte index 4c + q and nibble h
+    of the block's 16 bytes, read in the order the tensor cores' operand layout asks of each thread."""
+    shape = x.shape
+    return x.reshape(*shape[:-1], shape[-1] // 32, 4, 4, 2).transpose(-3, -2).reshape(shape)
+
+
+def choose_dense_kernel(*scales):
+    """DENSE_KERNEL, or for 'auto' the fastest kernel that is exact for weights with these scales on their GPU:
+    'transposed' on Hopper or newer (wgmma, TMA) when every scale byte lies in TRANSPOSED_SCALE_BYTES, else
+    'blocked'. Reads the scales' range: a host sync, so call it once per weight (Mxfp4Experts.dense_kernel)."""
+    if DENSE_KERNEL != "auto":
+        return DENSE_KERNEL
+    low, high = TRANSPOSED_SCALE_BYTES
+    fits = all(low <= s.min().item() and s.max().item() <= high for s in scales)
+    hopper = torch.cuda.get_device_capability(scales[0].device)[0] >= 9
+    return "transposed" if hopper and fits else "blocked"
 
 
 # -- the Triton kernels (mxfp4_kernels.py; triton is a GPU extra) -----------------------------------------------

@@ -131,3 +131,79 @@ def blocked_matmul_kernel(x_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, M, N
     acc += bias.to(tl.float32)[None, :]
     out = out_ptr + (expert.to(tl.int64) * M + rows[:, None]) * N + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# -- 'transposed': the weights as the tensor cores' left operand, straight from registers (Hopper) -----------------
+
+
+@triton.jit
+def fp16_codes_of_bytes(packed):
+    """uint8 codes -> (low nibble, high nibble) as fp16 of value x 2^-14, four bytes an instruction group: each byte
+    pair is spread into the two halves of a register (prmt), then each nibble's 3 magnitude bits are moved onto the
+    exponent's low bits and the mantissa's top bit and its sign bit onto bit 15 (exact, subnormals included)."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t0, t1, a, b;
+        prmt.b32 t0, $4, 0, 0x4140;
+        prmt.b32 t1, $4, 0, 0x4342;
+        shl.b32 a, t0, 9;  shl.b32 b, t0, 12; and.b32 a, a, 0x0E000E00; and.b32 b, b, 0x80008000; or.b32 $0, a, b;
+        shl.b32 a, t1, 9;  shl.b32 b, t1, 12; and.b32 a, a, 0x0E000E00; and.b32 b, b, 0x80008000; or.b32 $1, a, b;
+        shl.b32 a, t0, 5;  shl.b32 b, t0, 8;  and.b32 a, a, 0x0E000E00; and.b32 b, b, 0x80008000; or.b32 $2, a, b;
+        shl.b32 a, t1, 5;  shl.b32 b, t1, 8;  and.b32 a, a, 0x0E000E00; and.b32 b, b, 0x80008000; or.b32 $3, a, b;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
+
+def set_transposed_block_shapes(nargs):
+    """triton.autotune pre-hook: the TMA descriptors' tile shapes follow the config being run."""
+    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"] // 2]
+
+
+def transposed_configs():
+    """Tile shapes for transposed_matmul_kernel (triton.autotune, once per weight shape and row tile)."""
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=stages,
+                          pre_hook=set_transposed_block_shapes)
+            for n, k, w, stages in ((64, 128, 4, 4), (64, 128, 4, 3), (64, 256, 4, 2), (128, 128, 4, 3),
+                                    (128, 256, 4, 3))]
+
+
+@triton.autotune(configs=transposed_configs(), key=["N", "K", "BLOCK_M"])
+@triton.jit
+def transposed_matmul_kernel(x_desc, w_desc, scales_ptr, bias_ptr, out_ptr, M, N, x_expert_rows,
+                             K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[e] = x[e] W_e^T + bias_e computed as its transpose, W_e x[e]^T, so that the dequantised weight tile is
+    the tensor cores' left operand, which Hopper's wgmma reads from registers (the right one must sit in shared
+    memory: there, the few token rows arrive by TMA). Weight bytes arrive by TMA too and become fp16 by bit moves
+    (fp16_codes_of_bytes); each 32-input block is then multiplied by its scale, 2^(byte - 127 + 14) in fp16, exact
+    for scale bytes in mxfp4_experts.TRANSPOSED_SCALE_BYTES (checked there before this kernel is chosen).
+
+    x_desc: fp16 inputs [rows, K] whose every 32-input block is permuted (mxfp4_experts.permute_for_transposed:
+    column 8q + 2c + h holds input 8c + 2q + h), so that a thread's four loaded bytes, both nibbles each, are
+    exactly the operand values the tensor cores expect of it; x_expert_rows: 0 when all experts share the rows,
+    else each expert's row count. w_desc: the blocks as [E * N, K / 2] bytes."""
+    pid_n, expert = tl.program_id(0), tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    groups: tl.constexpr = BLOCK_K // 32
+    cols = n0 + tl.arange(0, BLOCK_N)
+    s_base = scales_ptr + (expert.to(tl.int64) * N + cols[:, None]) * (K // 32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K // 2, BLOCK_K // 2):
+        # [n, block, c, q]: byte 4c + q of a block's 16 holds inputs 8c + 2q (low nibble) and 8c + 2q + 1
+        packed = tl.reshape(w_desc.load([expert * N + n0, k0]), [BLOCK_N, groups, 4, 4])
+        low, high = fp16_codes_of_bytes(packed)
+        group = k0 // 16 + tl.arange(0, groups)
+        scale_byte = tl.load(s_base + group[None, :], mask=group[None, :] < K // 32, other=113).to(tl.int16)
+        factor = ((scale_byte - 98) << 10).to(tl.float16, bitcast=True)  # fp16 bits of 2^(byte - 113)
+        w = tl.join(low, high) * factor[:, :, None, None, None]  # [n, block, c, q, nibble]
+        w = tl.reshape(tl.permute(w, [0, 1, 3, 2, 4]), [BLOCK_N, BLOCK_K])  # the permuted input order
+        x = x_desc.load([expert * x_expert_rows, 2 * k0])
+        acc = tl.dot(w, tl.trans(x), acc)
+    col_ok = cols < N
+    bias = tl.load(bias_ptr + expert.to(tl.int64) * N + cols, mask=col_ok, other=0.0)
+    acc += bias.to(tl.float32)[:, None]
+    rows = tl.arange(0, BLOCK_M)
+    out = out_ptr + (expert.to(tl.int64) * M + rows[None, :]) * N + cols[:, None]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[None, :] & col_ok[:, None])

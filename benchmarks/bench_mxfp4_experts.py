@@ -5,10 +5,10 @@
 
 Times (median of CUDA-event timings, rotating over the 24 layers so that no weight sits in the cache):
 - decode: the experts of one layer for 32 tokens (a decode step of workload W), every token through every expert:
-  mxfp4_experts.dense_forward with each of its decode kernels (DENSE_KERNEL: 'interleaved', 'blocked') against
-  the same math over bf16 weights
-  (two batched matmuls, the rollout engine's bf16 decode path); with the bytes each must read and the fraction of
-  the measured copy bandwidth that makes;
+  mxfp4_experts.dense_forward with each of its decode kernels ('interleaved', 'blocked', 'transposed') against
+  the same math over bf16 weights (two batched matmuls, the rollout engine's bf16 decode path), replayed from a
+  CUDA graph as the engine runs them (no launch overhead); with the bytes each must read and the fraction of the
+  measured copy bandwidth that makes, and the kernel DENSE_KERNEL = 'auto' picks for these weights;
 - dequantisation: one layer's gate_up matrix into bf16 (the many-rows path's first step), in GB/s moved;
 - training: forward and backward of one layer's experts over a micro-batch's token-expert pairs (16 x 530 tokens,
   top 4): mxfp4_experts.grouped_forward against transformers' grouped_mm experts over bf16 weights.
@@ -47,6 +47,22 @@ def median_ms(fn, calls):
     return sorted(times)[len(times) // 2]
 
 
+def graph_ms(fn, calls):
+    """Milliseconds per call of fn(i), i < calls, captured once in a CUDA graph (after warm-up calls on a side
+    stream, which also run the autotuners) and replayed: the median of 10 replays, divided by calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(3):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    return median_ms(lambda i: graph.replay(), 10) / calls
+
+
 def routing(tokens, experts, top_k, generator):
     index = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)]).cuda()
     scores = torch.softmax(torch.randn(tokens, top_k, generator=generator), -1).cuda().to(torch.bfloat16)
@@ -76,11 +92,13 @@ def main():
     h = torch.randn(DECODE_TOKENS, cfg.hidden_size, generator=generator).cuda().to(torch.bfloat16)
     index, scores = routing(DECODE_TOKENS, cfg.num_local_experts, cfg.num_experts_per_tok, generator)
     with torch.no_grad():
+        auto = layers[0].dense_kernel()
         kernel_ms = {}
-        for kernel in ("interleaved", "blocked"):  # mxfp4_experts.DENSE_KERNEL's choices
-            mxfp4_experts.DENSE_KERNEL = kernel
-            kernel_ms[kernel] = median_ms(lambda i: mxfp4_experts.dense_forward(layers[i % n], h, index, scores),
-                                          REPEATS)
+        for kernel in ("interleaved", "blocked", "transposed"):  # the decode kernels (mxfp4_experts.DENSE_KERNEL)
+            for layer in layers:
+                layer.decode_kernel = kernel
+            kernel_ms[kernel] = graph_ms(lambda i: mxfp4_experts.dense_forward(layers[i % n], h, index, scores),
+                                         REPEATS)
 
         def bf16_dense(i):
             gate_up, down = bf16[i % n]
@@ -89,11 +107,11 @@ def main():
             act = mxfp4_experts.swiglu(torch.bmm(x, gate_up) + e.gate_up_proj_bias[:, None], e.limit, e.alpha)
             return torch.bmm(act, down) + e.down_proj_bias[:, None]
 
-        bf16_ms = median_ms(bf16_dense, REPEATS)
+        bf16_ms = graph_ms(bf16_dense, REPEATS)
     values = 3 * cfg.num_local_experts * cfg.hidden_size * cfg.intermediate_size
     packed_bytes = values // 2 + values // mxfp4.BLOCK_SIZE
     result = {"card": torch.cuda.get_device_name(), "copy_bandwidth_gb_per_s": bandwidth / 1e9,
-              "decode_tokens": DECODE_TOKENS,
+              "decode_tokens": DECODE_TOKENS, "decode_kernel_auto": auto,
               "decode_layer_ms": {**{f"mxfp4 {k}": ms for k, ms in kernel_ms.items()}, "bf16": bf16_ms},
               "decode_layer_bandwidth_fraction": {**{f"mxfp4 {k}": packed_bytes / bandwidth / (ms / 1e3)
                                                      for k, ms in kernel_ms.items()},

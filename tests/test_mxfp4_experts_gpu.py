@@ -56,7 +56,7 @@ def test_dequantisation_kernel_is_exact(loaded):
         assert torch.equal(out, mxfp4.dequantize_mxfp4(blocks, scales, torch.bfloat16))
 
 
-@pytest.mark.parametrize("kernel", ["interleaved", "blocked"])
+@pytest.mark.parametrize("kernel", ["interleaved", "blocked", "transposed"])
 @pytest.mark.parametrize("tokens", [1, 32, 64])
 def test_dense_kernel_matches_the_reference(loaded, tokens, kernel):
     import mxfp4_experts
@@ -75,6 +75,34 @@ def test_dense_kernel_matches_the_reference(loaded, tokens, kernel):
         error = relative_error(out, ref)
         print(f"\n{kernel} kernel, {tokens} tokens, {'gate_up' if shared else 'down'}: relative error {error:.2e}")
         assert error <= BF16_TOLERANCE
+
+
+def test_transposed_kernel_over_its_whole_scale_range_and_its_choice():
+    """Every scale byte 'transposed' accepts (mxfp4_experts.TRANSPOSED_SCALE_BYTES, ends included) against the fp32
+    reference, with a weight width that is not a multiple of its tiles; 'auto' takes it on Hopper for such weights
+    and falls back to 'blocked' when one byte lies outside."""
+    import mxfp4_experts
+
+    torch.manual_seed(0)
+    low, high = mxfp4_experts.TRANSPOSED_SCALE_BYTES
+    experts, out_features, in_features = 4, 200, 2880 + 32
+    blocks = torch.randint(0, 256, (experts, out_features, in_features // 32, 16), dtype=torch.uint8, device="cuda")
+    scales = torch.randint(low, high + 1, (experts, out_features, in_features // 32), dtype=torch.uint8,
+                           device="cuda")
+    scales[0, 0, :2] = torch.tensor([low, high], dtype=torch.uint8)
+    bias = torch.randn(experts, out_features, device="cuda").to(torch.bfloat16)
+    weight = mxfp4.dequantize_mxfp4(blocks, scales, torch.float32)
+    for tokens in (1, 7, 32, 64):
+        x = torch.randn(experts, tokens, in_features, device="cuda").to(torch.bfloat16)
+        out = mxfp4_experts.dense_matmul(x, blocks, scales, bias, kernel="transposed")
+        ref = torch.bmm(x.float(), weight.transpose(1, 2)) + bias.float()[:, None]
+        error = relative_error(out, ref)
+        print(f"\ntransposed kernel, scale bytes {low}..{high}, {tokens} tokens: relative error {error:.2e}")
+        assert error <= BF16_TOLERANCE
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert mxfp4_experts.choose_dense_kernel(scales) == ("transposed" if hopper else "blocked")
+    scales[1, 2, 3] = low - 1
+    assert mxfp4_experts.choose_dense_kernel(scales) == "blocked"
 
 
 def test_dense_forward_matches_the_grouped_reference(loaded):
