@@ -85,6 +85,11 @@ def check_settings(settings):
         raise InputError(f"--top-p must lie in (0, 1], got {settings['TOP_P']}; 1.0 turns nucleus sampling off")
     if "EXPERTS_FORMAT" in settings and settings["EXPERTS_FORMAT"] not in EXPERTS_FORMATS:
         raise InputError(f"--experts-format {settings['EXPERTS_FORMAT']!r} is not one of {', '.join(EXPERTS_FORMATS)}")
+    if "MAX_UPDATE_LOSS" in settings and not (math.isfinite(settings["MAX_UPDATE_LOSS"])
+                                              and settings["MAX_UPDATE_LOSS"] >= 0):
+        raise InputError(f"--max-update-loss must be a number of at least 0, got {settings['MAX_UPDATE_LOSS']}")
+    if "MIN_ARGMAX_AGREEMENT" in settings and not 0 <= settings["MIN_ARGMAX_AGREEMENT"] <= 1:
+        raise InputError(f"--min-argmax-agreement must lie in [0, 1], got {settings['MIN_ARGMAX_AGREEMENT']}")
     if "LOGIT_TOLERANCE" in settings and not (math.isfinite(settings["LOGIT_TOLERANCE"])
                                               and settings["LOGIT_TOLERANCE"] >= 0):
         raise InputError(f"--logit-tolerance must be a number of at least 0, got {settings['LOGIT_TOLERANCE']}")

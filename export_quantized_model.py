@@ -1,7 +1,9 @@
-"""Merge a trained LoRA adapter into gpt-oss and write a complete MXFP4 model directory (for Ollama, vLLM, the Hub).
+"""Merge a trained LoRA adapter into gpt-oss and write a complete model directory (for Ollama, vLLM, the Hub), its
+experts in MXFP4 as gpt-oss ships them, or in bf16.
 
     python export_quantized_model.py                               # newest run -> runs/export/gpt-oss-tes
     python export_quantized_model.py --adapter-path runs/grpo-tiny --out runs/export/tiny --overwrite true
+    python export_quantized_model.py --experts-format bf16         # expert LoRA kept exactly, 3x the size
     HF_TOKEN=hf_... HF_REPO_ID=me/gpt-oss-tes python export_quantized_model.py --push-to-hub true
 
 Steps: check the inputs (adapter directory, adapter weights all finite, adapter against base, output directory, Hub
@@ -23,6 +25,13 @@ always holds a complete export, the old or the new one):
   in-memory merged model's (after its experts were rounded to the stored MXFP4 values): they must agree within
   LOGIT_TOLERANCE (NaN or infinite logits fail). With expert LoRA the report adds the quantisation error: relative
   error of the expert weights and of their LoRA update, and the logit difference to the merged model before rounding.
+What survives of the training comes first in the summary and in export_report.json ("fidelity"): "exact" (an
+attention-only adapter: its weights merged in bf16, experts the base's own bytes; or --experts-format bf16),
+or "lossy" (expert LoRA rounded to MXFP4: the share of the expert update kept, and how often the written model's
+next token agrees with the merged bf16 model's). MXFP4 has about 3 bits of mantissa: an expert update smaller than
+half a step rounds away, which is what a real run's learning rates give. When rounding loses more than
+MAX_UPDATE_LOSS of the update or the agreement falls below MIN_ARGMAX_AGREEMENT, the export stops before writing
+and names the two ways on: --experts-format bf16 (exact, experts 3.8x larger) or --allow-lossy true.
 An output directory that already holds an export is refused unless --overwrite true. With PUSH_TO_HUB the finished
 directory is uploaded to the private Hub repo HF_REPO_ID (created if needed) with the token in HF_TOKEN (never
 printed); a push without a token is refused before any work, a push that fails (no network) says that the export
@@ -56,6 +65,12 @@ import adapter_evaluation as ae
 ADAPTER_PATH = ""  # run directory holding adapter_config.json; '' = the newest under runs/
 BASE_MODEL_ID = ""  # '' = the adapter's base_model_name_or_path; or a Hub id, a local model directory, 'tiny'
 EXPORT_DIR = "runs/export/gpt-oss-tes"  # output model directory (the Modelfile's FROM points here)
+EXPERTS_FORMAT = "mxfp4"  # experts as written: 'mxfp4' (gpt-oss' own format, ~13 GB at 20b; expert LoRA is rounded
+                          #   to it) or 'bf16' (every weight exactly as merged, ~39 GB at 20b; README: who reads which)
+ALLOW_LOSSY = False  # write an MXFP4 export even when rounding drops most of expert LoRA's update (limits below)
+MAX_UPDATE_LOSS = 0.5  # expert LoRA into MXFP4: stop when the update's relative error (mean over weights) is above
+MIN_ARGMAX_AGREEMENT = 0.95  # ... or when the written model's next token agrees with the merged bf16 model's at
+                             #   fewer of the verification positions than this
 OVERWRITE = False  # replace an existing export in EXPORT_DIR
 MAX_SHARD_BYTES = 5_000_000_000  # safetensors shard size (what save_pretrained uses)
 PROMPT_PATH = "data/dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"  # verification prompts
@@ -78,6 +93,10 @@ class ExportError(RuntimeError):
 
 class VerificationError(ExportError):
     """The merged model or the written export is not sound; nothing was published."""
+
+
+class LossyExportError(ExportError):
+    """MXFP4 would drop most of what expert LoRA learned; nothing was written."""
 
 
 class PushError(ExportError):
@@ -214,14 +233,18 @@ def writer_alive(path, marker):
     return pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid))
 
 
-def compare_bytes(export_dir, base_reader):
-    """Per tensor of the export: identical bytes to the base checkpoint's tensor of that name, or not."""
+def compare_bytes(export_dir, base_reader, experts_format="mxfp4"):
+    """Per tensor of the export: identical bytes to the base checkpoint's tensor of that name, or not; and whether
+    its names are those the format asks (the base's; with bf16 experts `..._proj` in place of its blocks and scales)."""
     import torch
 
     from adapter_merge import CheckpointReader
 
     export = CheckpointReader(export_dir)
-    result = {"same_names": sorted(export.names()) == sorted(base_reader.names()),
+    expected = set(base_reader.names())
+    if experts_format == "bf16":
+        expected = {name.removesuffix("_blocks") for name in expected if not name.endswith("_scales")}
+    result = {"same_names": sorted(export.names()) == sorted(expected),
               "expert_identical": 0, "expert_changed": [], "other_identical": 0, "other_changed": 0}
     for name in export.names():
         if name not in base_reader:
@@ -237,6 +260,72 @@ def compare_bytes(export_dir, base_reader):
         else:
             result["other_identical" if same else "other_changed"] += 1
     return result
+
+
+def save_bf16_checkpoint(model, out_dir, max_shard_bytes):
+    """The merged model as transformers writes a plain gpt-oss (bf16 experts `gate_up_proj` / `down_proj`, no
+    quantization_config), config.json with the converters' keys added; returns the shard names."""
+    from adapter_merge import add_converter_config_keys
+
+    import warnings
+
+    with warnings.catch_warnings():  # transformers 5.24's save_pretrained calls its own deprecated property
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model.save_pretrained(str(out_dir), max_shard_size=max_shard_bytes)
+    config_path = Path(out_dir) / "config.json"
+    config = add_converter_config_keys(json.loads(config_path.read_text()))
+    config.pop("quantization_config", None)
+    ae.write_json(config, config_path)
+    return sorted(p.name for p in Path(out_dir).glob("*.safetensors"))
+
+
+def measure_fidelity(experts_format, changed, quantization, vs_merged):
+    """What of the training the written model keeps: 'exact' or 'lossy', the share of the expert LoRA update kept
+    (1 - its relative rounding error, at least 0) and agreement with the merged bf16 model; `summary` says it."""
+    agreement = {"argmax_agreement": vs_merged["argmax_agreement"], "max_abs_diff": vs_merged["max_abs_diff"],
+                 "positions": vs_merged["positions"]}
+    loss = quantization["update_relative_error_mean"] if quantization else None
+    fidelity = {"verdict": "lossy" if experts_format == "mxfp4" and changed else "exact",
+                "expert_update_kept": None if loss is None else max(0.0, 1.0 - loss),
+                "update_relative_error_mean": loss, "vs_merged_bf16": agreement}
+    if fidelity["verdict"] == "exact":
+        fidelity["summary"] = ("exact: every weight as merged, the experts in bf16" if experts_format == "bf16" else
+                               "exact: the adapter merged in bf16, the experts the base's own MXFP4 bytes")
+    else:
+        kept = "an unmeasured share" if loss is None else f"{fidelity['expert_update_kept']:.0%}"
+        fidelity["summary"] = (f"lossy: MXFP4 keeps {kept} of the expert LoRA update; next token as the merged bf16 "
+                               f"model's at {agreement['argmax_agreement']:.1%} of {agreement['positions']} "
+                               f"positions, max |logit diff| {agreement['max_abs_diff']:.3g}")
+    return fidelity
+
+
+def why_too_lossy(fidelity, settings):
+    """The limits (MAX_UPDATE_LOSS, MIN_ARGMAX_AGREEMENT) a lossy export breaks, as sentences; [] when none."""
+    if fidelity["verdict"] != "lossy":
+        return []
+    reasons = []
+    loss, agreement = fidelity["update_relative_error_mean"], fidelity["vs_merged_bf16"]
+    if loss is not None and not loss <= settings["MAX_UPDATE_LOSS"]:
+        reasons.append(f"the rounding error is {loss:.2f} times the expert update (--max-update-loss "
+                       f"{settings['MAX_UPDATE_LOSS']}), {fidelity['expert_update_kept']:.0%} of it kept")
+    if not agreement["argmax_agreement"] >= settings["MIN_ARGMAX_AGREEMENT"]:
+        reasons.append(f"the next token agrees with the merged bf16 model's at {agreement['argmax_agreement']:.1%} of "
+                       f"{agreement['positions']} positions (--min-argmax-agreement "
+                       f"{settings['MIN_ARGMAX_AGREEMENT']})")
+    return reasons
+
+
+def export_sizes(model):
+    """GiB of the model's weights written with MXFP4 experts (4.25 bits a value) and with bf16 ones."""
+    from adapter_merge import expert_weights
+
+    experts = sum(p.numel() for p in expert_weights(model).values())
+    others = sum(p.numel() for p in model.parameters()) - experts
+    return {"mxfp4_gib": (2 * others + experts * 17 / 32) / 2**30, "bf16_gib": 2 * (others + experts) / 2**30}
+
+
+def size_text(gib):
+    return f"{gib:.1f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
 
 
 def memory_use(device):
@@ -296,19 +385,34 @@ def export(settings, log=ae.log):
                                 "--learning-rate")
 
     t = time.time()
-    packed = quantize_experts(model, set(changed), reader)
-    quantization = expert_quantization_error(model, packed, reader, set(changed)) if changed else None
-    load_quantized_experts(model, packed, set(changed))  # the in-memory model now holds exactly what is stored
-    stored_logits = prompt_logits(model, tokenizer, prompts, settings["VERIFY_POSITIONS"])
+    experts_format, packed, quantization = settings["EXPERTS_FORMAT"], None, None
+    if experts_format == "mxfp4":
+        packed = quantize_experts(model, set(changed), reader)
+        quantization = expert_quantization_error(model, packed, reader, set(changed)) if changed else None
+        load_quantized_experts(model, packed, set(changed))  # the in-memory model now holds exactly what is stored
+        stored_logits = prompt_logits(model, tokenizer, prompts, settings["VERIFY_POSITIONS"])
+    else:
+        stored_logits = merged_logits  # nothing is rounded
     seconds["quantize"] = round(time.time() - t, 1)
+    fidelity = measure_fidelity(experts_format, changed, quantization, compare_logits(merged_logits, stored_logits))
+    sizes = export_sizes(model)
+    lost = why_too_lossy(fidelity, settings)
+    if lost and not settings["ALLOW_LOSSY"]:
+        raise LossyExportError(
+            f"MXFP4 would drop most of what expert LoRA learned: {'; '.join(lost)}. Nothing was written to {out}. "
+            f"Two ways on: --experts-format bf16 writes every weight exactly ({size_text(sizes['bf16_gib'])} instead "
+            f"of {size_text(sizes['mxfp4_gib'])}), or --allow-lossy true writes the MXFP4 model anyway")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         t = time.time()
-        config = add_converter_config_keys(json.loads((base_dir / "config.json").read_text()))
-        files = save_mxfp4_checkpoint(export_state_dict(model, packed), config, str(tmp_dir),
-                                      max_shard_bytes=settings["MAX_SHARD_BYTES"])
+        if experts_format == "mxfp4":
+            config = add_converter_config_keys(json.loads((base_dir / "config.json").read_text()))
+            files = save_mxfp4_checkpoint(export_state_dict(model, packed), config, str(tmp_dir),
+                                          max_shard_bytes=settings["MAX_SHARD_BYTES"])
+        else:
+            files = save_bf16_checkpoint(model, tmp_dir, settings["MAX_SHARD_BYTES"])
         if (base_dir / "generation_config.json").is_file():
             shutil.copy2(base_dir / "generation_config.json", tmp_dir / "generation_config.json")
         else:
@@ -324,8 +428,9 @@ def export(settings, log=ae.log):
             torch.cuda.empty_cache()
 
         t = time.time()
-        check_mxfp4_checkpoint(str(tmp_dir))
-        stored = compare_bytes(tmp_dir, reader)
+        if experts_format == "mxfp4":
+            check_mxfp4_checkpoint(str(tmp_dir))
+        stored = compare_bytes(tmp_dir, reader, experts_format)
         reloaded = model_loader.load_model(str(tmp_dir), device=device, dtype=torch.bfloat16)
         reloaded_logits = prompt_logits(reloaded, tokenizer, prompts, settings["VERIFY_POSITIONS"])
         del reloaded
@@ -334,7 +439,7 @@ def export(settings, log=ae.log):
                   "reloaded_vs_merged": compare_logits(merged_logits, reloaded_logits)}
         problems = []
         if not stored["same_names"]:
-            problems.append("its tensor names differ from the base checkpoint's")
+            problems.append(f"its tensor names differ from those a {experts_format} export of the base must have")
         if not changed and stored["expert_changed"]:
             problems.append(f"{len(stored['expert_changed'])} expert tensors differ from the base checkpoint's "
                             f"although the adapter has no expert LoRA (first: {stored['expert_changed'][0]})")
@@ -346,12 +451,13 @@ def export(settings, log=ae.log):
                             f"LOGIT_TOLERANCE={settings['LOGIT_TOLERANCE']}")
         seconds["total"] = round(time.time() - start, 1)
         report = {
+            "fidelity": fidelity, "experts_format": experts_format, "size_gib": round(sizes[f"{experts_format}_gib"], 3),
             "export_dir": str(out), "adapter_path": str(adapter_dir), "base_model": base, "base_dir": str(base_dir),
             "adapter": {key: adapter_config.get(key)
                         for key in ("r", "lora_alpha", "target_modules", "target_parameters")},
             "expert_lora": bool(changed), "changed_expert_weights": changed,
             "files": files, "tensors": {k: (len(v) if isinstance(v, list) else v) for k, v in stored.items()},
-            "experts_bit_identical_to_base": not stored["expert_changed"],
+            "experts_bit_identical_to_base": not stored["expert_changed"] if experts_format == "mxfp4" else None,
             "quantization_error": quantization, "logits": logits, "verify_prompts": len(prompts),
             "logit_tolerance": settings["LOGIT_TOLERANCE"], "verified": not problems, "problems": problems,
             "device": device if device == "cpu" else torch.cuda.get_device_name(), "dtype": "bfloat16",
@@ -390,7 +496,9 @@ def export(settings, log=ae.log):
 
 def print_report(report, log):
     s, m, logits = report["seconds"], report["memory"], report["logits"]
-    log(f"wrote {report['export_dir']}: {len(report['files'])} shard(s); expert tensors identical to the base: "
+    log(f"export {report['fidelity']['summary']}")
+    log(f"wrote {report['export_dir']}: {report['experts_format']} experts, {size_text(report['size_gib'])} in "
+        f"{len(report['files'])} shard(s); expert tensors identical to the base: "
         f"{report['tensors']['expert_identical']}, changed: {report['tensors']['expert_changed']}")
     stored = logits["reloaded_vs_stored_precision"]
     log(f"reloaded vs merged (stored precision): max |logit diff| {stored['max_abs_diff']:.3g}, "
