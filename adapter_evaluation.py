@@ -307,6 +307,7 @@ def check_adapter_fits_base(adapter_dir, base_model_id):
     peft_config.base_model_name_or_path = str(base_path)  # as resolved here (PEFT warns when they differ)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    model_loader.silence_known_notices()  # PEFT reads a property transformers marks deprecated
     where = f"{adapter_dir}: the adapter does not fit the base model {base_model_id}"
     try:
         wrapped = get_peft_model(model, peft_config)

@@ -4,9 +4,10 @@ test_lora_adapter_quantized.py simulates.
 gpt-oss ships its MoE experts as MXFP4 blocks/scales; model_loader dequantises them exactly. After
 `merge_and_unload`, an attention-only adapter has left every expert weight untouched, so the export copies the
 base checkpoint's `_blocks` / `_scales` through byte for byte. Expert LoRA (`target_parameters`) changes the
-experts; they are quantised again with the base checkpoint's own scales as `like_scales` (mxfp4.py: a block keeps
-its original scale unless the update needs a larger one, and nothing is ever clipped), which loses whatever part of
-the update falls below half an MXFP4 step: `expert_quantization_error` measures how much.
+experts; they are quantised again with the base checkpoint's own scales as `like_scales` and the 'closest' scale
+rule (mxfp4.py: a block keeps its original scale unless the update needs a larger one, or half of that when it
+rounds closer, clipping the few values past it), which loses whatever part of the update falls below half an MXFP4
+step: `expert_quantization_error` measures how much.
 
 - `CheckpointReader`: the tensors of a safetensors model directory by name, read lazily (one at a time);
 - `lora_expert_parameters(peft_model)`: names of the expert weights an adapter changes (before merging);
@@ -160,7 +161,7 @@ def quantize_experts(model, changed, reader):
             packed[blocks], packed[scales] = (lambda key=blocks: reader.get(key)), (lambda key=scales: reader.get(key))
             continue
         like = reader.get(scales).to(param.device) if scales in reader else None
-        quantized = quantize_expert_weights(name, param, like_scales=like)
+        quantized = quantize_expert_weights(name, param, like_scales=like, scale_rule="closest")
         for key in (blocks, scales):
             packed[key] = (lambda tensor=quantized[key].cpu(): tensor)
     return packed

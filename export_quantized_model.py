@@ -267,11 +267,7 @@ def save_bf16_checkpoint(model, out_dir, max_shard_bytes):
     quantization_config), config.json with the converters' keys added; returns the shard names."""
     from adapter_merge import add_converter_config_keys
 
-    import warnings
-
-    with warnings.catch_warnings():  # transformers 5.24's save_pretrained calls its own deprecated property
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        model.save_pretrained(str(out_dir), max_shard_size=max_shard_bytes)
+    model.save_pretrained(str(out_dir), max_shard_size=max_shard_bytes)  # (model_loader silenced its notices)
     config_path = Path(out_dir) / "config.json"
     config = add_converter_config_keys(json.loads(config_path.read_text()))
     config.pop("quantization_config", None)
@@ -451,7 +447,7 @@ def export(settings, log=ae.log):
                             f"LOGIT_TOLERANCE={settings['LOGIT_TOLERANCE']}")
         seconds["total"] = round(time.time() - start, 1)
         report = {
-            "fidelity": fidelity, "experts_format": experts_format, "size_gib": round(sizes[f"{experts_format}_gib"], 3),
+            "fidelity": fidelity, "experts_format": experts_format, "size_gib": round(sizes[f"{experts_format}_gib"], 6),
             "export_dir": str(out), "adapter_path": str(adapter_dir), "base_model": base, "base_dir": str(base_dir),
             "adapter": {key: adapter_config.get(key)
                         for key in ("r", "lora_alpha", "target_modules", "target_parameters")},
@@ -497,9 +493,11 @@ def export(settings, log=ae.log):
 def print_report(report, log):
     s, m, logits = report["seconds"], report["memory"], report["logits"]
     log(f"export {report['fidelity']['summary']}")
+    experts = (f"expert tensors identical to the base: {report['tensors']['expert_identical']}, changed: "
+               f"{report['tensors']['expert_changed']}" if report["experts_format"] == "mxfp4" else
+               "experts written in bf16 as merged")
     log(f"wrote {report['export_dir']}: {report['experts_format']} experts, {size_text(report['size_gib'])} in "
-        f"{len(report['files'])} shard(s); expert tensors identical to the base: "
-        f"{report['tensors']['expert_identical']}, changed: {report['tensors']['expert_changed']}")
+        f"{len(report['files'])} shard(s); {experts}")
     stored = logits["reloaded_vs_stored_precision"]
     log(f"reloaded vs merged (stored precision): max |logit diff| {stored['max_abs_diff']:.3g}, "
         f"argmax agreement {stored['argmax_agreement']:.4f}")

@@ -113,7 +113,9 @@ def encode_e2m1(q: torch.Tensor) -> torch.Tensor:
     return code | (torch.signbit(q).to(torch.uint8) << 3)
 
 
-def quantize_mxfp4(w: torch.Tensor, like_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_mxfp4(
+    w: torch.Tensor, like_scales: torch.Tensor | None = None, scale_rule: str = "ceil"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise `w` [..., n] along its last dim into MXFP4 blocks uint8 [..., n/32, 16] and scales uint8 [..., n/32].
 
     Scale per block: 2^ceil(log2(amax / 6)) (see the module docstring); all-zero blocks get scale
@@ -121,7 +123,15 @@ def quantize_mxfp4(w: torch.Tensor, like_scales: torch.Tensor | None = None) -> 
     from) each block uses the larger of its own scale and the given one: weights that came out of
     those blocks/scales unchanged then reproduce the original bytes exactly, changed weights are
     never clipped. Inputs are computed in fp32 (float64 stays float64); NaN/inf are refused.
+
+    scale_rule='closest': each block takes that scale or half of it, whichever rounds the block with the smaller
+    squared error (half the scale clips values beyond 6 x scale / 2 to it; ties keep the larger scale, so unchanged
+    blocks still give their bytes back). For weights that came out of MXFP4 and moved a little (a merged LoRA
+    update), an update that lifts a block's largest value just past 6 x scale would otherwise double the scale and
+    coarsen all 32 values; benchmarks/bench_export_rounding.py measures the difference.
     """
+    if scale_rule not in ("ceil", "closest"):
+        raise ValueError(f"scale_rule must be 'ceil' or 'closest', got {scale_rule!r}")
     if not w.is_floating_point():
         raise TypeError(f"quantize_mxfp4 needs a floating-point tensor, got {w.dtype}")
     if w.ndim < 1 or w.shape[-1] % BLOCK_SIZE != 0:
@@ -150,12 +160,28 @@ def quantize_mxfp4(w: torch.Tensor, like_scales: torch.Tensor | None = None) -> 
             exps = torch.maximum(exps, like_rows[r0:r1].to(torch.int32) - SCALE_BIAS)
         # Multiplying by a power of two is exact, so the rounding below sees the true ratio.
         codes = encode_e2m1(torch.ldexp(x, -exps.unsqueeze(-1)))
+        if scale_rule == "closest":
+            codes, exps = closer_of_two_scales(x, codes, exps)
         blocks[r0:r1] = codes[:, 0::2] | (codes[:, 1::2] << 4)
         scales[r0:r1] = (exps + SCALE_BIAS).to(torch.uint8)
     blocks = blocks.reshape(*lead, n // BLOCK_SIZE, BLOCK_SIZE // 2)
     scales = scales.reshape(*lead, n // BLOCK_SIZE)
     assert blocks.shape[:-1] == scales.shape, f"{blocks.shape=} {scales.shape=}"
     return blocks, scales
+
+
+def closer_of_two_scales(x: torch.Tensor, codes: torch.Tensor, exps: torch.Tensor):
+    """(codes, exps) of blocks x [rows, 32] rounded with exponent exps or exps - 1 (clipping at 6), per row the one
+    with the smaller squared error (ties keep exps)."""
+    lut = torch.tensor(E2M1_VALUES, dtype=x.dtype, device=x.device)
+    finer = (exps - 1).clamp(min=MIN_EXPONENT)
+    finer_codes = encode_e2m1(torch.ldexp(x, -finer.unsqueeze(-1)).clamp(-6.0, 6.0))
+
+    def error(c, e):
+        return (torch.ldexp(lut[c.long()], e.unsqueeze(-1)) - x).square().sum(dim=-1)
+
+    use_finer = error(finer_codes, finer) < error(codes, exps)
+    return torch.where(use_finer.unsqueeze(-1), finer_codes, codes), torch.where(use_finer, finer, exps)
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -203,14 +229,14 @@ def split_expert_name(name: str) -> tuple[str, str]:
 
 
 def quantize_expert_weights(
-    name: str, param: torch.Tensor, like_scales: torch.Tensor | None = None
+    name: str, param: torch.Tensor, like_scales: torch.Tensor | None = None, scale_rule: str = "ceil"
 ) -> dict[str, torch.Tensor]:
     """Turn the model parameter `name` ([E, in, out]) into its checkpoint tensors `{name}_blocks`, `{name}_scales`.
 
     `gate_up_proj [E, H, 2I]` -> blocks uint8 [E, 2I, H/32, 16], scales uint8 [E, 2I, H/32];
     `down_proj [E, I, H]` -> blocks [E, H, I/32, 16], scales [E, H, I/32]. The checkpoint holds the
     transposed weight, so blocks run along the input dim. `like_scales` (uint8 [E, out, in/32]): see
-    `quantize_mxfp4`. Quantised one expert at a time to keep the fp32 temporaries small.
+    `quantize_mxfp4`, as `scale_rule`. Quantised one expert at a time to keep the fp32 temporaries small.
     """
     split_expert_name(name)
     assert param.ndim == 3, f"{name}: expected a 3-D expert weight [E, in, out], got shape {tuple(param.shape)}"
@@ -229,7 +255,8 @@ def quantize_expert_weights(
         )
     for e in range(num_experts):
         like = None if like_scales is None else like_scales[e]
-        blocks[e], scales[e] = quantize_mxfp4(param[e].detach().transpose(0, 1), like_scales=like)
+        blocks[e], scales[e] = quantize_mxfp4(param[e].detach().transpose(0, 1), like_scales=like,
+                                              scale_rule=scale_rule)
     return {f"{name}_blocks": blocks, f"{name}_scales": scales}
 
 

@@ -109,9 +109,9 @@ def main(argv=None):
 
     import evaluation
     import model_loader
-    from adapter_merge import (CheckpointReader, compare_logits, expert_lora_disabled, load_quantized_experts,
-                               local_checkpoint_dir, lora_expert_parameters, prompt_logits, quantize_experts,
-                               requantize_matches_checkpoint)
+    from adapter_merge import (CheckpointReader, compare_logits, expert_lora_disabled, expert_quantization_error,
+                               load_quantized_experts, local_checkpoint_dir, lora_expert_parameters, prompt_logits,
+                               quantize_experts, requantize_matches_checkpoint)
 
     start = time.time()
     device = model_loader.pick_device()
@@ -199,6 +199,7 @@ def main(argv=None):
     changed = set(lora_expert_parameters(model))
     merged = model.merge_and_unload()
     packed = quantize_experts(merged, changed, reader)
+    quantization = expert_quantization_error(merged, packed, reader, changed) if changed else None
     load_quantized_experts(merged, packed, changed)
     export_scores, _, export_actions = evaluation.evaluate_model(merged, tokenizer, frame, log=ae.log, **kwargs)
     export_logits = prompt_logits(merged, tokenizer, prompts)
@@ -231,7 +232,9 @@ def main(argv=None):
         "prompts": len(frame), "decoding": kwargs, "logit_prompts": len(prompts),
         "reference": {"dtype": dtype, "base": reference["base"], "adapter": reference["adapter"]},
         "mxfp4": {"base": mxfp4["base"], "adapter": mxfp4["adapter"], "by_construction": by_construction},
-        "export": {"adapter": export_scores, "changed_expert_weights": sorted(changed)},
+        "export": {"adapter": export_scores, "changed_expert_weights": sorted(changed),
+                   "expert_update_kept": None if not quantization or quantization["update_relative_error_mean"] is None
+                   else max(0.0, 1 - quantization["update_relative_error_mean"]), "quantization_error": quantization},
         "delta": delta, "logits": logit_delta, "requantize_roundtrip": roundtrip,
         "references": evaluation.reference_scores(frame), "plots": plots,
         "device": device, "seconds": round(time.time() - start, 1), "settings": settings,
@@ -287,6 +290,13 @@ def render_summary(report):
         lines.append(f"| {label}{construction} | {ae.fmt(x['valid_rate'], True)} | {ae.fmt(x['accuracy'], True)} | "
                      f"{ae.fmt(x['mean_reward'], True)} | {ae.fmt(x['mean_regret'], True)} | "
                      f"{100 * x['same_action_rate']:.1f}% | {g['max_abs_diff']:.3g} | {g['argmax_agreement']:.4f} |")
+    if e["changed_expert_weights"]:
+        x = d["export_adapter"]
+        kept = e["expert_update_kept"]
+        lines += ["", f"Export round trip (expert LoRA rounded to MXFP4): {'?' if kept is None else f'{kept:.0%}'} of "
+                  f"the expert update kept; held-out mean reward {ae.fmt(x['mean_reward'], True)}, valid rate "
+                  f"{ae.fmt(x['valid_rate'], True)}, same action as the adapter {100 * x['same_action_rate']:.1f}%, "
+                  f"argmax agreement {lg['export_adapter']['argmax_agreement']:.4f} (export minus adapter)."]
     if report["requantize_roundtrip"]:
         rt = report["requantize_roundtrip"]
         lines += ["", f"Re-quantising the dequantised base: {rt['bit_identical']} of {rt['expert_weights']} expert "

@@ -547,3 +547,27 @@ def test_codec_gives_the_same_bytes_and_values_on_cuda():
         assert ours.is_cuda
         assert torch.equal(bits(ours.cpu()), bits(dequantize_expert_weights(blocks, scales, dtype)))
         assert torch.equal(bits(ours), bits(convert_moe_packed_tensors(gpu_blocks, gpu_scales, dtype=dtype)))
+
+
+def test_closest_scale_rule_keeps_unchanged_bytes_and_never_rounds_worse():
+    """scale_rule='closest' (the export's rule for experts changed by LoRA): weights that came out of MXFP4
+    unchanged give their bytes back; a block whose largest value an update lifts just past 6 x scale keeps its
+    scale (the 'ceil' rule doubles it and coarsens all 32 values); no block rounds with a larger error."""
+    torch.manual_seed(0)
+    blocks, scales = quantize_mxfp4(torch.randn(64, 256) * 0.02)
+    base = dequantize_mxfp4(blocks, scales, torch.float32)
+    again = quantize_mxfp4(base, like_scales=scales, scale_rule="closest")
+    assert torch.equal(again[0], blocks) and torch.equal(again[1], scales)
+    moved = base + torch.randn_like(base) * 1e-5
+    row, block = torch.nonzero(base.reshape(64, 8, 32).abs().amax(-1) ==
+                               6 * torch.ldexp(torch.ones(64, 8), scales.to(torch.int32) - 127))[0].tolist()
+    top = block * 32 + base[row, block * 32:(block + 1) * 32].abs().argmax().item()
+    moved[row, top] = base[row, top] * 1.01  # past 6 x scale: 'ceil' needs the next scale
+    ceil = quantize_mxfp4(moved, like_scales=scales)
+    closest = quantize_mxfp4(moved, like_scales=scales, scale_rule="closest")
+    assert ceil[1][row, block] == scales[row, block] + 1 and closest[1][row, block] == scales[row, block]
+    error = {rule: (dequantize_mxfp4(*q, torch.float32) - moved).reshape(-1, 32).square().sum(-1)
+             for rule, q in (("ceil", ceil), ("closest", closest))}
+    assert (error["closest"] <= error["ceil"]).all() and error["closest"].sum() < error["ceil"].sum() / 2
+    with pytest.raises(ValueError, match="scale_rule"):
+        quantize_mxfp4(moved, scale_rule="floor")
