@@ -1,6 +1,6 @@
 """Log-probabilities of sampled completions on a CPU, for GRPO's loss and KL reference: each prompt's forward once.
 
-    score_completions_only_on_cpu(trainer)   # a TRL GRPOTrainer; train_grpo.make_trainer does this
+    score_completions(model, input_ids, attention_mask, logits_to_keep, ...)   # grpo_trainer.TesGRPOTrainer on a CPU
 
 TRL 1.x computes every log-probability through its chunked LM head, which never materialises the logits (at
 gpt-oss's 201k vocabulary they would not fit on a GPU). That path is kept on every other device. On a CPU it is
@@ -21,6 +21,7 @@ Here, within each batch TRL hands over:
 Gradient checkpointing turns caching off inside the layers, so with it the rows run as one plain forward instead.
 """
 
+import contextlib
 import inspect
 
 import torch
@@ -84,42 +85,26 @@ def completion_logits(model, input_ids, attention_mask, completion_len, router_l
     return head(hidden), gates
 
 
-def score_completions_only_on_cpu(trainer):
-    """Route the trainer's per-token log-probabilities through `completion_logits` where the batch is on a CPU.
-
-    Wraps TRL's `_get_per_token_logps_and_entropies` (same arguments, same results); other devices, a model wrapped
-    for several processes (the training forward of `accelerate launch`; the reference forward is not wrapped) and
-    multimodal inputs go to TRL's own path, and a TRL release that renames the method keeps its own path everywhere.
-    """
+def score_completions(model, input_ids, attention_mask, logits_to_keep, batch_size, temperature,
+                      compute_entropy=False, compute_aux_loss=False, autocast=contextlib.nullcontext):
+    """What TRL's `_get_per_token_logps_and_entropies` returns, computed by `completion_logits` in chunks of
+    `batch_size` rows: (log-probabilities [rows, logits_to_keep], entropies or None, MoE aux loss or None); padding
+    scores 0, as in TRL's own path. `autocast`: the trainer's mixed-precision context."""
     from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
     from trl.trainer.utils import selective_log_softmax_and_entropy
 
-    original = getattr(trainer, "_get_per_token_logps_and_entropies", None)
-    if original is None:
-        return
-
-    def per_token_logps(model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
-                        compute_aux_loss=False, **extra):
-        # a model wrapped for several processes (DDP) must be called through its wrapper, which syncs the gradients
-        wrapped = trainer.accelerator.unwrap_model(model) is not model
-        if input_ids.device.type != "cpu" or wrapped or any(x is not None for x in extra.values()):
-            return original(model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
-                            compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
-        config = model.config
-        batch_size = batch_size or input_ids.size(0)
-        logps, entropies, aux_losses = [], [], []
-        for start in range(0, input_ids.size(0), batch_size):
-            ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
-            with trainer.accelerator.autocast():
-                logits, gates = completion_logits(model, ids, mask, logits_to_keep, router_logits=compute_aux_loss)
-            targets, kept = ids[:, -logits_to_keep:], mask[:, -logits_to_keep:].bool()
-            logp, entropy = selective_log_softmax_and_entropy(logits.float(), targets, temperature=trainer.temperature)
-            logps.append(logp.masked_fill(~kept, 0.0))  # padding scores 0, as in TRL's own path
-            entropies.append(entropy.masked_fill(~kept, 0.0))
-            if compute_aux_loss:
-                aux_losses.append(load_balancing_loss_func(gates, config.num_local_experts, config.num_experts_per_tok,
-                                                           mask))
-        return (torch.cat(logps), torch.cat(entropies) if compute_entropy else None,
-                torch.stack(aux_losses).mean() if compute_aux_loss else None)
-
-    trainer._get_per_token_logps_and_entropies = per_token_logps
+    config = model.config
+    logps, entropies, aux_losses = [], [], []
+    for start in range(0, input_ids.size(0), batch_size):
+        ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+        with autocast():
+            logits, gates = completion_logits(model, ids, mask, logits_to_keep, router_logits=compute_aux_loss)
+        targets, kept = ids[:, -logits_to_keep:], mask[:, -logits_to_keep:].bool()
+        logp, entropy = selective_log_softmax_and_entropy(logits.float(), targets, temperature=temperature)
+        logps.append(logp.masked_fill(~kept, 0.0))
+        entropies.append(entropy.masked_fill(~kept, 0.0))
+        if compute_aux_loss:
+            aux_losses.append(load_balancing_loss_func(gates, config.num_local_experts, config.num_experts_per_tok,
+                                                       mask))
+    return (torch.cat(logps), torch.cat(entropies) if compute_entropy else None,
+            torch.stack(aux_losses).mean() if compute_aux_loss else None)

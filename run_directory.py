@@ -1,7 +1,7 @@
 """A training run directory that is never half-written: complete checkpoints, resume, and failed starts undone.
 
 What train_grpo.py writes into OUT and what it and adapter_evaluation.py read back:
-- `checkpoint-<step>/` is complete or absent: the trainer writes one file by file, so `save_checkpoints_atomically`
+- `checkpoint-<step>/` is complete or absent: the trainer writes one file by file, so grpo_trainer.TesGRPOTrainer
   makes it write into a hidden `.checkpoint-partial-*` directory beside it and renames that into place when the
   last file (trainer_state.json) is written. A kill mid-save leaves only the hidden directory, which the next
   --resume removes (`remove_partial_checkpoints`, also for the final adapter's `.final-partial-*`). Under
@@ -146,43 +146,6 @@ def record_base(directory, base_model_id):
         config = json.loads(path.read_text(encoding="utf-8"))
         config["base_model_name_or_path"] = base_model_id
         path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-
-
-def save_checkpoints_atomically(trainer, base_model_id):
-    """Make every checkpoint save of `trainer` write into a hidden directory and rename it into place when done.
-
-    The trainer writes checkpoint-<step>/ under the directory its `_get_output_dir` returns; for the save that is
-    a fresh `.checkpoint-partial-*` directory in OUT, and the finished checkpoint is renamed from there, its
-    adapter recording `base_model_id` as its base (record_base).
-    Under `accelerate launch` every process writes its part of a checkpoint (the main process the adapter, optimiser
-    and trainer state, each process its own rng_state_<rank>.pth): the main process makes the hidden directory and
-    tells the others its name, and renames it once every process has finished writing.
-    """
-    from accelerate.utils import broadcast_object_list
-
-    save = trainer._save_checkpoint
-    out = Path(trainer.args.output_dir)
-    processes = trainer.accelerator
-
-    def save_atomically(model, trial):
-        staging = [tempfile.mkdtemp(prefix=PARTIAL, dir=out) if processes.is_main_process else None]
-        if processes.num_processes > 1:
-            broadcast_object_list(staging)
-        staging = Path(staging[0])
-        trainer._get_output_dir = lambda trial=None: str(staging)
-        try:
-            save(model, trial)
-        finally:
-            del trainer._get_output_dir  # the class's own again
-        processes.wait_for_everyone()
-        if not processes.is_main_process:
-            return
-        name = f"checkpoint-{trainer.state.global_step}"
-        record_base(staging / name, base_model_id)
-        replace_path(staging / name, out / name, staging)
-        shutil.rmtree(staging)
-
-    trainer._save_checkpoint = save_atomically
 
 
 def save_final_atomically(trainer, tokenizer, out, base_model_id):

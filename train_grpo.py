@@ -460,38 +460,6 @@ def make_progress_printer(total_steps, every):
     return ProgressPrinter()
 
 
-class GenerationFailed(RuntimeError):
-    """Generation gave no usable completions (transformers' continuous batching logs its out-of-memory and returns
-    nothing, and TRL then fails on the empty result)."""
-
-
-def time_generation(trainer, backend):
-    """Log each step's generation seconds and generated tokens (TRL times generation for wandb only).
-
-    Wraps the trainer's `_generate`; if a TRL release renames it, training runs on without these two figures.
-    """
-    import torch
-
-    original = getattr(trainer, "_generate", None)
-    if original is None:
-        return
-
-    def timed(prompts, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            result = original(prompts, *args, **kwargs)
-        except (IndexError, RuntimeError) as error:
-            if backend != "continuous-batching" or isinstance(error, torch.OutOfMemoryError):
-                raise
-            raise GenerationFailed(f"continuous batching returned no completions ({error.__class__.__name__}: "
-                                   f"{error}); its log above says why, usually 'out of memory'") from error
-        trainer._log_metric("timing/generation_seconds", time.perf_counter() - start)
-        trainer._log_metric("timing/generated_tokens", float(sum(len(ids) for ids in result[1])))
-        return result
-
-    trainer._generate = timed
-
-
 def summarize_speed(log_history, device, first_step=0, completions_per_step=None):
     """Seconds per step (generation and the rest), generated tokens per second, completions per second, peak GPU
     memory (of the fullest card; every card's too when there are several).
@@ -697,9 +665,9 @@ def check_lora_targets(model, targets):
 
 
 def make_trainer(model, tokenizer, pool, completion_log, settings, device, backend, log, callbacks=()):
-    from trl import GRPOTrainer
-
+    import model_loader
     from data_reward import make_reward_functions
+    from grpo_trainer import TesGRPOTrainer
     from step_stream import StepStream
 
     stream = StepStream(pool, seed=settings["SEED"])
@@ -710,7 +678,7 @@ def make_trainer(model, tokenizer, pool, completion_log, settings, device, backe
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL 1.x
         rollout_func = make_rollout_func(tokenizer)
     log(f"generation: {backend}")
-    trainer = GRPOTrainer(
+    trainer = TesGRPOTrainer(
         model=model,
         reward_funcs=make_reward_functions(tokenizer, settings["FORMAT_PENALTY"], completion_log),
         args=grpo_config(settings, device, backend),
@@ -719,15 +687,10 @@ def make_trainer(model, tokenizer, pool, completion_log, settings, device, backe
         rollout_func=rollout_func,
         callbacks=[make_progress_printer(settings["TOTAL_STEPS"], max(1, settings["TOTAL_STEPS"] // 20)),
                    *callbacks],
+        generation_backend=backend,
+        # saved adapters name a base that another checkout finds again
+        base_model_id=model_loader.portable_model_id(settings["MODEL_ID"]),
     )
-    time_generation(trainer, backend)
-    import completion_scoring
-    import model_loader
-
-    completion_scoring.score_completions_only_on_cpu(trainer)
-
-    # checkpoints complete or absent, their adapter naming a base that another checkout finds again
-    run_directory.save_checkpoints_atomically(trainer, model_loader.portable_model_id(settings["MODEL_ID"]))
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(ProgressCallback)  # one compact line per PROGRESS window instead of a dict per step
@@ -811,6 +774,7 @@ def train(args, processes):
 
         import torch
 
+        import grpo_trainer
         import model_loader
         from data_reward import CompletionLog, write_text_atomically
 
@@ -876,13 +840,13 @@ def train(args, processes):
                              f"saves no checkpoint: {out} continues from its last one with: "
                              f"{resume_command(out, processes.num_processes)}") from None
         if not (out / f"checkpoint-{trainer.state.global_step}").is_dir():
-            trainer._save_checkpoint(trainer.model, trial=None)
+            trainer.save_checkpoint_now()
         raise SystemExit(f"\ninterrupted at step {trainer.state.global_step}: checkpoint saved in {out}; "
                          f"continue with: {resume_command(out, processes.num_processes)}") from None
     except torch.OutOfMemoryError:
         forget_if_nothing_done()
         raise SystemExit(f"error: the GPU ran out of memory (generation backend: {backend}). {MEMORY_ADVICE}") from None
-    except GenerationFailed as error:
+    except grpo_trainer.GenerationFailed as error:
         forget_if_nothing_done()
         raise SystemExit(f"error: {error}. {MEMORY_ADVICE}") from None
     except BaseException:

@@ -11,7 +11,8 @@ Times (median of CUDA-event timings, rotating over the 24 layers so that no weig
   measured copy bandwidth that makes, and the kernel DENSE_KERNEL = 'auto' picks for these weights;
 - dequantisation: one layer's gate_up matrix into bf16 (the many-rows path's first step), in GB/s moved;
 - training: forward and backward of one layer's experts over a micro-batch's token-expert pairs (16 x 530 tokens,
-  top 4): mxfp4_experts.grouped_forward against transformers' grouped_mm experts over bf16 weights.
+  top 4): mxfp4_experts.grouped_forward against the same math over bf16 weights with torch's grouped matmul (what
+  transformers' grouped_mm experts run).
 """
 
 import argparse
@@ -130,21 +131,24 @@ def main():
         inp = x.detach().requires_grad_()
         mxfp4_experts.grouped_forward(layers[i % n], inp, index, scores).backward(grad)
 
-    from transformers.integrations.moe import grouped_mm_experts_forward
-
-    class Bf16Experts(torch.nn.Module):  # the attributes transformers' grouped_mm experts forward reads
-        has_gate, has_bias, is_transposed, _is_expert_parallel, has_post_expert_norm = True, True, True, False, False
-
-    reference = Bf16Experts()
-    reference.num_experts = cfg.num_local_experts
-    reference._apply_gate = lambda gu: mxfp4_experts.swiglu(gu, layers[0].limit, layers[0].alpha)
+    def grouped_bf16(experts, weights, inp):
+        """The same token-expert pairs through bf16 weights ([E, in, out]) with torch's grouped matmul: what
+        transformers' grouped_mm experts compute (sorted by expert, biases, SwiGLU, routing weights, summed)."""
+        gate_up, down = weights
+        flat = index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        offsets = torch.cumsum(torch.bincount(flat, minlength=cfg.num_local_experts), 0, dtype=torch.int32)
+        rows = inp.index_select(0, order // cfg.num_experts_per_tok)
+        h = torch.nn.functional.grouped_mm(rows, gate_up, offs=offsets) + experts.gate_up_proj_bias[flat[order]]
+        h = mxfp4_experts.swiglu(h, experts.limit, experts.alpha)
+        out = torch.nn.functional.grouped_mm(h, down, offs=offsets) + experts.down_proj_bias[flat[order]]
+        out = out * scores.reshape(-1)[order, None]
+        unsorted = out.index_select(0, torch.argsort(order))
+        return unsorted.view(-1, cfg.num_experts_per_tok, out.shape[-1]).sum(1, dtype=torch.float32).to(inp.dtype)
 
     def train_bf16(i):
-        reference.gate_up_proj, reference.down_proj = bf16[i % n]
-        reference.gate_up_proj_bias = layers[i % n].gate_up_proj_bias
-        reference.down_proj_bias = layers[i % n].down_proj_bias
         inp = x.detach().requires_grad_()
-        grouped_mm_experts_forward(reference, inp, index, scores).backward(grad)
+        grouped_bf16(layers[i % n], bf16[i % n], inp).backward(grad)
 
     result["train_tokens"] = TRAIN_TOKENS
     result["train_layer_forward_backward_ms"] = {"mxfp4": median_ms(train_mxfp4, REPEATS // 2),

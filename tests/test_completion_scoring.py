@@ -11,15 +11,25 @@ from test_rollout_engine import make_model
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     import model_loader
+    from grpo_trainer import TesGRPOTrainer
 
     args = GRPOConfig(output_dir=str(tmp_path_factory.mktemp("out")), use_cpu=True, report_to=[],
                       per_device_train_batch_size=6, num_generations=3, temperature=0.7, bf16=False)
-    return GRPOTrainer(model=make_model(expert_lora=True, device="cpu"), reward_funcs=lambda completions, **_: [0.0],
-                       args=args, train_dataset=Dataset.from_dict({"prompt": ["a"] * 6}),
-                       processing_class=model_loader.load_tokenizer("tiny"))
+    return TesGRPOTrainer(model=make_model(expert_lora=True, device="cpu"),
+                          reward_funcs=lambda completions, **_: [0.0], args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["a"] * 6}),
+                          processing_class=model_loader.load_tokenizer("tiny"), generation_backend="generate",
+                          base_model_id="tiny")
+
+
+def trl_path(trainer):
+    """TRL's own scoring (the chunked LM head), bound to the trainer: what the subclass replaces on a CPU."""
+    from trl import GRPOTrainer
+
+    return GRPOTrainer._get_per_token_logps_and_entropies.__get__(trainer)
 
 
 LAYOUTS = {
@@ -62,14 +72,8 @@ def scores_and_gradients(trainer, score, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_completion_scores_match_trls_chunked_lm_head(trainer, layout):
-    from completion_scoring import score_completions_only_on_cpu
-
-    trl_path = trainer._get_per_token_logps_and_entropies
-    score_completions_only_on_cpu(trainer)
-    assert trainer._get_per_token_logps_and_entropies is not trl_path
-    expected = scores_and_gradients(trainer, trl_path, LAYOUTS[layout])
+    expected = scores_and_gradients(trainer, trl_path(trainer), LAYOUTS[layout])
     got = scores_and_gradients(trainer, trainer._get_per_token_logps_and_entropies, LAYOUTS[layout])
-    trainer._get_per_token_logps_and_entropies = trl_path
 
     kept = expected[4]
     assert got[0].shape == expected[0].shape == (6, 9)
@@ -89,14 +93,9 @@ def test_completion_scores_match_trls_chunked_lm_head(trainer, layout):
 
 
 def test_entropy_and_aux_loss_are_left_out_unless_asked_for(trainer):
-    from completion_scoring import score_completions_only_on_cpu
-
-    trl_path = trainer._get_per_token_logps_and_entropies
-    score_completions_only_on_cpu(trainer)
     input_ids, attention_mask, _ = padded_batch(trainer.processing_class.pad_token_id, LAYOUTS["groups"])
     with torch.no_grad():
         logps, entropies, aux = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, 9)
-    trainer._get_per_token_logps_and_entropies = trl_path
     assert logps.shape == (6, 9) and entropies is None and aux is None
 
 
@@ -116,3 +115,49 @@ def test_rows_shared_by_a_group_backpropagate_in_a_fixed_order():
         grads.add(x.grad.numpy().tobytes())
     assert len(grads) == 1
     torch.testing.assert_close(x.grad, torch.zeros_like(x).index_put_((index,), upstream, accumulate=True))
+
+
+def test_continuous_batching_that_returns_nothing_is_reported_as_such(trainer, monkeypatch):
+    """Continuous batching logs its out-of-memory and returns nothing; TRL then fails on the empty result."""
+    from trl import GRPOTrainer
+
+    from grpo_trainer import GenerationFailed
+
+    def empty(self, prompts):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(GRPOTrainer, "_generate", empty)
+    monkeypatch.setattr(trainer, "generation_backend", "continuous-batching")
+    with pytest.raises(GenerationFailed, match="continuous batching returned no completions"):
+        trainer._generate(["a prompt"])
+    monkeypatch.setattr(trainer, "generation_backend", "engine")
+    with pytest.raises(IndexError):  # other back ends' errors are not relabelled
+        trainer._generate(["a prompt"])
+
+
+def test_a_step_without_any_reward_logs_no_none(trainer, monkeypatch):
+    """A window in which no completion earned the action reward (all NaN): TRL would log None, which TensorBoard
+    refuses with a warning each step; the subclass leaves the metric out and keeps the others."""
+    logged = []
+    monkeypatch.setattr(trainer.callback_handler, "on_log", lambda args, state, control, logs: logged.append(logs))
+    trainer._metrics["train"]["rewards/action_reward/mean"] = [float("nan"), float("nan")]
+    trainer._metrics["train"]["rewards/format_reward/mean"] = [-1.0, -1.0]
+    trainer.model.train()
+    trainer.log({"loss": 0.5})
+    assert "rewards/action_reward/mean" not in logged[-1] and logged[-1]["rewards/format_reward/mean"] == -1.0
+    assert None not in logged[-1].values()
+
+
+def test_a_missing_or_changed_library_internal_stops_with_its_name(monkeypatch):
+    import trl
+
+    import grpo_trainer
+
+    grpo_trainer.check_internals()  # the installed versions have every one
+    monkeypatch.delattr(trl.GRPOTrainer, "_generate")
+    with pytest.raises(grpo_trainer.LibraryMismatch, match=r"trl\.GRPOTrainer\._generate is missing.*tested: trl 1"):
+        grpo_trainer.check_internals()
+    monkeypatch.undo()
+    monkeypatch.setattr(trl.GRPOTrainer, "_log_metric", lambda self, key, number: None)
+    with pytest.raises(grpo_trainer.LibraryMismatch, match="_log_metric no longer takes name, value"):
+        grpo_trainer.check_internals()

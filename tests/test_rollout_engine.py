@@ -224,27 +224,6 @@ def test_continuous_batching_is_sized_to_the_step():
     assert config["max_batch_tokens"] <= 4096  # no 16 GiB prefill logits
 
 
-def test_continuous_batching_that_returns_nothing_is_reported_as_such():
-    """Continuous batching logs its out-of-memory and returns nothing; TRL then fails on the empty result."""
-    import train_grpo
-
-    class Trainer:
-        def _generate(self, prompts):
-            raise IndexError("list index out of range")
-
-        def _log_metric(self, name, value):
-            pass
-
-    trainer = Trainer()
-    train_grpo.time_generation(trainer, "continuous-batching")
-    with pytest.raises(train_grpo.GenerationFailed, match="continuous batching returned no completions"):
-        trainer._generate(["a prompt"])
-    other = Trainer()
-    train_grpo.time_generation(other, "engine")
-    with pytest.raises(IndexError):  # other back ends' errors are not relabelled
-        other._generate(["a prompt"])
-
-
 @pytest.mark.parametrize("expert_lora", [False, True], ids=["attention-lora", "expert-lora"])
 def test_the_compiled_decode_functions_compute_what_the_plain_ones_do(tokenizer, prompt_ids, expert_lora):
     # aot_eager traces the per-layer functions exactly as inductor receives them (whole graphs, no break allowed)

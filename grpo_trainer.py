@@ -1,0 +1,172 @@
+"""Every change this project makes to TRL's GRPOTrainer, in one subclass, and the internals it relies on, checked.
+
+    trainer = TesGRPOTrainer(model=..., reward_funcs=..., args=..., train_dataset=..., processing_class=...,
+                             generation_backend="engine", base_model_id="tiny")     # train_grpo.make_trainer
+
+What it changes (each by overriding the method the documented way, never by assigning to an instance):
+- `_get_per_token_logps_and_entropies`: on a CPU, completion_scoring.py scores a GRPO group's prompt once and
+  projects only the completion positions; on every other device, a model wrapped for several processes and
+  multimodal inputs, TRL's own chunked path;
+- `_generate`: each step's generation seconds and generated tokens are logged (TRL times generation for wandb
+  only), and transformers' continuous batching returning nothing (its out-of-memory) becomes GenerationFailed;
+- `_save_checkpoint` / `_get_output_dir`: a checkpoint is complete or absent: it is written into a hidden
+  `.checkpoint-partial-*` directory in OUT and renamed into place when done, its adapter naming a base that another
+  checkout finds again (run_directory.record_base); under `accelerate launch` every process writes its part there
+  and the main process renames it once all are done;
+- `log`: a metric with no value in the window (a reward no completion earned: TRL would log None, which
+  TensorBoard refuses with a warning per step) is left out; the mean reward of such a step is absent, not zero.
+`save_checkpoint_now()` is the public way to save one (train_grpo.py on Ctrl-C).
+
+INTERNALS lists every private TRL / transformers name used here (rollout_engine.py keeps its own list); a trainer
+checks them when it is built and stops with one message naming the missing or changed one, the installed versions
+and the tested ones, instead of training on with a silently different behaviour.
+"""
+
+import inspect
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from trl import GRPOTrainer
+
+import completion_scoring
+import run_directory
+
+# -----------------------------------------------------------------------------
+TESTED_VERSIONS = "trl 1.16, transformers 5.17 and 5.24, peft 0.21"  # where INTERNALS were read and the tests pass
+INTERNALS = (  # (module, attribute path, parameters it must take): the private names this module relies on
+    ("trl", "GRPOTrainer._get_per_token_logps_and_entropies",
+     ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy", "compute_aux_loss")),
+    ("trl", "GRPOTrainer._generate", ("prompts",)),
+    ("trl", "GRPOTrainer._log_metric", ("name", "value")),
+    ("transformers", "Trainer._save_checkpoint", ("model", "trial")),
+    ("transformers", "Trainer._get_output_dir", ("trial",)),
+    ("trl.trainer.utils", "selective_log_softmax_and_entropy", ("logits", "index", "temperature")),
+)
+INSTANCE_INTERNALS = ("_metrics",)  # GRPOTrainer's attributes read here: {"train" | "eval": {metric: [values]}}
+# -----------------------------------------------------------------------------
+
+
+class GenerationFailed(RuntimeError):
+    """Generation gave no usable completions (transformers' continuous batching logs its out-of-memory and returns
+    nothing, and TRL then fails on the empty result)."""
+
+
+class LibraryMismatch(RuntimeError):
+    """An internal this project relies on is missing or changed in the installed TRL / transformers."""
+
+
+def installed_versions():
+    from importlib.metadata import version
+
+    return ", ".join(f"{name} {version(name)}" for name in ("trl", "transformers", "peft"))
+
+
+def find_internal(module_name, path):
+    """The object at `module.path` (dotted), or None."""
+    import importlib
+
+    obj = importlib.import_module(module_name)
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def check_internals(internals=INTERNALS):
+    """LibraryMismatch naming the first internal that is missing or no longer takes the parameters used here."""
+    for module_name, path, parameters in internals:
+        obj = find_internal(module_name, path)
+        if obj is None:
+            problem = "is missing"
+        else:
+            missing = [p for p in parameters if p not in inspect.signature(obj).parameters]
+            problem = f"no longer takes {', '.join(missing)}" if missing else None
+        if problem:
+            raise LibraryMismatch(f"{module_name}.{path} {problem}: this project relies on it (grpo_trainer.INTERNALS). "
+                                  f"Installed: {installed_versions()}; tested: {TESTED_VERSIONS}. Install the "
+                                  "versions in requirements.txt (pip install -r requirements.txt)")
+
+
+class TesGRPOTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer with this project's changes (see the module docstring)."""
+
+    def __init__(self, *args, generation_backend, base_model_id, **kwargs):
+        check_internals()
+        self.generation_backend = generation_backend
+        self.base_model_id = base_model_id  # what saved adapters record as their base (model_loader.portable_model_id)
+        self.staging_dir = None  # the hidden directory a checkpoint is being written into
+        super().__init__(*args, **kwargs)
+        for name in INSTANCE_INTERNALS:
+            if not isinstance(getattr(self, name, None), dict):
+                raise LibraryMismatch(f"trl.GRPOTrainer has no dict {name} after construction: this project relies "
+                                      f"on it (grpo_trainer.INSTANCE_INTERNALS). Installed: {installed_versions()}; "
+                                      f"tested: {TESTED_VERSIONS}. Install the versions in requirements.txt")
+
+    # -- scoring ---------------------------------------------------------------------------------------------------
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **extra):
+        # a model wrapped for several processes (DDP) must be called through its wrapper, which syncs the gradients
+        wrapped = self.accelerator.unwrap_model(model) is not model
+        if input_ids.device.type != "cpu" or wrapped or any(x is not None for x in extra.values()):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+        return completion_scoring.score_completions(model, input_ids, attention_mask, logits_to_keep,
+                                                    batch_size or input_ids.size(0), self.temperature,
+                                                    compute_entropy, compute_aux_loss, self.accelerator.autocast)
+
+    # -- generation ------------------------------------------------------------------------------------------------
+    def _generate(self, prompts, *args, **kwargs):
+        import torch
+
+        start = time.perf_counter()
+        try:
+            result = super()._generate(prompts, *args, **kwargs)
+        except (IndexError, RuntimeError) as error:
+            if self.generation_backend != "continuous-batching" or isinstance(error, torch.OutOfMemoryError):
+                raise
+            raise GenerationFailed(f"continuous batching returned no completions ({error.__class__.__name__}: "
+                                   f"{error}); its log above says why, usually 'out of memory'") from error
+        self._log_metric("timing/generation_seconds", time.perf_counter() - start)
+        self._log_metric("timing/generated_tokens", float(sum(len(ids) for ids in result[1])))
+        return result
+
+    # -- checkpoints, complete or absent ---------------------------------------------------------------------------
+    def _get_output_dir(self, trial=None):
+        return str(self.staging_dir) if self.staging_dir is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        from accelerate.utils import broadcast_object_list
+
+        out, processes = Path(self.args.output_dir), self.accelerator
+        staging = [tempfile.mkdtemp(prefix=run_directory.PARTIAL, dir=out) if processes.is_main_process else None]
+        if processes.num_processes > 1:
+            broadcast_object_list(staging)
+        self.staging_dir = Path(staging[0])
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            staging, self.staging_dir = self.staging_dir, None
+        processes.wait_for_everyone()
+        if not processes.is_main_process:
+            return
+        name = f"checkpoint-{self.state.global_step}"
+        run_directory.record_base(staging / name, self.base_model_id)
+        run_directory.replace_path(staging / name, out / name, staging)
+        shutil.rmtree(staging)
+
+    def save_checkpoint_now(self):
+        """A checkpoint of the current step (complete or absent, like every other)."""
+        self._save_checkpoint(self.model, trial=None)
+
+    # -- logging ---------------------------------------------------------------------------------------------------
+    def log(self, logs, *args, **kwargs):
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for key, values in list(metrics.items()):
+            if values and all(math.isnan(v) for v in values):
+                del metrics[key]  # no completion earned this reward in the window: no value, rather than None
+        super().log(logs, *args, **kwargs)
