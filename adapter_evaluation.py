@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_reward import reward_metric
 from script_settings import apply_flags, build_parser  # noqa: F401  (build_parser: used as ae.build_parser)
 
 ROOT = Path(__file__).resolve().parent
@@ -34,7 +35,7 @@ STAND_INS = "stand-ins"  # runs/ subdirectory of the built stand-in models (neve
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT adapter config, marks a run directory
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT adapter weights
 TRAINING_KEYS = {  # log_history keys of trainer_state.json, first one found wins
-    "action_reward": ("rewards/action_reward/mean",),
+    "action_reward": (reward_metric("action_reward"),),
     "reward": ("reward",),
     "valid_rate": ("valid_rate", "train/valid_rate"),
     "accuracy": ("accuracy", "train/accuracy"),

@@ -444,6 +444,19 @@ def decode_completions(tokenizer, completion_ids):
     return tokenizer.batch_decode(completion_ids, skip_special_tokens=False)
 
 
+REWARD_NAMES = ("action_reward", "format_reward")  # make_reward_functions' rewards, in its order; each weighs 1
+
+
+def reward_metric(name="action_reward"):
+    """The mean TRL logs for the reward function `name` (its __name__)."""
+    return f"rewards/{name}/mean"
+
+
+def reward_weights():
+    """GRPOConfig.reward_weights: the rewards are summed, one weight per function of make_reward_functions."""
+    return [1.0] * len(REWARD_NAMES)
+
+
 def make_reward_functions(tokenizer, format_penalty=1.0, completion_log=None):
     """The two rewards GRPO trains on: the Boltzmann action reward and the format reward.
 
@@ -483,7 +496,9 @@ def make_reward_functions(tokenizer, format_penalty=1.0, completion_log=None):
         _, actions = parse(completion_ids, len(action_rewards[0]))
         return [0.0 if a is not None else -float(format_penalty) for a in actions]
 
-    return [action_reward, format_reward]
+    functions = [action_reward, format_reward]
+    assert tuple(f.__name__ for f in functions) == REWARD_NAMES  # the names TRL logs them under
+    return functions
 
 
 COMPLETION_LOG_COLUMNS = ["step", "micro_step", "rank", "prompt_id", "completion", "parsed_action", "reward",

@@ -369,6 +369,8 @@ def grpo_config(settings, device, backend):
 
     from trl import GRPOConfig
 
+    from data_reward import reward_weights
+
     checkpointing = {"gradient_checkpointing": settings["GRADIENT_CHECKPOINTING"]}
     if "activation_checkpointing" in {field.name for field in dataclasses.fields(GRPOConfig)}:
         # transformers >= 5.2x renamed it; the old name alone warns (5.17, on the GPU image, has only the old one)
@@ -400,7 +402,7 @@ def grpo_config(settings, device, backend):
         loss_type=settings["LOSS_TYPE"],
         beta=settings["BETA"],
         top_entropy_quantile=settings["TOP_ENTROPY_QUANTILE"],
-        reward_weights=[1.0, 1.0],
+        reward_weights=reward_weights(),
         shuffle_dataset=False,  # StepStream already orders prompts (no repeats, fair across files)
         **checkpointing,
         bf16=device == "cuda",
@@ -424,6 +426,8 @@ def make_progress_printer(total_steps, every):
     """A TrainerCallback that prints one compact line every `every` steps (the full metrics go to TensorBoard), in the
     main process."""
     from transformers import TrainerCallback
+
+    from data_reward import reward_metric
 
     class ProgressPrinter(TrainerCallback):
         def __init__(self):
@@ -449,7 +453,7 @@ def make_progress_printer(total_steps, every):
             done = state.global_step - self.first_step
             per_step = (time.time() - self.start) / max(done, 1)
             valid = mean("valid_rate")
-            print(f"step {state.global_step:5d}/{total_steps}  reward {shown(mean('rewards/action_reward/mean'))}  "
+            print(f"step {state.global_step:5d}/{total_steps}  reward {shown(mean(reward_metric()))}  "
                   f"valid {shown(valid)}  accuracy {shown(mean('accuracy'))}  "
                   f"{per_step:.2f} s/step  eta {per_step * (total_steps - state.global_step) / 60:.1f} min"
                   + best_checkpoint.describe_collapse(valid, self.best_valid), flush=True)
@@ -488,9 +492,11 @@ def summarize_speed(log_history, device, first_step=0, completions_per_step=None
 
 def summarize_log(log_history):
     """Reward, valid rate and accuracy at the start and end of training, from the trainer's log history."""
-    rows = [r for r in log_history if "rewards/action_reward/mean" in r or "train/valid_rate" in r]
+    from data_reward import reward_metric
+
+    rows = [r for r in log_history if reward_metric() in r or "train/valid_rate" in r]
     def window(part):
-        keys = {"reward": "rewards/action_reward/mean", "valid_rate": "valid_rate", "accuracy": "accuracy"}
+        keys = {"reward": reward_metric(), "valid_rate": "valid_rate", "accuracy": "accuracy"}
         return {label: mean_of(part, key) for label, key in keys.items()}
     k = max(1, min(10, len(rows) // 5))
     return {"steps": len(rows), "first_steps": window(rows[:k]), "last_steps": window(rows[-k:]), "window": k}

@@ -112,3 +112,14 @@ def test_each_batch_is_scored_by_its_own_parse_when_lists_are_freed_between_call
         assert format_reward(prompts=["p"], completions=["c"], completion_ids=batch, action_rewards=[REWARDS]) == \
             [0.0 if expected is not None else -1.0], f"call {call}"
         del batch
+
+
+def test_reward_weights_and_metric_names_come_from_the_reward_list():
+    """train_grpo.py's reward_weights and the metric it reads are built from make_reward_functions' list: a reward
+    added or renamed there changes both (TRL logs each function under rewards/<its __name__>/mean)."""
+    import data_reward
+
+    functions = data_reward.make_reward_functions(tokenizer=None)
+    assert len(data_reward.reward_weights()) == len(functions)
+    assert [data_reward.reward_metric(f.__name__) for f in functions] == [
+        "rewards/action_reward/mean", "rewards/format_reward/mean"]
