@@ -441,7 +441,17 @@ def publish(tmp_dir, final_dir):
 
 
 def build_tiny(out_dir=None, log=print):
-    """Build the tiny stand-in into `out_dir` (default runs/stand-ins/gpt-oss-tiny) and return its path."""
+    """Build the tiny stand-in into `out_dir` (default runs/stand-ins/gpt-oss-tiny) and return its path.
+
+    The process's random state comes back as it was: a run that builds the stand-in on its way (the README's
+    first `train_grpo.py --tiny` on a fresh clone seeds torch, then asks for the model) must draw its LoRA
+    initialisation from the same stream as a run that finds the stand-in built.
+    """
+    with torch.random.fork_rng(devices=[]):
+        return build_tiny_model(out_dir, log)
+
+
+def build_tiny_model(out_dir, log):
     from transformers import GptOssForCausalLM
 
     out_dir = Path(out_dir or TINY_DIR)

@@ -513,3 +513,33 @@ def test_a_step_with_every_answer_invalid_prints_no_nan(capsys):
                                             "accuracy": 0.0})
     line = capsys.readouterr().out
     assert "reward   n/a" in line and "valid 0.000" in line and "nan" not in line
+
+
+REPRODUCIBLE_RUN = """
+import sys
+from pathlib import Path
+import tiny_gpt_oss
+tiny_gpt_oss.TINY_DIR = Path(sys.argv[1])  # a stand-in directory of this test's own, built when absent
+import train_grpo
+train_grpo.main(["--tiny", "--total-steps", "30", "--save-steps", "30", "--eval-samples", "0",
+                 "--validation-prompts", "0", "--out", sys.argv[2]])
+"""
+
+
+def test_runs_of_one_seed_give_identical_adapters_and_logs_even_when_one_builds_the_stand_in(tmp_path):
+    """The README's first command on a fresh clone builds the stand-in inside the training process: that run, and
+    two more that find it built, each in its own process, 30 steps of seed 42, give byte-identical adapters and
+    completion logs (building the stand-in used to re-seed torch between the run's seeding and its LoRA
+    initialisation, so a fresh clone's first run parted from every later one at step 5)."""
+    stand_in = tmp_path / "stand-in"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    outputs = []
+    for name in ("builds-the-stand-in", "finds-it", "finds-it-again"):
+        out = tmp_path / name
+        done = subprocess.run([sys.executable, "-c", REPRODUCIBLE_RUN, str(stand_in), str(out)], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append(((out / "adapter_model.safetensors").read_bytes(), (out / "completions.csv").read_bytes()))
+        if name == "builds-the-stand-in":
+            assert "building the tiny stand-in" in done.stderr
+    assert outputs[0] == outputs[1] == outputs[2]
