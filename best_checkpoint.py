@@ -109,3 +109,14 @@ def load_checkpoint_adapter(model, checkpoint_dir):
         raise RuntimeError(f"{checkpoint_dir}: adapter weights {', '.join(unmatched[:3])} fit no LoRA module of the "
                            "model being trained, so it holds another run's adapter; move it out of the run "
                            "directory (or train with --validation-prompts 0 to keep the last adapter)")
+
+
+def keep_best_adapter(model, scorer, out, log):
+    """Load the best-scoring checkpoint's adapter into the model when it is not the last step's; what was kept."""
+    kept, reason = choose_kept(scorer.history)
+    last = scorer.history[-1]
+    if kept["step"] != last["step"]:
+        load_checkpoint_adapter(model, out / f"checkpoint-{kept['step']}")
+        log(f"kept the adapter of step {kept['step']}: {reason}; the last one stays in checkpoint-{last['step']}")
+    return {"step": kept["step"], "reason": reason, "kept_scores": kept, "last_scores": last,
+            "validation_prompts": len(scorer.frame), "validation_samples": scorer.samples}

@@ -171,3 +171,23 @@ def evaluate_model(model, tokenizer, frame, samples=4, temperature=1.0, top_p=1.
                                max_new_tokens, seed, batch_size, backend=backend, log=log)
     actions = parse_answers(answers, reward_matrix(frame).shape[1])
     return score_actions(frame, actions), answers, actions
+
+
+def evaluate_held_out(model, tokenizer, held_out, samples, max_new_tokens, seed, backend, log, max_prompts=0):
+    """Untrained (adapter disabled) and trained policy on the held-out split (frames by file), same prompts and
+    seeds, at temperature 1.0: the end of a training run (train_grpo.py)."""
+    import pandas as pd
+
+    frame = pd.concat(list(held_out.values()), ignore_index=True)
+    if max_prompts:
+        frame = frame.iloc[:max_prompts]
+    kwargs = dict(samples=samples, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed,
+                  backend="engine" if backend == "engine" else "generate", log=log)
+    log(f"held-out evaluation: {len(frame)} prompts x {samples} answers, untrained policy")
+    with model.disable_adapter():
+        untrained, _, untrained_actions = evaluate_model(model, tokenizer, frame, **kwargs)
+    log("held-out evaluation: trained policy")
+    trained, _, trained_actions = evaluate_model(model, tokenizer, frame, **kwargs)
+    return {"prompts": len(frame), "samples": samples, "temperature": 1.0,
+            "untrained": untrained, "trained": trained, "references": reference_scores(frame),
+            "gain": paired_gain(frame, untrained_actions, trained_actions, seed=seed)}

@@ -22,8 +22,10 @@ checks them when it is built and stops with one message naming the missing or ch
 and the tested ones, instead of training on with a silently different behaviour.
 """
 
+import dataclasses
 import inspect
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -170,3 +172,89 @@ class TesGRPOTrainer(GRPOTrainer):
             if values and all(math.isnan(v) for v in values):
                 del metrics[key]  # no completion earned this reward in the window: no value, rather than None
         super().log(logs, *args, **kwargs)
+
+
+# -- configuration from train_grpo.py's settings ------------------------------------------------------------------
+def lora_config(settings):
+    """PEFT's LoraConfig for train_grpo.py's LORA_* settings (expert LoRA through PEFT's target_parameters)."""
+    from peft import LoraConfig
+
+    targets = settings["LORA_TARGETS"]
+    return LoraConfig(
+        r=settings["LORA_RANK"],
+        lora_alpha=settings["LORA_ALPHA"],
+        lora_dropout=0.0,  # must be 0 for target_parameters (expert LoRA)
+        target_modules=targets if targets == "all-linear" else targets.split(","),
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if settings["LORA_EXPERTS"] else None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def grpo_config(settings, device, backend):
+    """TRL's GRPOConfig for train_grpo.py's settings (a dict of its constants), on `device`, generating with
+    `backend`."""
+    from trl import GRPOConfig
+
+    from data_reward import reward_weights
+
+    checkpointing = {"gradient_checkpointing": settings["GRADIENT_CHECKPOINTING"]}
+    if "activation_checkpointing" in {field.name for field in dataclasses.fields(GRPOConfig)}:
+        # transformers >= 5.2x renamed it; the old name alone warns (5.17, on the GPU image, has only the old one)
+        checkpointing["activation_checkpointing"] = settings["GRADIENT_CHECKPOINTING"]
+    out = settings["OUT"]
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(out) / "logs"))  # transformers 5 has no logging_dir
+    return GRPOConfig(
+        output_dir=out,
+        max_steps=settings["TOTAL_STEPS"],
+        save_steps=settings["SAVE_STEPS"],
+        save_strategy="steps",
+        logging_steps=1,
+        learning_rate=settings["LEARNING_RATE"],
+        # transformers' schedulers: warm-up, then constant or a cosine that ends at MIN_LR_RATIO of the peak
+        lr_scheduler_type="cosine_with_min_lr" if settings["LR_SCHEDULE"] == "cosine" else "constant_with_warmup",
+        lr_scheduler_kwargs={"min_lr_rate": settings["MIN_LR_RATIO"]} if settings["LR_SCHEDULE"] == "cosine" else {},
+        warmup_steps=settings["WARMUP_STEPS"],
+        max_grad_norm=settings["MAX_GRAD_NORM"],  # 0: transformers clips nothing
+        per_device_train_batch_size=settings["TRAIN_BATCH_SIZE"],
+        gradient_accumulation_steps=settings["GRADIENT_ACCUMULATION"],
+        steps_per_generation=settings["GRADIENT_ACCUMULATION"],
+        num_generations=settings["NUM_GENERATIONS"],
+        max_completion_length=settings["MAX_COMPLETION_LEN"],
+        temperature=settings["TEMPERATURE"],
+        top_p=settings["TOP_P"],
+        use_transformers_continuous_batching=backend == "continuous-batching",
+        transformers_continuous_batching_config=(continuous_batching_config(settings)
+                                                 if backend == "continuous-batching" else None),
+        loss_type=settings["LOSS_TYPE"],
+        beta=settings["BETA"],
+        top_entropy_quantile=settings["TOP_ENTROPY_QUANTILE"],
+        reward_weights=reward_weights(),
+        shuffle_dataset=False,  # StepStream already orders prompts (no repeats, fair across files)
+        **checkpointing,
+        bf16=device == "cuda",
+        use_cpu=device == "cpu",
+        report_to=report_trackers(settings["REPORT_TO"]),
+        seed=settings["SEED"],
+        data_seed=settings["SEED"],
+        log_completions=False,  # completions.csv holds them, with the Harmony markers kept
+        save_only_model=False,
+        dataloader_num_workers=0,
+    )
+
+
+def continuous_batching_config(settings):
+    """transformers' continuous batching sized to one step's work instead of a share of free GPU memory.
+
+    Its default takes 90 % of the memory left after loading for the KV cache and lets a prefill batch grow until
+    the full-vocabulary logits alone ask for 16 GiB: at real prompt lengths on an 80 GB card that runs out of memory.
+    Here: enough 256-token blocks for every completion of a step at the longest prompt, and prefill batches of at
+    most 2,048 tokens (1.6 GiB of fp32 logits).
+    """
+    block = 256
+    rows = settings["PROMPTS_PER_STEP"] * settings["NUM_GENERATIONS"]
+    blocks_per_row = math.ceil((settings["MAX_PROMPT_LEN"] + settings["MAX_COMPLETION_LEN"]) / block)
+    return {"block_size": block, "num_blocks": rows * blocks_per_row + 8, "max_batch_tokens": 2048}
+
+
+def report_trackers(report_to):
+    return [name.strip() for name in report_to.split(",") if name.strip() not in ("", "none")]

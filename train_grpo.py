@@ -60,6 +60,8 @@ from pathlib import Path
 import best_checkpoint
 import run_directory
 import script_settings
+from run_summary import (describe_batch, device_name, make_progress_printer, render_summary, summarize_log,
+                         summarize_speed, write_summary)
 
 ROOT = Path(__file__).resolve().parent
 # -----------------------------------------------------------------------------
@@ -278,20 +280,6 @@ def resolve_backend(backend, device):
     return backend
 
 
-def continuous_batching_config(settings):
-    """transformers' continuous batching sized to one step's work instead of a share of free GPU memory.
-
-    Its default takes 90 % of the memory left after loading for the KV cache and lets a prefill batch grow until
-    the full-vocabulary logits alone ask for 16 GiB: at real prompt lengths on an 80 GB card that runs out of memory.
-    Here: enough 256-token blocks for every completion of a step at the longest prompt, and prefill batches of at
-    most 2,048 tokens (1.6 GiB of fp32 logits).
-    """
-    block = 256
-    rows = settings["PROMPTS_PER_STEP"] * settings["NUM_GENERATIONS"]
-    blocks_per_row = math.ceil((settings["MAX_PROMPT_LEN"] + settings["MAX_COMPLETION_LEN"]) / block)
-    return {"block_size": block, "num_blocks": rows * blocks_per_row + 8, "max_batch_tokens": 2048}
-
-
 def flag(name):
     return name.lower().replace("_", "-")
 
@@ -301,6 +289,8 @@ def check_report_to(report_to):
     from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
                                                              get_available_reporting_integrations)
 
+    from grpo_trainer import report_trackers
+
     for name in report_trackers(report_to):
         if name not in INTEGRATION_TO_CALLBACK:
             raise SystemExit(f"error: --report-to {name!r} is not a tracker transformers knows; use none or one of "
@@ -308,10 +298,6 @@ def check_report_to(report_to):
         if name not in get_available_reporting_integrations():
             raise SystemExit(f"error: --report-to {name}: its package is not installed (pip install {name}); or "
                              "use --report-to tensorboard or none")
-
-
-def report_trackers(report_to):
-    return [name.strip() for name in report_to.split(",") if name.strip() not in ("", "none")]
 
 
 def read_data(settings):
@@ -350,267 +336,6 @@ def read_data(settings):
     return {p: f for p, f in train.items() if len(f)}, held_out
 
 
-def lora_config(settings):
-    from peft import LoraConfig
-
-    targets = settings["LORA_TARGETS"]
-    return LoraConfig(
-        r=settings["LORA_RANK"],
-        lora_alpha=settings["LORA_ALPHA"],
-        lora_dropout=0.0,  # must be 0 for target_parameters (expert LoRA)
-        target_modules=targets if targets == "all-linear" else targets.split(","),
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if settings["LORA_EXPERTS"] else None,
-        task_type="CAUSAL_LM",
-    )
-
-
-def grpo_config(settings, device, backend):
-    import dataclasses
-
-    from trl import GRPOConfig
-
-    from data_reward import reward_weights
-
-    checkpointing = {"gradient_checkpointing": settings["GRADIENT_CHECKPOINTING"]}
-    if "activation_checkpointing" in {field.name for field in dataclasses.fields(GRPOConfig)}:
-        # transformers >= 5.2x renamed it; the old name alone warns (5.17, on the GPU image, has only the old one)
-        checkpointing["activation_checkpointing"] = settings["GRADIENT_CHECKPOINTING"]
-    out = settings["OUT"]
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(out) / "logs"))  # transformers 5 has no logging_dir
-    return GRPOConfig(
-        output_dir=out,
-        max_steps=settings["TOTAL_STEPS"],
-        save_steps=settings["SAVE_STEPS"],
-        save_strategy="steps",
-        logging_steps=1,
-        learning_rate=settings["LEARNING_RATE"],
-        # transformers' schedulers: warm-up, then constant or a cosine that ends at MIN_LR_RATIO of the peak
-        lr_scheduler_type="cosine_with_min_lr" if settings["LR_SCHEDULE"] == "cosine" else "constant_with_warmup",
-        lr_scheduler_kwargs={"min_lr_rate": settings["MIN_LR_RATIO"]} if settings["LR_SCHEDULE"] == "cosine" else {},
-        warmup_steps=settings["WARMUP_STEPS"],
-        max_grad_norm=settings["MAX_GRAD_NORM"],  # 0: transformers clips nothing
-        per_device_train_batch_size=settings["TRAIN_BATCH_SIZE"],
-        gradient_accumulation_steps=settings["GRADIENT_ACCUMULATION"],
-        steps_per_generation=settings["GRADIENT_ACCUMULATION"],
-        num_generations=settings["NUM_GENERATIONS"],
-        max_completion_length=settings["MAX_COMPLETION_LEN"],
-        temperature=settings["TEMPERATURE"],
-        top_p=settings["TOP_P"],
-        use_transformers_continuous_batching=backend == "continuous-batching",
-        transformers_continuous_batching_config=(continuous_batching_config(settings)
-                                                 if backend == "continuous-batching" else None),
-        loss_type=settings["LOSS_TYPE"],
-        beta=settings["BETA"],
-        top_entropy_quantile=settings["TOP_ENTROPY_QUANTILE"],
-        reward_weights=reward_weights(),
-        shuffle_dataset=False,  # StepStream already orders prompts (no repeats, fair across files)
-        **checkpointing,
-        bf16=device == "cuda",
-        use_cpu=device == "cpu",
-        report_to=report_trackers(settings["REPORT_TO"]),
-        seed=settings["SEED"],
-        data_seed=settings["SEED"],
-        log_completions=False,  # completions.csv holds them, with the Harmony markers kept
-        save_only_model=False,
-        dataloader_num_workers=0,
-    )
-
-
-def mean_of(logs, key):
-    """Mean of `key` over trainer log rows that hold a number for it (NaN and None left out); None if none do."""
-    values = [log[key] for log in logs if isinstance(log.get(key), (int, float)) and not math.isnan(log[key])]
-    return sum(values) / len(values) if values else None
-
-
-def make_progress_printer(total_steps, every):
-    """A TrainerCallback that prints one compact line every `every` steps (the full metrics go to TensorBoard), in the
-    main process."""
-    from transformers import TrainerCallback
-
-    from data_reward import reward_metric
-
-    class ProgressPrinter(TrainerCallback):
-        def __init__(self):
-            self.start, self.window, self.best_valid = None, [], None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start, self.first_step = time.time(), state.global_step
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero:
-                return  # one progress line per step however many processes train (their metrics are averaged)
-            if logs and "reward" in logs:
-                self.window.append(logs)
-            if state.global_step % every and state.global_step != total_steps or not self.window:
-                return
-            def mean(key):
-                value = mean_of(self.window, key)
-                return float("nan") if value is None else value
-
-            def shown(value):  # a window in which every answer was invalid has no action reward
-                return "  n/a" if math.isnan(value) else f"{value:.3f}"
-
-            done = state.global_step - self.first_step
-            per_step = (time.time() - self.start) / max(done, 1)
-            valid = mean("valid_rate")
-            print(f"step {state.global_step:5d}/{total_steps}  reward {shown(mean(reward_metric()))}  "
-                  f"valid {shown(valid)}  accuracy {shown(mean('accuracy'))}  "
-                  f"{per_step:.2f} s/step  eta {per_step * (total_steps - state.global_step) / 60:.1f} min"
-                  + best_checkpoint.describe_collapse(valid, self.best_valid), flush=True)
-            if not math.isnan(valid):
-                self.best_valid = max(valid, self.best_valid or 0.0)
-            self.window = []
-
-    return ProgressPrinter()
-
-
-def summarize_speed(log_history, device, first_step=0, completions_per_step=None):
-    """Seconds per step (generation and the rest), generated tokens per second, completions per second, peak GPU
-    memory (of the fullest card; every card's too when there are several).
-
-    Only steps after `first_step` count: a resumed run's history holds the steps of earlier starts too. With several
-    processes the generation figures are one process's (TRL averages them over the processes), and every process
-    must call this (the peaks are gathered).
-    """
-    import torch
-    from accelerate.utils import gather_object
-
-    rows = [r for r in log_history if "step_time" in r and r.get("step", 0) > first_step]
-    step, generation, tokens = (mean_of(rows, key) for key in
-                                ("step_time", "timing/generation_seconds", "timing/generated_tokens"))
-    speed = {"seconds_per_step": step, "generation_seconds_per_step": generation,
-             "update_seconds_per_step": step - generation if step is not None and generation is not None else None,
-             "generated_tokens_per_second": tokens / generation if tokens and generation else None,
-             "completions_per_second": completions_per_step / step if completions_per_step and step else None}
-    if device == "cuda":
-        peaks = gather_object([torch.cuda.max_memory_allocated() / 2**30])  # one per process, in process order
-        speed["peak_gpu_memory_gib"] = max(peaks)
-        if len(peaks) > 1:
-            speed["peak_gpu_memory_gib_per_process"] = peaks
-    return speed
-
-
-def summarize_log(log_history):
-    """Reward, valid rate and accuracy at the start and end of training, from the trainer's log history."""
-    from data_reward import reward_metric
-
-    rows = [r for r in log_history if reward_metric() in r or "train/valid_rate" in r]
-    def window(part):
-        keys = {"reward": reward_metric(), "valid_rate": "valid_rate", "accuracy": "accuracy"}
-        return {label: mean_of(part, key) for label, key in keys.items()}
-    k = max(1, min(10, len(rows) // 5))
-    return {"steps": len(rows), "first_steps": window(rows[:k]), "last_steps": window(rows[-k:]), "window": k}
-
-
-def write_summary(out, summary):
-    """summary.json for programs, summary.md for people."""
-    from data_reward import strict_json, write_text_atomically
-
-    write_text_atomically(strict_json(summary), Path(out) / "summary.json")
-    write_text_atomically(render_summary(summary), Path(out) / "summary.md")
-
-
-def render_summary(summary):
-    def fmt(x):
-        return "n/a" if x is None else f"{x:.3f}"
-    t = summary["training"]
-    out = Path(summary["out"])
-    done, ran = summary["steps_done"], summary.get("steps_this_process", summary["steps_done"])
-    if ran == done:
-        steps = f"{done} steps in {summary['train_seconds']:.0f} s on {summary['device']}"
-    else:
-        steps = (f"{done} steps; this launch continued from {summary['resumed_from']} and ran steps "
-                 f"{done - ran + 1}-{done} ({ran} steps) in {summary['train_seconds']:.0f} s on {summary['device']}")
-    steps += f" (generation: {summary.get('generation_backend', 'n/a')})."
-    if "processes" in summary:
-        processes, prompts = summary["processes"], summary["prompts_per_step"]
-        steps += f" {describe_batch(processes, prompts // processes, summary['completions_per_step'] // prompts)}."
-    kept = summary.get("kept")
-    if kept:
-        steps += (f" Adapter kept: step {kept['step']} of {done}, by its score on {kept['validation_prompts']} "
-                  f"training prompts x {kept['validation_samples']} answers: {kept['reason']}.")
-    lines = [f"# GRPO run {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", "", steps, "",
-             render_speed(summary["speed"], summary.get("processes", 1)), "",
-             "| during training | reward | valid rate | accuracy |", "|---|---|---|---|"]
-    for label, key in (("first steps", "first_steps"), ("last steps", "last_steps")):
-        w = t[key]
-        lines.append(f"| {label} ({t['window']}) | {fmt(w['reward'])} | {fmt(w['valid_rate'])} | "
-                     f"{fmt(w['accuracy'])} |")
-    if summary.get("held_out"):
-        h = summary["held_out"]
-        lines += ["", f"Held-out split: {h['prompts']} prompts x {h['samples']} answers at temperature "
-                  f"{h['temperature']} (invalid answers earn 0).", "",
-                  "| policy | mean reward | valid rate | accuracy | mean regret |", "|---|---|---|---|---|"]
-        for name in ("untrained", "trained"):
-            m = h[name]
-            lines.append(f"| {name} | {fmt(m['mean_reward'])} | {fmt(m['valid_rate'])} | {fmt(m['accuracy'])} | "
-                         f"{fmt(m['mean_regret'])} |")
-        r = h["references"]
-        lines.append(f"| uniform guessing | {fmt(r['uniform']['mean_reward'])} | 1.000 | "
-                     f"{fmt(r['uniform']['accuracy'])} | {fmt(r['uniform']['mean_regret'])} |")
-        lines.append(f"| best constant [{r['best_constant']['action']}] | {fmt(r['best_constant']['mean_reward'])} | "
-                     f"1.000 | {fmt(r['best_constant']['accuracy'])} | {fmt(r['best_constant']['mean_regret'])} |")
-        lines.append(f"| optimal (argmax Q) | {fmt(r['optimal']['mean_reward'])} | 1.000 | 1.000 | 0.000 |")
-        g = h["gain"]
-        lines += ["", f"Gain over the untrained policy: {g['mean']:+.3f} mean reward (95% interval "
-                  f"{g['ci95'][0]:+.3f} to {g['ci95'][1]:+.3f}, paired bootstrap over the {g['prompts']} prompts)."]
-    elif summary.get("held_out_interrupted"):
-        lines += ["", "The held-out evaluation was interrupted (Ctrl-C); the adapter is saved. Evaluate it with: "
-                  f"python test_lora_adapter.py --adapter-path {out}"]
-    return "\n".join(lines) + "\n"
-
-
-def render_speed(speed, processes=1):
-    def fmt(x, unit):
-        return "n/a" if x is None else f"{x:.2f} {unit}"
-    line = (f"Per step: {fmt(speed['seconds_per_step'], 's')} ({fmt(speed['generation_seconds_per_step'], 's')} "
-            f"generation, {fmt(speed['update_seconds_per_step'], 's')} the rest); "
-            f"{fmt(speed['generated_tokens_per_second'], 'generated tokens/s')}"
-            + (" per process" if processes > 1 else ""))
-    if speed.get("completions_per_second") is not None:
-        line += f"; {fmt(speed['completions_per_second'], 'completions/s')}"
-        if processes > 1:
-            line += " (all processes)"
-    if "peak_gpu_memory_gib_per_process" in speed:
-        line += "; peak GPU memory per card " + ", ".join(f"{gib:.1f}" for gib in
-                                                           speed["peak_gpu_memory_gib_per_process"]) + " GiB"
-    elif "peak_gpu_memory_gib" in speed:
-        line += f"; peak GPU memory {speed['peak_gpu_memory_gib']:.1f} GiB"
-    return line + "."
-
-
-def keep_best_adapter(model, scorer, out, log):
-    """Load the best-scoring checkpoint's adapter into the model when it is not the last step's; what was kept."""
-    kept, reason = best_checkpoint.choose_kept(scorer.history)
-    last = scorer.history[-1]
-    if kept["step"] != last["step"]:
-        best_checkpoint.load_checkpoint_adapter(model, out / f"checkpoint-{kept['step']}")
-        log(f"kept the adapter of step {kept['step']}: {reason}; the last one stays in checkpoint-{last['step']}")
-    return {"step": kept["step"], "reason": reason, "kept_scores": kept, "last_scores": last,
-            "validation_prompts": len(scorer.frame), "validation_samples": scorer.samples}
-
-
-def evaluate_held_out(model, tokenizer, held_out, settings, backend, log):
-    """Untrained (adapter disabled) and trained policy on the held-out split, same prompts and seeds."""
-    import pandas as pd
-
-    from evaluation import evaluate_model, paired_gain, reference_scores
-
-    frame = pd.concat(list(held_out.values()), ignore_index=True)
-    if settings["EVAL_MAX_PROMPTS"]:
-        frame = frame.iloc[: settings["EVAL_MAX_PROMPTS"]]
-    kwargs = dict(samples=settings["EVAL_SAMPLES"], temperature=1.0, max_new_tokens=settings["MAX_COMPLETION_LEN"],
-                  seed=settings["SEED"], backend="engine" if backend == "engine" else "generate", log=log)
-    log(f"held-out evaluation: {len(frame)} prompts x {settings['EVAL_SAMPLES']} answers, untrained policy")
-    with model.disable_adapter():
-        untrained, _, untrained_actions = evaluate_model(model, tokenizer, frame, **kwargs)
-    log("held-out evaluation: trained policy")
-    trained, _, trained_actions = evaluate_model(model, tokenizer, frame, **kwargs)
-    return {"prompts": len(frame), "samples": settings["EVAL_SAMPLES"], "temperature": 1.0,
-            "untrained": untrained, "trained": trained, "references": reference_scores(frame),
-            "gain": paired_gain(frame, untrained_actions, trained_actions, seed=settings["SEED"])}
-
-
 def load_for_training(settings, train_frames, device, log):
     """(LoRA-wrapped model, tokenizer, prompt pool): everything that can fail on the settings, before any write."""
     import model_loader
@@ -640,6 +365,8 @@ def load_for_training(settings, train_frames, device, log):
     from peft import get_peft_model
 
     check_lora_targets(model, settings["LORA_TARGETS"])
+    from grpo_trainer import lora_config
+
     model = get_peft_model(model, lora_config(settings))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"LoRA: {trainable:,} trainable parameters")
@@ -673,7 +400,7 @@ def check_lora_targets(model, targets):
 def make_trainer(model, tokenizer, pool, completion_log, settings, device, backend, log, callbacks=()):
     import model_loader
     from data_reward import make_reward_functions
-    from grpo_trainer import TesGRPOTrainer
+    from grpo_trainer import TesGRPOTrainer, grpo_config
     from step_stream import StepStream
 
     stream = StepStream(pool, seed=settings["SEED"])
@@ -741,12 +468,6 @@ def start_processes():
     from accelerate.utils import parse_flag_from_env
 
     return PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
-
-
-def describe_batch(processes, prompts_per_step, generations):
-    """'2 processes x 4 prompts x 8 answers = 64 completions per step': PROMPTS_PER_STEP counts per process."""
-    return (f"{processes} process{'es' if processes > 1 else ''} x {prompts_per_step} prompts x {generations} answers "
-            f"= {processes * prompts_per_step * generations} completions per step")
 
 
 def resume_command(out, processes):
@@ -863,7 +584,7 @@ def train(args, processes):
     speed = summarize_speed(trainer.state.log_history, device, start_step, completions_per_step)
     if not main_process:
         return  # the main process keeps the adapter, evaluates it and writes the summary
-    kept = keep_best_adapter(trainer.model, scorer, out, log) if scorer and scorer.history else None
+    kept = best_checkpoint.keep_best_adapter(trainer.model, scorer, out, log) if scorer and scorer.history else None
     run_directory.save_final_atomically(trainer, tokenizer, out, model_loader.portable_model_id(settings["MODEL_ID"]))
 
     summary = {"out": str(out), "device": device_name(device), "generation_backend": backend,
@@ -875,7 +596,11 @@ def train(args, processes):
                "speed": speed, "kept": kept}
     if settings["EVAL_SAMPLES"] > 0:
         try:
-            summary["held_out"] = evaluate_held_out(trainer.model, tokenizer, held_out, settings, backend, log)
+            from evaluation import evaluate_held_out
+
+            summary["held_out"] = evaluate_held_out(trainer.model, tokenizer, held_out, settings["EVAL_SAMPLES"],
+                                                    settings["MAX_COMPLETION_LEN"], settings["SEED"], backend, log,
+                                                    max_prompts=settings["EVAL_MAX_PROMPTS"])
         except KeyboardInterrupt:
             summary["held_out_interrupted"] = True
             write_summary(out, summary)
@@ -884,14 +609,6 @@ def train(args, processes):
                              f"python test_lora_adapter.py --adapter-path {out}") from None
     write_summary(out, summary)
     print(render_summary(summary))
-
-
-def device_name(device):
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"CPU ({torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":

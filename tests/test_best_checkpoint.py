@@ -69,14 +69,15 @@ def test_read_history_drops_the_scores_of_steps_after_the_resumed_checkpoint(tmp
 
 
 def test_the_kept_checkpoints_adapter_goes_back_into_the_model(tmp_path):
-    """train_grpo.keep_best_adapter on a real tiny PEFT model: checkpoint-2 scored best, checkpoint-4 is the last."""
+    """best_checkpoint.keep_best_adapter on a real tiny PEFT model: checkpoint-2 scored best, checkpoint-4 is the last."""
     from peft import get_peft_model
 
+    import grpo_trainer
     import model_loader
     import train_grpo
 
     settings = {name: getattr(train_grpo, name) for name in train_grpo.SETTINGS} | train_grpo.TINY_SETTINGS
-    model = get_peft_model(model_loader.load_model("tiny"), train_grpo.lora_config(settings))
+    model = get_peft_model(model_loader.load_model("tiny"), grpo_trainer.lora_config(settings))
     weights = {}
     for step, seed in ((2, 0), (4, 1)):
         perturb_lora_b(model, 0.05, seed=seed)
@@ -88,7 +89,7 @@ def test_the_kept_checkpoints_adapter_goes_back_into_the_model(tmp_path):
         frame, samples = list(range(16)), 2
 
     said = []
-    kept = train_grpo.keep_best_adapter(model, Scored, tmp_path, said.append)
+    kept = best_checkpoint.keep_best_adapter(model, Scored, tmp_path, said.append)
     assert kept["step"] == 2 and kept["last_scores"]["step"] == 4
     assert "kept the adapter of step 2" in said[0] and "checkpoint-4" in said[0]
     now = {n: p for n, p in model.named_parameters() if "lora_" in n}
@@ -100,13 +101,14 @@ def test_the_kept_checkpoints_adapter_goes_back_into_the_model(tmp_path):
 def test_a_checkpoint_of_another_adapter_shape_is_refused_with_what_to_do(tmp_path):
     from peft import get_peft_model
 
+    import grpo_trainer
     import model_loader
     import train_grpo
 
     settings = {name: getattr(train_grpo, name) for name in train_grpo.SETTINGS} | train_grpo.TINY_SETTINGS
-    experts = get_peft_model(model_loader.load_model("tiny"), train_grpo.lora_config(settings | {"LORA_EXPERTS": True}))
+    experts = get_peft_model(model_loader.load_model("tiny"), grpo_trainer.lora_config(settings | {"LORA_EXPERTS": True}))
     experts.save_pretrained(tmp_path / "checkpoint-2")
     attention_only = get_peft_model(model_loader.load_model("tiny"),
-                                    train_grpo.lora_config(settings | {"LORA_EXPERTS": False}))
+                                    grpo_trainer.lora_config(settings | {"LORA_EXPERTS": False}))
     with pytest.raises(RuntimeError, match=r"checkpoint-2: adapter weights .*experts.* another run's adapter; move it"):
         best_checkpoint.load_checkpoint_adapter(attention_only, tmp_path / "checkpoint-2")

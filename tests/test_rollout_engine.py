@@ -216,10 +216,10 @@ def test_generation_backend_settings_are_checked(tmp_path):
 
 
 def test_continuous_batching_is_sized_to_the_step():
-    import train_grpo
+    import grpo_trainer
 
     settings = {"PROMPTS_PER_STEP": 4, "NUM_GENERATIONS": 8, "MAX_PROMPT_LEN": 1024, "MAX_COMPLETION_LEN": 256}
-    config = train_grpo.continuous_batching_config(settings)
+    config = grpo_trainer.continuous_batching_config(settings)
     assert config["num_blocks"] * config["block_size"] >= 32 * (1024 + 256)  # every completion fits at once
     assert config["max_batch_tokens"] <= 4096  # no 16 GiB prefill logits
 

@@ -340,13 +340,14 @@ def test_the_learning_rate_follows_the_chosen_schedule_after_its_warm_up(tmp_pat
     import torch
     from transformers.optimization import get_scheduler
 
+    import grpo_trainer
     import train_grpo
 
     settings = {name: getattr(train_grpo, name) for name in train_grpo.SETTINGS} | {
         "OUT": str(tmp_path), "TOTAL_STEPS": 100, "WARMUP_STEPS": 10, "LEARNING_RATE": 1e-3, "MIN_LR_RATIO": 0.1}
 
     def rates(schedule):
-        config = train_grpo.grpo_config(settings | {"LR_SCHEDULE": schedule}, "cpu", "generate")
+        config = grpo_trainer.grpo_config(settings | {"LR_SCHEDULE": schedule}, "cpu", "generate")
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
         scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                                   num_training_steps=100, scheduler_specific_kwargs=config.lr_scheduler_kwargs)
