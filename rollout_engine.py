@@ -47,8 +47,7 @@ from typing import NamedTuple
 import torch
 
 import harmony
-import mxfp4_experts
-from mxfp4_experts import is_mxfp4_experts, swiglu
+from mxfp4_experts import dense_forward as mxfp4_dense_forward, is_mxfp4_experts, swiglu
 
 LENGTH_BUCKET = 128  # cache positions are rounded up to a multiple of this, so nearby prompt lengths share a graph
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # rows are padded up to one of these
@@ -260,19 +259,16 @@ class RolloutEngine:
         state.step.add_(1)
 
     def _mlp(self, mlp, h, factors, decode=False):
-        """The MoE block: the model's router, then its experts module or the dense path (always with expert LoRA:
-        `factors`, from expert_lora_factors). MXFP4 experts (mxfp4_experts.py) take their own dense kernels in a
-        decode step, whatever its size, since those are what a CUDA graph can hold."""
+        """The MoE block: the router, then the experts module or the dense path (always with expert LoRA: `factors`);
+        MXFP4 experts take their own dense kernels in any decode step: those are what a CUDA graph can hold."""
         shape = h.shape
         h = h.reshape(-1, shape[-1])
         _, scores, index = mlp.router(h)
         experts = find_base_layer(mlp.experts)
-        if is_mxfp4_experts(experts):
-            if decode or self._dense_experts(h.shape[0]):
-                out = mxfp4_experts.dense_forward(experts, h, index, scores, factors)
-            else:
-                out = mlp.experts(h, index, scores)
-        elif factors is None and not self._dense_experts(h.shape[0]):
+        mxfp4 = is_mxfp4_experts(experts)
+        if mxfp4 and (decode or self._dense_experts(h.shape[0])):
+            out = mxfp4_dense_forward(experts, h, index, scores, factors)
+        elif mxfp4 or (factors is None and not self._dense_experts(h.shape[0])):
             out = mlp.experts(h, index, scores)
         else:
             out = dense_experts(h, index, scores, expert_tensors(experts), factors)
@@ -490,7 +486,7 @@ def gather_weights(core, dtype):
         norms = [(norm.weight.float(), norm.variance_epsilon)
                  for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
         router, experts = layer.mlp.router, find_base_layer(layer.mlp.experts)
-        # MXFP4 experts run their own kernels outside the compiled function (rollout engine's `_mlp`)
+        # MXFP4 experts run their own kernels outside the compiled function (`_mlp`)
         moe = None if is_mxfp4_experts(experts) else (router.weight, router.bias, router.top_k,
                                                       *expert_tensors(experts))
         layers.append(LayerWeights(fuse_projections([attn.q_proj, attn.k_proj, attn.v_proj], dtype),
@@ -687,9 +683,8 @@ def expert_lora_factors(module):
 
 
 def supports(model):
-    """True for a gpt-oss whose experts the engine can run: GptOssExperts, plain or LoRA-wrapped, or
-    mxfp4_experts.Mxfp4Experts (not transformers' own MXFP4 kernels' replacement modules, which take their routing
-    inside)."""
+    """True for a gpt-oss whose experts the engine can run: GptOssExperts, plain or LoRA-wrapped, or Mxfp4Experts
+    (not transformers' own MXFP4 kernels' replacement modules, which take their routing inside)."""
     try:
         lm = find_causal_lm(model)
     except TypeError:
