@@ -401,13 +401,16 @@ def silence_known_notices():
     - transformers says 'MXFP4 inference on CPU requires use_kernels=True' whenever an MXFP4 checkpoint is loaded on
       a CPU, even when dequantising is what was asked for (Mxfp4Config(dequantize=True), as here);
     - PEFT and TRL read the model's `is_gradient_checkpointing`, which transformers >= 5.2x marks as deprecated with
-      a FutureWarning at every read (every checkpoint save); the libraries, not this project, must move on.
+      a FutureWarning at every read (every checkpoint save); the libraries, not this project, must move on;
+    - torch inductor, compiling the rollout engine's decode functions on a GPU, warns that it split a softmax's
+      reduction instead of computing it online: a choice of its own, printed in the middle of an evaluation.
     Idempotent; everything else those loggers say still shows.
     """
     mxfp4_logger = logging.getLogger("transformers.quantizers.quantizer_mxfp4")
     if not any(isinstance(f, DropMessages) for f in mxfp4_logger.filters):
         mxfp4_logger.addFilter(DropMessages(("MXFP4 inference on CPU requires use_kernels",)))
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled on the fly", category=UserWarning)
 
 
 def load_tokenizer(model_id):
