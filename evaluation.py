@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+import generation
 import harmony
 from data_reward import optimal_actions, q_matrix, reward_matrix
 
@@ -27,12 +28,11 @@ def generate_answers(model, tokenizer, prompts, samples=4, temperature=1.0, top_
     """Sample `samples` Harmony completions for every prompt; returns answers[prompt][sample] with special tokens.
 
     Seeds are fixed per batch, so two models evaluated with the same arguments see the same random streams.
-    backend: 'engine' (rollout_engine.py: CUDA graphs on a GPU), 'generate' (transformers), or 'auto' (the engine
-    on a GPU when the model is one it can run, generate otherwise).
+    backend: a generation.BACKENDS name or 'auto' (generation.resolve: the engine on a GPU when it runs the model).
     """
     stop_ids = stop_ids or [tokenizer.convert_tokens_to_ids(t) for t in harmony.STOP_TOKENS]
     device = next(model.parameters()).device
-    backend = pick_backend(model, backend, device)
+    backend = generation.resolve(backend, model, device)
     jobs = [(i, prompt) for i, prompt in enumerate(prompts) for _ in range(samples)]
     answers = [[] for _ in prompts]
     was_training = model.training
@@ -41,12 +41,8 @@ def generate_answers(model, tokenizer, prompts, samples=4, temperature=1.0, top_
     for b, first in enumerate(range(0, len(jobs), batch_size)):
         batch = jobs[first:first + batch_size]
         torch.manual_seed(seed + b)
-        if backend == "engine":
-            completions = sample_with_engine(model, tokenizer, [p for _, p in batch], temperature, top_p,
-                                             max_new_tokens)
-        else:
-            completions = sample_with_generate(model, tokenizer, [p for _, p in batch], temperature, top_p,
-                                               max_new_tokens, stop_ids, device)
+        completions = generation.sample(backend, model, tokenizer, [p for _, p in batch], temperature, top_p,
+                                        max_new_tokens, stop_ids)
         for (i, _), ids in zip(batch, completions):
             answers[i].append(decode_completion(tokenizer, ids, stop_ids))
         done = min(first + batch_size, len(jobs))
@@ -55,33 +51,6 @@ def generate_answers(model, tokenizer, prompts, samples=4, temperature=1.0, top_
             log(f"  generated {done}/{len(jobs)} answers ({last_log - start:.0f} s)")
     model.train(was_training)
     return answers
-
-
-def pick_backend(model, backend, device):
-    """'auto' -> 'engine' on a GPU for a model the engine runs (plain experts), else 'generate'."""
-    if backend != "auto":
-        return backend
-    from rollout_engine import supports
-
-    return "engine" if device.type == "cuda" and supports(model) else "generate"
-
-
-def sample_with_engine(model, tokenizer, prompts, temperature, top_p, max_new_tokens):
-    from rollout_engine import engine_for
-
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    completions, _ = engine_for(model, tokenizer).generate(prompt_ids, max_new_tokens, temperature=temperature,
-                                                           top_p=top_p)
-    return completions
-
-
-def sample_with_generate(model, tokenizer, prompts, temperature, top_p, max_new_tokens, stop_ids, device):
-    encoded = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left",
-                        return_tensors="pt").to(device)
-    with torch.no_grad():
-        out = model.generate(**encoded, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                             max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-    return out[:, encoded["input_ids"].shape[1]:].tolist()
 
 
 def decode_completion(tokenizer, ids, stop_ids):
@@ -181,8 +150,7 @@ def evaluate_held_out(model, tokenizer, held_out, samples, max_new_tokens, seed,
     frame = pd.concat(list(held_out.values()), ignore_index=True)
     if max_prompts:
         frame = frame.iloc[:max_prompts]
-    kwargs = dict(samples=samples, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed,
-                  backend="engine" if backend == "engine" else "generate", log=log)
+    kwargs = dict(samples=samples, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed, backend=backend, log=log)
     log(f"held-out evaluation: {len(frame)} prompts x {samples} answers, untrained policy")
     with model.disable_adapter():
         untrained, _, untrained_actions = evaluate_model(model, tokenizer, frame, **kwargs)

@@ -35,7 +35,7 @@ How it is built, in the order a token goes through it:
   completion's ids end with its stop token, as TRL's own generation returns them.
 On a CPU the same code runs eagerly (no graphs): the tests check it against `model.generate` and the model's forward.
 
-With GRPOTrainer: TRL 1.x's `rollout_func` hook (`make_rollout_func`). The trainer hands it each step's prompts
+With GRPOTrainer: TRL 1.x's `rollout_func` hook (generation.training_rollout_func). The trainer hands it each step's prompts
 (every prompt NUM_GENERATIONS times in a row) and reads back prompt ids, completion ids and log-probabilities; the
 rewards, advantages and the update stay TRL's own.
 """
@@ -741,16 +741,3 @@ def engine_for(model, tokenizer):
         engine = RolloutEngine(model, tokenizer)
         object.__setattr__(model, "_rollout_engine", engine)
     return engine
-
-
-def make_rollout_func(tokenizer):
-    """GRPOTrainer's `rollout_func`: tokenise the step's prompts as TRL does, sample with the engine."""
-
-    def rollout(prompts, trainer):
-        prompt_ids = tokenizer(text=prompts)["input_ids"]
-        engine = engine_for(trainer.model, tokenizer)
-        completions, logprobs = engine.generate(prompt_ids, trainer.max_completion_length,
-                                                temperature=trainer.temperature, top_p=trainer.top_p)
-        return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": logprobs}
-
-    return rollout

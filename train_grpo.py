@@ -255,12 +255,13 @@ def check_settings(s):
     if not (math.isfinite(s["MAX_GPU_MEMORY_GIB"]) and s["MAX_GPU_MEMORY_GIB"] >= 0):
         raise SystemExit(f"error: --max-gpu-memory-gib must be 0 (no cap) or a number of GiB, got "
                          f"{s['MAX_GPU_MEMORY_GIB']}")
-    if s["GENERATION_BACKEND"] not in ("auto", *GENERATION_BACKENDS):
+    from generation import BACKENDS
+
+    if s["GENERATION_BACKEND"] not in ("auto", *BACKENDS):
         raise SystemExit(f"error: GENERATION_BACKEND {s['GENERATION_BACKEND']!r} is not one of auto, "
-                         f"{', '.join(GENERATION_BACKENDS)}")
+                         f"{', '.join(BACKENDS)}")
 
 
-GENERATION_BACKENDS = ("engine", "continuous-batching", "generate")
 EXPERTS_FORMATS = ("bf16", "mxfp4")  # model_loader.EXPERTS_FORMATS, named here so that settings are checked before
                                      #   torch is imported
 # Said whenever generation runs out of memory: the settings that shrink it, most effective first.
@@ -269,15 +270,6 @@ MEMORY_ADVICE = (
     "--max-completion-len, --num-generations, --prompts-per-step or --lora-rank, keep --gradient-checkpointing "
     "true, and use --generation-backend engine (it holds only a static KV cache of the step's size) or generate."
 )
-
-
-def resolve_backend(backend, device):
-    """'auto' -> the engine on a GPU, TRL's generate on a CPU; continuous batching needs a GPU."""
-    if backend == "auto":
-        return "engine" if device == "cuda" else "generate"
-    if backend == "continuous-batching" and device != "cuda":
-        raise SystemExit("error: --generation-backend continuous-batching needs a CUDA GPU; use generate or engine")
-    return backend
 
 
 def flag(name):
@@ -404,12 +396,11 @@ def make_trainer(model, tokenizer, pool, completion_log, settings, device, backe
     from step_stream import StepStream
 
     stream = StepStream(pool, seed=settings["SEED"])
-    rollout_func = None
-    if backend == "engine":
-        from rollout_engine import make_rollout_func
+    import generation
 
+    rollout_func = generation.training_rollout_func(backend, tokenizer)
+    if rollout_func is not None:
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL 1.x
-        rollout_func = make_rollout_func(tokenizer)
     log(f"generation: {backend}")
     trainer = TesGRPOTrainer(
         model=model,
@@ -501,14 +492,19 @@ def train(args, processes):
 
         import torch
 
+        import generation
         import grpo_trainer
         import model_loader
         from data_reward import CompletionLog, write_text_atomically
 
         device = "cuda" if processes.device.type == "cuda" else "cpu"  # model_loader.pick_device, as accelerate chose
-        backend = resolve_backend(settings["GENERATION_BACKEND"], device)
+        try:
+            generation.check_backend(settings["GENERATION_BACKEND"], device)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
         torch.manual_seed(settings["SEED"])
         model, tokenizer, pool = load_for_training(settings, train_frames, device, log)
+        backend = generation.resolve(settings["GENERATION_BACKEND"], model, device)
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted before training started; nothing was written") from None
 

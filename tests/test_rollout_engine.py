@@ -209,10 +209,26 @@ def test_generation_backend_settings_are_checked(tmp_path):
     with pytest.raises(SystemExit, match="GENERATION_BACKEND 'vllm' is not one of"):
         train_grpo.main(["--tiny", "--generation-backend", "vllm", "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="continuous-batching needs a CUDA GPU"):
-        train_grpo.resolve_backend("continuous-batching", "cpu")
-    assert train_grpo.resolve_backend("auto", "cpu") == "generate"
-    assert train_grpo.resolve_backend("auto", "cuda") == "engine"
+        train_grpo.main(["--tiny", "--generation-backend", "continuous-batching", "--out", str(tmp_path / "a")])
     assert not (tmp_path / "a").exists()
+
+
+def test_one_auto_rule_asks_whether_the_engine_runs_the_model(tokenizer):
+    """generation.resolve: 'auto' is the engine on a GPU only for a model rollout_engine.supports, generate on a CPU
+    and for anything else (training and evaluation ask the same function); prompts are tokenised one way."""
+    import generation
+
+    model = make_model(expert_lora=False, device="cpu")
+    assert generation.resolve("auto", model, "cpu") == "generate"
+    assert generation.resolve("auto", model, "cuda") == "engine"
+    assert generation.resolve("auto", torch.nn.Linear(2, 2), "cuda") == "generate"  # not a gpt-oss the engine runs
+    assert generation.resolve("engine", model, "cpu") == "engine"
+    with pytest.raises(ValueError, match="vllm"):
+        generation.resolve("vllm", model, "cpu")
+    text = "<|start|>user<|message|>hi<|end|><|start|>assistant"
+    assert generation.tokenize_prompts(tokenizer, [text])[0] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert generation.training_rollout_func("generate", tokenizer) is None
+    assert generation.training_rollout_func("engine", tokenizer) is not None
 
 
 def test_continuous_batching_is_sized_to_the_step():
