@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_reward import reward_metric
+from rewards import reward_metric
 from script_settings import apply_flags, build_parser  # noqa: F401  (build_parser: used as ae.build_parser)
 
 ROOT = Path(__file__).resolve().parent
@@ -109,7 +109,7 @@ def check_experts_format(experts_format, adapter_config, adapter_dir):
 
 def check_writable(directory):
     """InputError unless files can be written into `directory` (before any work whose results would be lost)."""
-    from data_reward import why_not_writable
+    from output_files import why_not_writable
 
     reason = why_not_writable(directory, directory=True)
     if reason:
@@ -605,13 +605,13 @@ def save_figure(fig, path):
 
 def write_json(data, path):
     """Strict JSON (NaN and infinities written as null), atomically."""
-    from data_reward import strict_json, write_text_atomically
+    from output_files import strict_json, write_text_atomically
 
     write_text_atomically(strict_json(data), path)
 
 
 def write_answers(frame, actions, answers, path):
-    from data_reward import write_csv_atomically
+    from output_files import write_csv_atomically
 
     write_csv_atomically(answers_frame(frame, actions, answers), path)
 

@@ -63,7 +63,7 @@ def make_validation_callback(tokenizer, frame, settings, backend, out, history, 
     import torch
     from transformers import TrainerCallback
 
-    from data_reward import strict_json, write_text_atomically
+    from output_files import strict_json, write_text_atomically
     from evaluation import evaluate_model
 
     class ValidationScorer(TrainerCallback):

@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 
 import data_reward
-from data_reward import REWARD_PREFIX, DataError
+import output_files
+from data_reward import DataError, REWARD_PREFIX
 
 # ------------------------------------------------------------------------------------------------
 DEFAULT_TAU = 0.05  # Boltzmann temperature, in the units of the Q columns
@@ -123,7 +124,7 @@ def main(argv=None):
                 text = handle.read()
             outputs[path] = (add_reward_fields(text, path, format_rewards(rewards), q.shape[1]),
                              q.shape)
-        unwritable = [reason for reason in map(data_reward.why_not_writable, outputs) if reason]
+        unwritable = [reason for reason in map(output_files.why_not_writable, outputs) if reason]
         if unwritable:  # before any file is written
             raise DataError("\n".join(unwritable))
     except DataError as error:
@@ -135,7 +136,7 @@ def main(argv=None):
               "(add --overwrite to recompute them)")
     for path, (text, (rows, actions)) in outputs.items():
         try:
-            data_reward.write_text_atomically(text, path)
+            output_files.write_text_atomically(text, path)
         except OSError as error:  # checked above, so only a full disk or a directory that just changed
             print(f"error: {path}: cannot be written ({error.strerror}); it is left as it was", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 
 import harmony
-from data_reward import (FIRST_DATA_ROW, PROMPT_COLUMN, DataError, list_row_problems, read_data_csv,
-                         validate_data_files, why_not_writable, write_csv_atomically)
+from data_reward import DataError, FIRST_DATA_ROW, PROMPT_COLUMN, list_row_problems, read_data_csv, validate_data_files
+from output_files import why_not_writable, write_csv_atomically
 
 # -----------------------------------------------------------------------------
 MODEL_ID = "tiny"  # whose chat template renders the prompts: 'tiny', a local model directory or a Hub id

@@ -1,7 +1,7 @@
 """The data contract of the TES control task: columns, validation, Boltzmann rewards.
 
-This module holds what every stage agrees on about a data CSV, and (further down, added by the
-training side) the TRL reward functions that score a completion against a row.
+This module holds what every stage agrees on about a data CSV; rewards.py scores a completion against a row,
+completion_log.py records it, output_files.py writes files whole.
 
 A data CSV has one row per situation and at least these columns:
     prompt                       the situation in plain English (text, never empty)
@@ -20,22 +20,17 @@ Messages have the form `file:row: what is wrong`; problems with a whole file rea
     best = data_reward.optimal_actions(frames[Path("data/x.csv")])
 """
 import codecs
-import contextlib
 import csv
 import importlib.util
 import io
-import json
 import math
-import os
 import re
-import secrets
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from harmony import is_harmony_prompt, parse_final_action, why_not_rendered_prompt, why_unsafe_text
+from harmony import is_harmony_prompt, why_not_rendered_prompt, why_unsafe_text
 
 # ------------------------------------------------------------------------------------------------
 Q_PREFIX = "q_action_"  # Q-value columns: q_action_0 .. q_action_<n-1>
@@ -363,242 +358,3 @@ def validate_data_files(paths, require_rewards=True, same_action_count=True):
     if problems:
         raise DataError("\n".join(problems))
     return frames
-
-
-def write_text_atomically(text, path):
-    """Write text (UTF-8, line endings untouched) to path via a temp file and os.replace.
-
-    A reader never sees a half-written file: the temp file sits in the same directory (so the
-    rename is atomic on one filesystem) and is removed on any exception, Ctrl-C included.
-    """
-    path = Path(path)
-    # a plain exclusive open (not mkstemp, which makes the file 0600) gives a new file the usual
-    # mode; an existing file keeps its own
-    temp_name = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temp_name, "x", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if path.exists():
-            os.chmod(temp_name, path.stat().st_mode & 0o777)
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
-
-
-def why_not_writable(path, directory=False):
-    """None when `path` (a file, or with directory=True a directory) can be written; else the reason, one line.
-
-    Checks what a write would hit: a directory where a file is wanted or the reverse, a file among the parents,
-    and whether a file can be created in the nearest existing directory (tried, because permissions alone do not
-    tell: root ignores them, a read-only mount does not).
-    """
-    path = Path(path)
-    if directory and path.exists() and not path.is_dir():
-        return f"{path} is a file, not a directory; choose another place"
-    if not directory and path.is_dir():
-        return f"{path} is a directory; name a file"
-    existing = path if directory else path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{path}: {existing} is a file, so nothing can be created under it; choose another place"
-    try:
-        descriptor, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
-        os.close(descriptor)
-        os.unlink(probe)
-    except OSError as error:
-        return f"{existing}: cannot be written ({error.strerror}); check its permissions or choose another place"
-    return None
-
-
-def write_csv_atomically(df, path):
-    """Write df as CSV (no index, "\\n" line endings) to path via a temp file and os.replace."""
-    write_text_atomically(df.to_csv(index=False, lineterminator="\n"), path)
-
-
-def strict_json(data):
-    """JSON text (indented, newline at the end) that every parser reads: NaN and infinities become null."""
-    def finite(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {key: finite(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [finite(item) for item in value]
-        return value
-
-    return json.dumps(finite(data), indent=2, allow_nan=False) + "\n"
-
-
-# -----------------------------------------------------------------------------
-# Reward functions in TRL's contract: f(prompts, completions, completion_ids, **dataset columns) -> list[float | None]
-
-
-def decode_completions(tokenizer, completion_ids):
-    """TRL decodes completions with skip_special_tokens=True, which erases the Harmony channel markers;
-    the rewards decode the token ids themselves, markers kept."""
-    return tokenizer.batch_decode(completion_ids, skip_special_tokens=False)
-
-
-REWARD_NAMES = ("action_reward", "format_reward")  # make_reward_functions' rewards, in its order; each weighs 1
-
-
-def reward_metric(name="action_reward"):
-    """The mean TRL logs for the reward function `name` (its __name__)."""
-    return f"rewards/{name}/mean"
-
-
-def reward_weights():
-    """GRPOConfig.reward_weights: the rewards are summed, one weight per function of make_reward_functions."""
-    return [1.0] * len(REWARD_NAMES)
-
-
-def make_reward_functions(tokenizer, format_penalty=1.0, completion_log=None):
-    """The two rewards GRPO trains on: the Boltzmann action reward and the format reward.
-
-    - `action_reward`: reward_action_<a> of the action in the final message; None for an invalid answer (the data
-      has no reward for 'no action'). In TRL 1.x a completion for which *every* reward returns None is
-      'unscorable' and gets advantage 0, so on its own this would let the format drift unpunished.
-    - `format_reward`: 0 for a valid answer, -format_penalty for an invalid one. Summed with the action reward
-      (TRL's default aggregation) an invalid answer scores -format_penalty and sits below every valid one in its
-      group, which keeps the valid-answer rate up.
-    Both parse each completion once (cached per batch) with harmony.parse_final_action.
-    """
-    # The batch last parsed, held by reference: TRL hands both rewards the same list object. Keyed by the object, not
-    # by id(): a freed list's id is reused by the next batch's list, which would then get the old batch's parses.
-    cache = {"batch": None, "parsed": None}
-
-    def parse(completion_ids, num_actions):
-        if cache["batch"] is not completion_ids:
-            texts = decode_completions(tokenizer, completion_ids)
-            cache["parsed"] = (texts, [parse_final_action(t, num_actions) for t in texts])
-            cache["batch"] = completion_ids
-        return cache["parsed"]
-
-    def action_reward(prompts, completions, completion_ids, action_rewards, **kwargs):
-        texts, actions = parse(completion_ids, len(action_rewards[0]))
-        rewards = [None if a is None else float(r[a]) for a, r in zip(actions, action_rewards)]
-        log_metric, optimal = kwargs.get("log_metric"), kwargs.get("optimal_action")
-        if log_metric is not None:
-            log_metric("valid_rate", sum(a is not None for a in actions) / len(actions))
-            if optimal is not None:
-                log_metric("accuracy", sum(a == o for a, o in zip(actions, optimal)) / len(actions))
-        if completion_log is not None:
-            completion_log.write_batch(kwargs.get("trainer_state"), kwargs.get("prompt_id"), texts, actions,
-                                       rewards, kwargs.get("optimal_action"))
-        return rewards
-
-    def format_reward(prompts, completions, completion_ids, action_rewards, **kwargs):
-        _, actions = parse(completion_ids, len(action_rewards[0]))
-        return [0.0 if a is not None else -float(format_penalty) for a in actions]
-
-    functions = [action_reward, format_reward]
-    assert tuple(f.__name__ for f in functions) == REWARD_NAMES  # the names TRL logs them under
-    return functions
-
-
-COMPLETION_LOG_COLUMNS = ["step", "micro_step", "rank", "prompt_id", "completion", "parsed_action", "reward",
-                          "optimal_action"]
-# the columns of a log written before several processes could train (no rank): still read, and continued by --resume
-RANKLESS_LOG_COLUMNS = [name for name in COMPLETION_LOG_COLUMNS if name != "rank"]
-
-
-class CompletionLog:
-    """Appends every scored completion to a CSV that survives a crash: header once, each batch flushed to disk.
-
-    `step` is the optimiser step the completion trains, counted from 1 like TensorBoard and the checkpoints
-    (trainer_state.global_step + 1 while it is generated), and `micro_step` the first micro-batch it feeds, also
-    from 1: global_step * steps_per_generation + 1, where steps_per_generation (GRPO_STEPS_PER_GENERATION) is the
-    number of micro-batches one generation serves (= gradient accumulation steps by default).
-    `rank` is the process that generated and scored the completion (0 with one process). Under `accelerate launch`
-    every process scores its own completions; their rows are gathered to the main process, which alone writes the
-    file: one writer, so no record is ever interleaved with another process's and a kill can cut off at most the
-    last record, as with one process. A log written before the rank column existed is read with an empty rank.
-    A batch is several writes: a kill can leave its last record cut off, which `keep_steps_up_to` removes.
-    """
-
-    def __init__(self, path, steps_per_generation=1):
-        self.path, self.steps_per_generation = str(path), int(steps_per_generation)
-
-    def write_batch(self, trainer_state, prompt_ids, completions, actions, rewards, optimal):
-        from accelerate import PartialState
-        from accelerate.utils import gather_object
-
-        state = PartialState()
-        done = trainer_state.global_step if trainer_state is not None else 0
-        rows = [[done + 1, done * self.steps_per_generation + 1, state.process_index,
-                 prompt_ids[i] if prompt_ids else "", text, "" if actions[i] is None else actions[i],
-                 "" if rewards[i] is None else f"{rewards[i]:.6f}", optimal[i] if optimal else ""]
-                for i, text in enumerate(completions)]
-        if state.num_processes > 1:
-            rows = gather_object(rows)  # every process calls this for each batch; rows come back in process order
-        if not state.is_main_process:
-            return
-        new_file = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            if new_file:
-                writer.writerow(COMPLETION_LOG_COLUMNS)
-            for row in rows:
-                writer.writerow(row)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def read_rows(self):
-        """(rows as lists of text, whether a last record cut off by a kill was left out); header not included.
-
-        A log written before steps counted from 1 (its first step is 0) is renumbered, and one written before the
-        rank column gets an empty rank. Raises DataError for a record in the middle of the file that does not have
-        the log's columns (damage a kill cannot cause).
-        """
-        with open(self.path, "rb") as f:
-            text = f.read().decode("utf-8", errors="replace")  # a kill can cut a character in two, at the end
-        end = complete_records_end(text)
-        records = list(csv.reader(io.StringIO(text[:end], newline="")))
-        torn = end < len(text)
-        if not records:
-            return [], torn  # at most a part of the header
-        if records[0] not in (COMPLETION_LOG_COLUMNS, RANKLESS_LOG_COLUMNS):
-            raise DataError(f"{self.path}:1: not a completion log (its header is {','.join(records[0])}); move "
-                            "it aside, or set GRPO_COMPLETION_LOG_PATH to another file")
-        header, rows = records[0], records[1:]
-        for number, row in enumerate(rows, start=FIRST_DATA_ROW):
-            if len(row) != len(header):
-                raise DataError(f"{self.path}:{number}: {len(row)} fields, a completion log row has "
-                                f"{len(header)}; the log is damaged, move it aside to continue")
-        if header == RANKLESS_LOG_COLUMNS:
-            rows = [row[:2] + [""] + row[2:] for row in rows]
-        if rows and min(int(row[0]) for row in rows) == 0:
-            for row in rows:
-                row[0], row[1] = str(int(row[0]) + 1), str(int(row[1]) + 1)
-        return rows, torn
-
-    def keep_steps_up_to(self, step):
-        """Forget rows of steps after `step` (a resumed run generates them again) and a record cut off by a kill.
-
-        Rewrites the log atomically (with the rank column, also a log written before it); returns (rows dropped,
-        whether a cut-off record was dropped).
-        """
-        if not os.path.exists(self.path):
-            return 0, False
-        rows, torn = self.read_rows()
-        keep = [row for row in rows if int(row[0]) <= step]
-        buffer = io.StringIO(newline="")
-        csv.writer(buffer).writerows([COMPLETION_LOG_COLUMNS, *keep])
-        write_text_atomically(buffer.getvalue(), self.path)
-        return len(rows) - len(keep), torn
-
-
-def complete_records_end(text):
-    """Length of the part of CSV text up to the end of its last complete record: a line break outside quotes."""
-    end, inside = 0, False
-    for match in re.finditer(r'["\n]', text):
-        if match[0] == '"':
-            inside = not inside
-        elif not inside:
-            end = match.end()
-    return end

@@ -116,7 +116,7 @@ def check_output_dir(out, overwrite):
                             "--out")
     if out.exists() and not holds_export(out) and (not out.is_dir() or any(out.iterdir())):
         raise ae.InputError(f"{out} exists and is not an export; choose another --out")
-    from data_reward import why_not_writable
+    from output_files import why_not_writable
 
     # the export is written beside its target, then renamed into place
     reason = why_not_writable(out, directory=True) or why_not_writable(out.parent, directory=True)

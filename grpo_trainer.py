@@ -195,7 +195,7 @@ def grpo_config(settings, device, backend):
     `backend`."""
     from trl import GRPOConfig
 
-    from data_reward import reward_weights
+    from rewards import reward_weights
 
     checkpointing = {"gradient_checkpointing": settings["GRADIENT_CHECKPOINTING"]}
     if "activation_checkpointing" in {field.name for field in dataclasses.fields(GRPOConfig)}:

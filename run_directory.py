@@ -48,7 +48,7 @@ def check_run_dir(out, resume, log, tidy=True):
     run that stopped before its first complete checkpoint, which starts again from step 0). With --resume, `tidy`
     removes what interrupted saves left; of several processes only the main one tidies, the others only look.
     """
-    from data_reward import why_not_writable
+    from output_files import why_not_writable
 
     out = Path(out)
     reason = why_not_writable(out, directory=True)

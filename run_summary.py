@@ -24,7 +24,7 @@ def make_progress_printer(total_steps, every):
     main process."""
     from transformers import TrainerCallback
 
-    from data_reward import reward_metric
+    from rewards import reward_metric
 
     class ProgressPrinter(TrainerCallback):
         def __init__(self):
@@ -89,7 +89,7 @@ def summarize_speed(log_history, device, first_step=0, completions_per_step=None
 
 def summarize_log(log_history):
     """Reward, valid rate and accuracy at the start and end of training, from the trainer's log history."""
-    from data_reward import reward_metric
+    from rewards import reward_metric
 
     rows = [r for r in log_history if reward_metric() in r or "train/valid_rate" in r]
     def window(part):
@@ -101,7 +101,7 @@ def summarize_log(log_history):
 
 def write_summary(out, summary):
     """summary.json for programs, summary.md for people."""
-    from data_reward import strict_json, write_text_atomically
+    from output_files import strict_json, write_text_atomically
 
     write_text_atomically(strict_json(summary), Path(out) / "summary.json")
     write_text_atomically(render_summary(summary), Path(out) / "summary.md")

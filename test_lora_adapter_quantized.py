@@ -241,7 +241,7 @@ def main(argv=None):
     }
     ae.write_json(report, adapter_dir / f"{PREFIX}_report.json")
     summary = render_summary(report)
-    from data_reward import write_text_atomically
+    from output_files import write_text_atomically
 
     write_text_atomically(summary, adapter_dir / f"{PREFIX}_summary.md")
     print(summary)

@@ -24,7 +24,7 @@ What it does, in order:
 4. writes into OUT, once the model is loaded and wrapped (nothing before): the adapter and tokenizer, checkpoints
    every SAVE_STEPS (adapter, optimiser, trainer state; each complete or absent, see run_directory.py),
    run_config.json (the resolved settings), TensorBoard logs (runs/<run>/logs; `tensorboard --logdir runs`),
-   completions.csv (every scored completion, steps counted from 1, see data_reward.CompletionLog),
+   completions.csv (every scored completion, steps counted from 1, see completion_log.CompletionLog),
    validation.json (each checkpoint's score on VALIDATION_PROMPTS training prompts) and summary.json / summary.md.
    The run's adapter is the best-scoring checkpoint's (best_checkpoint.py), not necessarily the last step's; it
    records its base as 'tiny' or a path relative to the repository.
@@ -391,7 +391,7 @@ def check_lora_targets(model, targets):
 
 def make_trainer(model, tokenizer, pool, completion_log, settings, device, backend, log, callbacks=()):
     import model_loader
-    from data_reward import make_reward_functions
+    from rewards import make_reward_functions
     from grpo_trainer import TesGRPOTrainer, grpo_config
     from step_stream import StepStream
 
@@ -495,7 +495,8 @@ def train(args, processes):
         import generation
         import grpo_trainer
         import model_loader
-        from data_reward import CompletionLog, write_text_atomically
+        from completion_log import CompletionLog
+        from output_files import write_text_atomically
 
         device = "cuda" if processes.device.type == "cuda" else "cpu"  # model_loader.pick_device, as accelerate chose
         try:

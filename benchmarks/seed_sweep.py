@@ -149,7 +149,7 @@ def main(argv=None):
     import tiny_gpt_oss
 
     tiny_gpt_oss.ensure_tiny_model()  # built once here, not timed inside the first seed's run
-    from data_reward import strict_json, write_text_atomically
+    from output_files import strict_json, write_text_atomically
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     pending, running, rows = list(args.seeds), {}, []

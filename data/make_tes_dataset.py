@@ -42,6 +42,7 @@ import pandas as pd
 # the script lives in data/ but shares the data contract with the top-level modules
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data_reward  # noqa: E402
+import output_files  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # Horizon
@@ -320,7 +321,7 @@ def main(argv=None):
     if ties:
         raise RuntimeError(f"rows {ties[:5]} (of {len(ties)}) have two actions with equal stored Q; "
                            "change PUMP_HALF_KWH or CHARGE_EFFICIENCY slightly or raise Q_DECIMALS")
-    data_reward.write_csv_atomically(table, args.out)
+    output_files.write_csv_atomically(table, args.out)
     print(f"wrote {args.out}")
     print("\n".join(summarise(table)))
 

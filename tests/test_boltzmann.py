@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # so a bare `pytest` finds it
-from data_reward import boltzmann_rewards  # noqa: E402
+from data_reward import boltzmann_rewards
 
 Q = np.array([[-46.61, -46.86, -46.68, -46.62],
               [0.0, 0.1, 0.2, 0.3],

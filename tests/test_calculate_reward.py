@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # so a bare `pytest` finds the modules
 import calculate_reward  # noqa: E402
 import data_reward  # noqa: E402
+import output_files  # noqa: E402
 
 # quoted commas, a doubled quote, a newline inside a prompt and numbers written in odd ways:
 # all of it must come back exactly as written
@@ -116,7 +117,7 @@ def test_a_failure_while_replacing_keeps_the_original_and_leaves_no_temp_file(tm
     def interrupted(source, target):
         raise KeyboardInterrupt  # Ctrl-C between writing the temp file and the rename
 
-    monkeypatch.setattr(data_reward.os, "replace", interrupted)
+    monkeypatch.setattr(output_files.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_main(path, "--tau", "0.05")
     assert path.read_bytes() == TOY.encode("utf-8")
@@ -129,7 +130,7 @@ def test_a_failure_halfway_through_writing_leaves_no_temp_file(tmp_path, monkeyp
     def disk_full(descriptor):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(data_reward.os, "fsync", disk_full)
+    monkeypatch.setattr(output_files.os, "fsync", disk_full)
     assert run_main(path, "--tau", "0.05") == 2  # a message, not a traceback
     assert path.read_bytes() == TOY.encode("utf-8")
     assert [p.name for p in tmp_path.iterdir()] == ["data.csv"]

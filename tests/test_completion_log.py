@@ -1,9 +1,9 @@
-"""data_reward.CompletionLog: the rank column, and logs written before it still read and continued."""
+"""completion_log.CompletionLog: the rank column, and logs written before it still read and continued."""
 
 import csv
 from types import SimpleNamespace
 
-from data_reward import COMPLETION_LOG_COLUMNS, CompletionLog
+from completion_log import COMPLETION_LOG_COLUMNS, CompletionLog
 
 RANKLESS = "step,micro_step,prompt_id,completion,parsed_action,reward,optimal_action\n"
 

@@ -10,7 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # so a bare `pytest` finds it
 import data_reward  # noqa: E402
-from data_reward import DataError  # noqa: E402
+import output_files  # noqa: E402
+from data_reward import DataError
 
 GOOD = ('row_id,prompt,q_action_0,q_action_1,reward_action_0,reward_action_1\n'
         '0,"Tank empty, load small.",-1.0,-1.5,0.75,0.25\n'
@@ -240,10 +241,10 @@ def test_write_csv_atomically_removes_its_temp_file_on_ctrl_c(tmp_path, monkeypa
     def interrupt(source, target):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data_reward.os, "replace", interrupt)
+    monkeypatch.setattr(output_files.os, "replace", interrupt)
     df = data_reward.read_data_csv(path)
     with pytest.raises(KeyboardInterrupt):
-        data_reward.write_csv_atomically(df, path)
+        output_files.write_csv_atomically(df, path)
     assert path.read_text(encoding="utf-8") == GOOD
     assert [p.name for p in tmp_path.iterdir()] == ["data.csv"]
 
@@ -251,6 +252,6 @@ def test_write_csv_atomically_removes_its_temp_file_on_ctrl_c(tmp_path, monkeypa
 def test_write_csv_atomically_keeps_the_file_mode(tmp_path):
     path = write(tmp_path, GOOD)
     path.chmod(0o640)
-    data_reward.write_csv_atomically(data_reward.read_data_csv(path), path)
+    output_files.write_csv_atomically(data_reward.read_data_csv(path), path)
     assert path.stat().st_mode & 0o777 == 0o640
     assert path.read_text(encoding="utf-8") == GOOD

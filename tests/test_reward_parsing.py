@@ -3,7 +3,7 @@
 import pytest
 
 import harmony
-from data_reward import make_reward_functions
+from rewards import make_reward_functions
 from tiny_gpt_oss import load_tiny_tokenizer
 
 REWARDS = [0.1, 0.2, 0.3, 0.4]  # reward_action_0..3 of the prompt being answered
@@ -117,9 +117,9 @@ def test_each_batch_is_scored_by_its_own_parse_when_lists_are_freed_between_call
 def test_reward_weights_and_metric_names_come_from_the_reward_list():
     """train_grpo.py's reward_weights and the metric it reads are built from make_reward_functions' list: a reward
     added or renamed there changes both (TRL logs each function under rewards/<its __name__>/mean)."""
-    import data_reward
+    import rewards
 
-    functions = data_reward.make_reward_functions(tokenizer=None)
-    assert len(data_reward.reward_weights()) == len(functions)
-    assert [data_reward.reward_metric(f.__name__) for f in functions] == [
+    functions = rewards.make_reward_functions(tokenizer=None)
+    assert len(rewards.reward_weights()) == len(functions)
+    assert [rewards.reward_metric(f.__name__) for f in functions] == [
         "rewards/action_reward/mean", "rewards/format_reward/mean"]

@@ -23,23 +23,23 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SHORT = ["--tiny", "--total-steps", "3", "--save-steps", "2", "--eval-samples", "1", "--eval-max-prompts", "4",
          "--validation-prompts", "4", "--validation-samples", "1", "--report-to", "none"]
 # Runs train_grpo.main in each launched process, and records in WRITES.<rank> what that process wrote: the files
-# written through data_reward.write_text_atomically, 'adapter' for the final adapter, and 'log row <step>' for every
+# written through output_files.write_text_atomically, 'adapter' for the final adapter, and 'log row <step>' for every
 # completion-log record. With KILL_AT=log:N the main process dies halfway through a completion-log record of step N.
 LAUNCHED = """
 import csv, os, signal, sys
 sys.path.insert(0, {root!r})
-import data_reward, run_directory
+import output_files, run_directory
 
 rank, writes = os.environ["RANK"], os.environ["WRITES"]
 def record(what):
     with open(f"{{writes}}.{{rank}}", "a") as f:
         f.write(what + "\\n")
 
-write_text = data_reward.write_text_atomically
+write_text = output_files.write_text_atomically
 def recorded_write_text(text, path):
     record(os.path.basename(str(path)))
     write_text(text, path)
-data_reward.write_text_atomically = recorded_write_text
+output_files.write_text_atomically = recorded_write_text
 save_final = run_directory.save_final_atomically
 def recorded_save_final(*args, **kwargs):
     record("adapter")
