@@ -17,13 +17,12 @@ What it changes (each by overriding the method the documented way, never by assi
   TensorBoard refuses with a warning per step) is left out; the mean reward of such a step is absent, not zero.
 `save_checkpoint_now()` is the public way to save one (train_grpo.py on Ctrl-C).
 
-INTERNALS lists every private TRL / transformers name used here (rollout_engine.py keeps its own list); a trainer
-checks them when it is built and stops with one message naming the missing or changed one, the installed versions
-and the tested ones, instead of training on with a silently different behaviour.
+library_internals.TRAINER lists every private TRL / transformers name used here; a trainer checks them when it is
+built and stops with one message naming the missing or changed one, the installed versions and the tested ones,
+instead of training on with a silently different behaviour.
 """
 
 import dataclasses
-import inspect
 import math
 import os
 import shutil
@@ -34,63 +33,18 @@ from pathlib import Path
 from trl import GRPOTrainer
 
 import completion_scoring
+import library_internals
 import run_directory
+from library_internals import LibraryMismatch  # noqa: F401  (what a failed check raises)
 
-# -----------------------------------------------------------------------------
-TESTED_VERSIONS = "trl 1.16, transformers 5.17 and 5.24, peft 0.21"  # where INTERNALS were read and the tests pass
-INTERNALS = (  # (module, attribute path, parameters it must take): the private names this module relies on
-    ("trl", "GRPOTrainer._get_per_token_logps_and_entropies",
-     ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy", "compute_aux_loss")),
-    ("trl", "GRPOTrainer._generate", ("prompts",)),
-    ("trl", "GRPOTrainer._log_metric", ("name", "value")),
-    ("transformers", "Trainer._save_checkpoint", ("model", "trial")),
-    ("transformers", "Trainer._get_output_dir", ("trial",)),
-    ("trl.trainer.utils", "selective_log_softmax_and_entropy", ("logits", "index", "temperature")),
-)
-INSTANCE_INTERNALS = ("_metrics",)  # GRPOTrainer's attributes read here: {"train" | "eval": {metric: [values]}}
-# -----------------------------------------------------------------------------
 
+def check_internals():
+    """library_internals.check of everything the subclass relies on (TRAINER)."""
+    library_internals.check(library_internals.TRAINER)
 
 class GenerationFailed(RuntimeError):
     """Generation gave no usable completions (transformers' continuous batching logs its out-of-memory and returns
     nothing, and TRL then fails on the empty result)."""
-
-
-class LibraryMismatch(RuntimeError):
-    """An internal this project relies on is missing or changed in the installed TRL / transformers."""
-
-
-def installed_versions():
-    from importlib.metadata import version
-
-    return ", ".join(f"{name} {version(name)}" for name in ("trl", "transformers", "peft"))
-
-
-def find_internal(module_name, path):
-    """The object at `module.path` (dotted), or None."""
-    import importlib
-
-    obj = importlib.import_module(module_name)
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def check_internals(internals=INTERNALS):
-    """LibraryMismatch naming the first internal that is missing or no longer takes the parameters used here."""
-    for module_name, path, parameters in internals:
-        obj = find_internal(module_name, path)
-        if obj is None:
-            problem = "is missing"
-        else:
-            missing = [p for p in parameters if p not in inspect.signature(obj).parameters]
-            problem = f"no longer takes {', '.join(missing)}" if missing else None
-        if problem:
-            raise LibraryMismatch(f"{module_name}.{path} {problem}: this project relies on it (grpo_trainer.INTERNALS). "
-                                  f"Installed: {installed_versions()}; tested: {TESTED_VERSIONS}. Install the "
-                                  "versions in requirements.txt (pip install -r requirements.txt)")
 
 
 class TesGRPOTrainer(GRPOTrainer):
@@ -102,11 +56,6 @@ class TesGRPOTrainer(GRPOTrainer):
         self.base_model_id = base_model_id  # what saved adapters record as their base (model_loader.portable_model_id)
         self.staging_dir = None  # the hidden directory a checkpoint is being written into
         super().__init__(*args, **kwargs)
-        for name in INSTANCE_INTERNALS:
-            if not isinstance(getattr(self, name, None), dict):
-                raise LibraryMismatch(f"trl.GRPOTrainer has no dict {name} after construction: this project relies "
-                                      f"on it (grpo_trainer.INSTANCE_INTERNALS). Installed: {installed_versions()}; "
-                                      f"tested: {TESTED_VERSIONS}. Install the versions in requirements.txt")
 
     # -- scoring ---------------------------------------------------------------------------------------------------
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,

@@ -47,6 +47,7 @@ from typing import NamedTuple
 import torch
 
 import harmony
+import library_internals
 from mxfp4_experts import dense_forward as mxfp4_dense_forward, is_mxfp4_experts, swiglu
 
 LENGTH_BUCKET = 128  # cache positions are rounded up to a multiple of this, so nearby prompt lengths share a graph
@@ -87,6 +88,7 @@ class RolloutEngine:
         self.groups = self.config.num_attention_heads // self.kv_heads
         self.window = self.config.sliding_window
         self.sliding = [t == "sliding_attention" for t in self.config.layer_types]
+        library_internals.check(library_internals.ENGINE)
         # transformers' grouped_mm experts are graph-safe (bf16); its eager loop and fp32 fallback sync the host
         graph_safe = getattr(self.config, "_experts_implementation", None) == "grouped_mm" and \
             self.lm.model.layers[0].mlp.router.weight.dtype == torch.bfloat16

@@ -161,3 +161,10 @@ def test_a_missing_or_changed_library_internal_stops_with_its_name(monkeypatch):
     monkeypatch.setattr(trl.GRPOTrainer, "_log_metric", lambda self, key, number: None)
     with pytest.raises(grpo_trainer.LibraryMismatch, match="_log_metric no longer takes name, value"):
         grpo_trainer.check_internals()
+    monkeypatch.undo()
+    import library_internals
+
+    library_internals.check(library_internals.ENGINE)  # the engine's, read from the libraries' source
+    renamed = (("peft.tuners.lora.layer", None, "_did_swap_in_out_features_renamed"),)
+    with pytest.raises(library_internals.LibraryMismatch, match="attribute _did_swap_in_out_features_renamed is never"):
+        library_internals.check(renamed)

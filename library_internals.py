@@ -1,0 +1,75 @@
+"""Every private TRL / transformers / PEFT name this project relies on, in one list, and the check that they exist.
+
+    library_internals.check(library_internals.TRAINER)    # grpo_trainer.TesGRPOTrainer, when it is built
+    library_internals.check(library_internals.ENGINE)     # rollout_engine.RolloutEngine, when it is built
+
+A release that renames or changes one of them would otherwise change this project's behaviour silently (a CPU
+scoring path no longer taken, a checkpoint written half). The check stops with one message naming the internal,
+the installed versions and the tested ones. Two kinds of entry:
+- (module, dotted attribute, parameters): a function or method that must exist and take those parameters;
+- (module, None, name): an instance attribute, which must still appear in the module's source (it is set on
+  objects the module builds, so only the source can be asked before one exists).
+"""
+
+import importlib
+import inspect
+
+# -----------------------------------------------------------------------------
+TESTED_VERSIONS = "trl 1.16, transformers 5.17 and 5.24, peft 0.21"  # where these were read and the tests pass
+TRAINER = (  # grpo_trainer.TesGRPOTrainer overrides or calls these
+    ("trl", "GRPOTrainer._get_per_token_logps_and_entropies",
+     ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy", "compute_aux_loss")),
+    ("trl", "GRPOTrainer._generate", ("prompts",)),
+    ("trl", "GRPOTrainer._log_metric", ("name", "value")),
+    ("transformers", "Trainer._save_checkpoint", ("model", "trial")),
+    ("transformers", "Trainer._get_output_dir", ("trial",)),
+    ("trl.trainer.utils", "selective_log_softmax_and_entropy", ("logits", "index", "temperature")),
+    ("trl.trainer.grpo_trainer", None, "_metrics"),  # {"train" | "eval": {metric: [values]}}, read by its `log`
+)
+ENGINE = (  # rollout_engine.py reads these
+    ("transformers.configuration_utils", None, "_experts_implementation"),  # which experts kernel a model runs
+    ("peft.tuners.lora.layer", None, "_did_swap_in_out_features"),  # ParamWrapper's expert LoRA orientation
+)
+# -----------------------------------------------------------------------------
+
+
+class LibraryMismatch(RuntimeError):
+    """An internal this project relies on is missing or changed in the installed libraries."""
+
+
+def installed_versions():
+    from importlib.metadata import version
+
+    return ", ".join(f"{name} {version(name)}" for name in ("trl", "transformers", "peft"))
+
+
+def find(module_name, path):
+    """The object at `module.path` (dotted), or None."""
+    obj = importlib.import_module(module_name)
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def problem_with(module_name, path, expected):
+    """What is wrong with one entry, or None."""
+    if path is None:
+        return None if expected in inspect.getsource(importlib.import_module(module_name)) else "is never set"
+    obj = find(module_name, path)
+    if obj is None:
+        return "is missing"
+    missing = [p for p in expected if p not in inspect.signature(obj).parameters]
+    return f"no longer takes {', '.join(missing)}" if missing else None
+
+
+def check(internals):
+    """LibraryMismatch naming the first entry that is missing or changed."""
+    for module_name, path, expected in internals:
+        problem = problem_with(module_name, path, expected)
+        if problem:
+            name = f"{module_name}.{path}" if path else f"{module_name}: the attribute {expected}"
+            raise LibraryMismatch(f"{name} {problem}: this project relies on it (library_internals.py). Installed: "
+                                  f"{installed_versions()}; tested: {TESTED_VERSIONS}. Install the versions in "
+                                  "requirements.txt (pip install -r requirements.txt)")
