@@ -202,11 +202,14 @@ def expert_quantization_error(model, packed, reader, names):
     if not rows:
         return None
     updates = [r["update_relative_error"] for r in rows if r.get("update_relative_error") is not None]
+    mean_update_error = sum(updates) / len(updates) if updates else None
     return {"weights": len(rows),
             "weight_relative_error_max": max(r["weight_relative_error"] for r in rows),
             "weight_relative_error_mean": sum(r["weight_relative_error"] for r in rows) / len(rows),
             "update_relative_error_max": max(updates) if updates else None,
-            "update_relative_error_mean": sum(updates) / len(updates) if updates else None,
+            "update_relative_error_mean": mean_update_error,
+            # the share of the update kept: 1 - its mean relative rounding error, at least 0
+            "update_kept": None if mean_update_error is None else max(0.0, 1.0 - mean_update_error),
             "per_weight": rows}
 
 

@@ -96,7 +96,7 @@ class VerificationError(ExportError):
 
 
 class LossyExportError(ExportError):
-    """MXFP4 would drop most of what expert LoRA learned; nothing was written."""
+    """MXFP4 rounding breaks MAX_UPDATE_LOSS or MIN_ARGMAX_AGREEMENT for expert LoRA; nothing was written."""
 
 
 class PushError(ExportError):
@@ -282,7 +282,7 @@ def measure_fidelity(experts_format, changed, quantization, vs_merged):
                  "positions": vs_merged["positions"]}
     loss = quantization["update_relative_error_mean"] if quantization else None
     fidelity = {"verdict": "lossy" if experts_format == "mxfp4" and changed else "exact",
-                "expert_update_kept": None if loss is None else max(0.0, 1.0 - loss),
+                "expert_update_kept": quantization["update_kept"] if quantization else None,
                 "update_relative_error_mean": loss, "vs_merged_bf16": agreement}
     if fidelity["verdict"] == "exact":
         fidelity["summary"] = ("exact: every weight as merged, the experts in bf16" if experts_format == "bf16" else
@@ -395,7 +395,7 @@ def export(settings, log=ae.log):
     lost = why_too_lossy(fidelity, settings)
     if lost and not settings["ALLOW_LOSSY"]:
         raise LossyExportError(
-            f"MXFP4 would drop most of what expert LoRA learned: {'; '.join(lost)}. Nothing was written to {out}. "
+            f"MXFP4 rounding loses too much of what expert LoRA learned: {'; '.join(lost)}. Nothing was written to {out}. "
             f"Two ways on: --experts-format bf16 writes every weight exactly ({size_text(sizes['bf16_gib'])} instead "
             f"of {size_text(sizes['mxfp4_gib'])}), or --allow-lossy true writes the MXFP4 model anyway")
 

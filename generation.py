@@ -33,13 +33,13 @@ def check_backend(name, device):
     """ValueError for a name that is neither 'auto' nor a back end, or one this device cannot run."""
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"generation back end {name!r} is not one of auto, {', '.join(BACKENDS)}")
-    if name != "auto" and BACKENDS[name].needs_cuda and device != "cuda":
+    if name != "auto" and BACKENDS[name].needs_cuda and not str(device).startswith("cuda"):
         raise ValueError(f"--generation-backend {name} needs a CUDA GPU; use generate or engine")
 
 
 def resolve(name, model, device):
     """The back end a name stands for on this model and device ('auto': the engine on a GPU when it runs the model)."""
-    check_backend(name, str(device))
+    check_backend(name, device)
     if name != "auto":
         return name
     from rollout_engine import supports

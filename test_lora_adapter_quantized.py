@@ -233,8 +233,8 @@ def main(argv=None):
         "reference": {"dtype": dtype, "base": reference["base"], "adapter": reference["adapter"]},
         "mxfp4": {"base": mxfp4["base"], "adapter": mxfp4["adapter"], "by_construction": by_construction},
         "export": {"adapter": export_scores, "changed_expert_weights": sorted(changed),
-                   "expert_update_kept": None if not quantization or quantization["update_relative_error_mean"] is None
-                   else max(0.0, 1 - quantization["update_relative_error_mean"]), "quantization_error": quantization},
+                   "expert_update_kept": quantization["update_kept"] if quantization else None,
+                   "quantization_error": quantization},
         "delta": delta, "logits": logit_delta, "requantize_roundtrip": roundtrip,
         "references": evaluation.reference_scores(frame), "plots": plots,
         "device": device, "seconds": round(time.time() - start, 1), "settings": settings,

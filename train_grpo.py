@@ -16,7 +16,7 @@ What it does, in order:
 2. loads MODEL_ID through model_loader (MXFP4 experts dequantised to bf16 on GPU / fp32 on CPU, eager attention)
    and wraps it with a PEFT LoRA adapter (`all-linear` = attention q/k/v/o on gpt-oss; LORA_EXPERTS adds the
    experts' gate_up_proj/down_proj through `target_parameters`);
-3. feeds TRL's GRPOTrainer from StepStream (step_stream.py) with two rewards (data_reward.py): the Boltzmann
+3. feeds TRL's GRPOTrainer from StepStream (step_stream.py) with two rewards (rewards.py): the Boltzmann
    reward of the action in the final Harmony message (None when invalid) and a format penalty for invalid answers;
    the completions come from GENERATION_BACKEND: on a GPU by default the engine of rollout_engine.py (CUDA graphs,
    plugged in as TRL's rollout_func), else TRL's own `generate` or transformers' continuous batching; on a CPU the
@@ -109,7 +109,7 @@ LORA_EXPERTS = False  # also adapt the MoE experts (gate_up_proj, down_proj) thr
 REASONING_EFFORT = "low"  # must match the prompts' 'Reasoning:' line (convert_to_harmony.py renders it into them)
 TEMPERATURE = 1.0  # sampling temperature of the GRPO rollouts
 TOP_P = 1.0  # nucleus sampling of the rollouts
-GENERATION_BACKEND = "auto"  # engine (rollout_engine.py, CUDA graphs) | continuous-batching | generate; auto: engine on a GPU, generate on a CPU
+GENERATION_BACKEND = "auto"  # engine (rollout_engine.py, CUDA graphs) | continuous-batching | generate; auto: engine on a GPU for a model it runs, else generate (generation.py)
 # Evaluation and logging
 EVAL_SAMPLES = 0  # answers per held-out prompt in the final before/after evaluation (0 = skip)
 EVAL_MAX_PROMPTS = 0  # held-out prompts evaluated (0 = all)

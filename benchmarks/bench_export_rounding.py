@@ -40,15 +40,12 @@ VERIFY_PROMPTS = 8  # held-out prompts of the tiny case's logit comparison
 VERIFY_POSITIONS = 64  # last tokens of each prompt compared
 SEED = 0
 # -----------------------------------------------------------------------------
-GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+GRID = torch.tensor(mxfp4.E2M1_VALUES[:8])  # the e2m1 magnitudes
 
 
-def round_to_grid(q, stochastic=False, generator=None):
-    """Values already divided by their block scale (|q| <= 6) -> nearest e2m1 grid value (ties to even, as
-    mxfp4.encode_e2m1), or an unbiased random choice between the two neighbours."""
-    if not stochastic:
-        codes = mxfp4.encode_e2m1(q)
-        return GRID[(codes & 7).long()] * torch.where(codes >= 8, -1.0, 1.0)
+def round_to_grid(q, generator):
+    """Values already divided by their block scale (|q| <= 6) -> an unbiased random choice between the two
+    neighbouring e2m1 grid values (the nearest-value roundings are mxfp4.quantize_mxfp4's)."""
     mag = q.abs()
     upper_index = torch.searchsorted(GRID, mag.contiguous(), right=False).clamp(max=len(GRID) - 1)
     lower_index = (upper_index - 1).clamp(min=0)
@@ -59,23 +56,25 @@ def round_to_grid(q, stochastic=False, generator=None):
     return value * torch.sign(q)
 
 
-def round_blocks(w, exponents, stochastic=False, generator=None):
-    """w [rows, 32] fp32 with one exponent a row -> the MXFP4 values (values beyond 6 x 2^e clip to it)."""
+def round_stochastically(w, exponents, generator):
+    """w [rows, 32] fp32 with one exponent a row -> MXFP4 values rounded stochastically."""
     scale = torch.ldexp(torch.ones_like(w[:, :1]), exponents[:, None])
-    return round_to_grid((w / scale).clamp(-6, 6), stochastic, generator) * scale
+    return round_to_grid((w / scale).clamp(-6, 6), generator) * scale
 
 
 def roundings(merged, base_scales, generator):
     """{name: rounded weight} of a merged weight [..., out, in] whose base had `base_scales` [..., out, in / 32]."""
+    def rounded(**rule):
+        return mxfp4.dequantize_mxfp4(*mxfp4.quantize_mxfp4(merged.float(), **rule), torch.float32)
+
     rows = merged.reshape(-1, mxfp4.BLOCK_SIZE).float()
     fresh = mxfp4.derive_exponents(rows.abs().amax(dim=-1))
     kept_scale = torch.maximum(fresh, base_scales.reshape(-1).to(torch.int32) - mxfp4.SCALE_BIAS)
-    closest = mxfp4.quantize_mxfp4(merged.float(), like_scales=base_scales, scale_rule="closest")
-    out = {"base scales, never clipping": round_blocks(rows, kept_scale),
-           "base scales, closest of two": mxfp4.dequantize_mxfp4(*closest, torch.float32),
-           "fresh scales": round_blocks(rows, fresh),
-           "stochastic, base scales": round_blocks(rows, kept_scale, stochastic=True, generator=generator)}
-    return {name: value.reshape(merged.shape) for name, value in out.items()}
+    stochastic = round_stochastically(rows, kept_scale, generator).reshape(merged.shape)
+    return {"base scales, never clipping": rounded(like_scales=base_scales),
+            "base scales, closest of two": rounded(like_scales=base_scales, scale_rule="closest"),
+            "fresh scales": rounded(),
+            "stochastic, base scales": stochastic}
 
 
 def measure(pairs):

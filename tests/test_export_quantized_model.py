@@ -124,7 +124,7 @@ def test_an_export_that_would_lose_the_expert_update_is_refused_naming_both_ways
     message, _, _ = run_main(["--adapter-path", str(run), "--out", str(out), "--prompt-path", str(prompt_file),
                               "--verify-prompts", "2"], capsys)  # SystemExit("error: ..."): exit status 1
     assert message.startswith("error: ")
-    assert "MXFP4 would drop most of what expert LoRA learned" in message and "0% of it kept" in message
+    assert "MXFP4 rounding loses too much of what expert LoRA learned" in message and "0% of it kept" in message
     assert "--experts-format bf16" in message and "--allow-lossy true" in message
     assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
     lossy = exporter.main(["--adapter-path", str(run), "--out", str(out), "--prompt-path", str(prompt_file),

@@ -115,7 +115,7 @@ def test_each_batch_is_scored_by_its_own_parse_when_lists_are_freed_between_call
 
 
 def test_reward_weights_and_metric_names_come_from_the_reward_list():
-    """train_grpo.py's reward_weights and the metric it reads are built from make_reward_functions' list: a reward
+    """grpo_trainer.grpo_config's reward_weights and the metric it reads are built from make_reward_functions' list: a reward
     added or renamed there changes both (TRL logs each function under rewards/<its __name__>/mean)."""
     import rewards
 

@@ -223,6 +223,9 @@ def test_one_auto_rule_asks_whether_the_engine_runs_the_model(tokenizer):
     assert generation.resolve("auto", model, "cuda") == "engine"
     assert generation.resolve("auto", torch.nn.Linear(2, 2), "cuda") == "generate"  # not a gpt-oss the engine runs
     assert generation.resolve("engine", model, "cpu") == "engine"
+    # evaluation passes the model's own device, "cuda:0": continuous batching is kept (and samples with generate)
+    assert generation.resolve("continuous-batching", model, torch.device("cuda", 0)) == "continuous-batching"
+    assert generation.BACKENDS["continuous-batching"].evaluation_sampler == "generate"
     with pytest.raises(ValueError, match="vllm"):
         generation.resolve("vllm", model, "cpu")
     text = "<|start|>user<|message|>hi<|end|><|start|>assistant"
