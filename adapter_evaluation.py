@@ -99,14 +99,6 @@ def check_settings(settings):
 EXPERTS_FORMATS = ("bf16", "mxfp4")  # model_loader.EXPERTS_FORMATS, checked before torch is imported
 
 
-def check_experts_format(experts_format, adapter_config, adapter_dir):
-    """InputError for an adapter with expert LoRA on MXFP4-resident experts (PEFT wraps only bf16 experts)."""
-    targets = expert_lora_targets(adapter_config)
-    if experts_format == "mxfp4" and targets:
-        raise InputError(f"{adapter_dir}: the adapter trains the experts ({', '.join(targets)}), which PEFT can "
-                         "only put on dequantised experts; evaluate it with --experts-format bf16")
-
-
 def check_writable(directory):
     """InputError unless files can be written into `directory` (before any work whose results would be lost)."""
     from output_files import why_not_writable
@@ -392,13 +384,12 @@ def load_run_tokenizer(adapter_dir, base_model_id):
 
 def load_adapted_model(adapter_dir, base_model_id, device=None, dtype=None, experts_format="bf16"):
     """(PeftModel in eval mode, tokenizer): the base through model_loader (experts dequantised, or kept in MXFP4
-    with experts_format='mxfp4') plus the adapter."""
-    from peft import PeftModel
-
+    with experts_format='mxfp4', an expert LoRA then added as low-rank terms) plus the adapter."""
+    import expert_lora
     import model_loader
 
     model = model_loader.load_model(base_model_id, device=device, dtype=dtype, experts_format=experts_format)
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model = expert_lora.load_adapter(model, adapter_dir)
     model.eval()
     return model, load_run_tokenizer(adapter_dir, base_model_id)
 

@@ -1,5 +1,5 @@
 """Merge a LoRA adapter into gpt-oss and bring its experts back to MXFP4: what export_quantized_model.py writes and
-test_lora_adapter_quantized.py simulates.
+test_lora_adapter_quantized.py evaluates.
 
 gpt-oss ships its MoE experts as MXFP4 blocks/scales; model_loader dequantises them exactly. After
 `merge_and_unload`, an attention-only adapter has left every expert weight untouched, so the export copies the
@@ -11,8 +11,6 @@ step: `expert_quantization_error` measures how much.
 
 - `CheckpointReader`: the tensors of a safetensors model directory by name, read lazily (one at a time);
 - `lora_expert_parameters(peft_model)`: names of the expert weights an adapter changes (before merging);
-  `expert_lora_disabled(peft_model)`: a context without them (what a PEFT adapter on an MXFP4 base computes);
-- `requantize_matches_checkpoint(model, reader)`: do the dequantised experts give the checkpoint's bytes back?
 - `quantize_experts(model, changed, reader)`: name -> MXFP4 tensors for every expert weight of a merged model;
 - `load_quantized_experts(model, packed)`: put those MXFP4 values into the model (what a reader of the export gets);
 - `expert_quantization_error(model, packed, reader)`: relative error of the weights and of the LoRA update;
@@ -21,7 +19,6 @@ step: `expert_quantization_error` measures how much.
 - `add_converter_config_keys`: config.json keys that the original checkpoint carries and llama.cpp/Ollama read.
 """
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -98,39 +95,6 @@ def expert_weights(model):
         if EXPERT_PARAM_RE.match(name):
             weights[name] = param
     return weights
-
-
-def requantize_matches_checkpoint(model, reader):
-    """Quantise the model's expert weights again with the checkpoint's scales; count those that give its bytes.
-
-    For a base loaded through model_loader every expert does (dequantising MXFP4 is exact): the dequantised model
-    and the MXFP4 checkpoint hold the same weights, so their evaluations can only differ by the kernels' arithmetic.
-    """
-    same = total = 0
-    for name, param in expert_weights(model).items():
-        if f"{name}_blocks" not in reader:
-            continue
-        blocks, scales = f"{name}_blocks", f"{name}_scales"
-        quantized = quantize_expert_weights(name, param, like_scales=reader.get(scales).to(param.device))
-        total += 1
-        same += bool(torch.equal(quantized[blocks].cpu(), reader.get(blocks))
-                     and torch.equal(quantized[scales].cpu(), reader.get(scales)))
-    return {"expert_weights": total, "bit_identical": same}
-
-
-@contextlib.contextmanager
-def expert_lora_disabled(peft_model):
-    """Switch the adapter's expert LoRA (ParamWrapper layers) off for the block: what an MXFP4 base runs."""
-    from peft.tuners.lora.layer import ParamWrapper
-
-    wrappers = [m for m in peft_model.modules() if isinstance(m, ParamWrapper)]
-    for module in wrappers:
-        module.enable_adapters(False)
-    try:
-        yield len(wrappers)
-    finally:
-        for module in wrappers:
-            module.enable_adapters(True)
 
 
 class LazyStateDict(dict):

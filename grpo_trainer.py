@@ -125,18 +125,21 @@ class TesGRPOTrainer(GRPOTrainer):
 
 # -- configuration from train_grpo.py's settings ------------------------------------------------------------------
 def lora_config(settings):
-    """PEFT's LoraConfig for train_grpo.py's LORA_* settings (expert LoRA through PEFT's target_parameters)."""
+    """PEFT's LoraConfig for train_grpo.py's LORA_* settings (expert LoRA through PEFT's target_parameters, on
+    MXFP4-resident experts through expert_lora's wrapper)."""
     from peft import LoraConfig
 
+    import expert_lora
+
     targets = settings["LORA_TARGETS"]
-    return LoraConfig(
+    return expert_lora.register(LoraConfig(
         r=settings["LORA_RANK"],
         lora_alpha=settings["LORA_ALPHA"],
         lora_dropout=0.0,  # must be 0 for target_parameters (expert LoRA)
         target_modules=targets if targets == "all-linear" else targets.split(","),
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if settings["LORA_EXPERTS"] else None,
+        target_parameters=expert_lora.EXPERT_TARGETS if settings["LORA_EXPERTS"] else None,
         task_type="CAUSAL_LM",
-    )
+    ))
 
 
 def grpo_config(settings, device, backend):

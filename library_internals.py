@@ -26,7 +26,14 @@ TRAINER = (  # grpo_trainer.TesGRPOTrainer overrides or calls these
     ("trl.trainer.utils", "selective_log_softmax_and_entropy", ("logits", "index", "temperature")),
     ("trl.trainer.grpo_trainer", None, "_metrics"),  # {"train" | "eval": {metric: [values]}}, read by its `log`
 )
-ENGINE = (  # rollout_engine.py reads these
+EXPERT_LORA = (  # expert_lora.py's wrapper for MXFP4-resident experts subclasses PEFT's ParamWrapper
+    ("peft.tuners.lora.config", "LoraConfig._register_custom_module", ("mapping",)),
+    ("peft.tuners.lora.layer", "ParamWrapper._get_in_out_features", ("module",)),
+    ("peft.tuners.lora.layer", "ParamWrapper._check_forward_args", ("x",)),
+    ("peft.tuners.lora.layer", None, "_param_ndim"),  # set by _get_in_out_features, read by update_layer
+    ("peft.tuners.tuners_utils", None, '!= "ParamWrapper"'),  # nesting of two wrappers decided by class name
+)
+ENGINE = (  # rollout_engine.py reads these (and expert_lora.expert_lora_factors, which it calls)
     ("transformers.configuration_utils", None, "_experts_implementation"),  # which experts kernel a model runs
     ("peft.tuners.lora.layer", None, "_did_swap_in_out_features"),  # ParamWrapper's expert LoRA orientation
 )

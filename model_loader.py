@@ -334,8 +334,8 @@ def load_mxfp4_resident(model_id, config, device, dtype):
                     targets[name].copy_(tensor)
                 loaded.add(name)
                 del tensor
-    persistent = {name for name in model.state_dict()}
-    missing = sorted(persistent - loaded - tied_names(model))
+    persistent = {name for name, tensor in model.state_dict().items() if tensor.numel()}  # not the empty names
+    missing = sorted(persistent - loaded - tied_names(model))                               #   an expert LoRA targets
     if missing:
         raise ModelLoadError(f"{model_id}: the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}; copy "
                              "the model directory again")

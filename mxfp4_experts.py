@@ -43,6 +43,7 @@ TRANSPOSED_SCALE_BYTES = (104, 128)  # scale bytes for which 'transposed' is exa
                                      #   127) span 0.5 x 2^-23 (the smallest fp16 subnormal) .. 6 x 2^1, its factor
                                      #   2^(byte - 113) stays a normal fp16; gpt-oss' weights lie well inside
 DEQUANT_BLOCKS = 64  # MXFP4 blocks (32 values each) dequantised per program of the dequantisation kernel
+LORA_TARGETS = ("gate_up_proj", "down_proj")  # GptOssExperts' weights, the names an expert LoRA targets
 # -----------------------------------------------------------------------------
 
 
@@ -51,6 +52,8 @@ class Mxfp4Experts(torch.nn.Module):
 
     Buffers and parameters carry the checkpoint's own names, so a checkpoint's tensors load into it as they are.
     """
+
+    is_transposed = True  # read by PEFT: an expert LoRA's factors are laid out for [E, in, out], as on GptOssExperts
 
     def __init__(self, num_experts, hidden_size, intermediate_size, limit, alpha, dtype=torch.bfloat16, device=None):
         super().__init__()
@@ -70,6 +73,13 @@ class Mxfp4Experts(torch.nn.Module):
         self.gate_up_proj_bias = torch.nn.Parameter(torch.empty(e, 2 * i, dtype=dtype, device=device),
                                                     requires_grad=False)
         self.down_proj_bias = torch.nn.Parameter(torch.empty(e, h, dtype=dtype, device=device), requires_grad=False)
+        # Empty stand-ins for GptOssExperts' bf16 weights: PEFT finds the parameters an expert LoRA targets by name
+        # (target_parameters "mlp.experts.gate_up_proj"), and its wrapper takes their device and dtype; the LoRA
+        # itself runs as low-rank terms (expert_lora.Mxfp4ExpertLora). Registered in GptOssExperts' order, so
+        # that PEFT nests the two wrappers, and names the adapter's tensors, as it does on bf16 experts.
+        for name in LORA_TARGETS:
+            self.register_parameter(name, torch.nn.Parameter(torch.empty(0, dtype=dtype, device=device),
+                                                             requires_grad=False))
         self.decode_kernel = None  # chosen on the first decode step, once the weights are in place (choose_dense_kernel)
 
     @classmethod
@@ -92,12 +102,14 @@ class Mxfp4Experts(torch.nn.Module):
             self.decode_kernel = choose_dense_kernel(self.gate_up_proj_scales, self.down_proj_scales)
         return self.decode_kernel
 
-    def forward(self, hidden_states, router_indices=None, routing_weights=None):
+    def forward(self, hidden_states, router_indices=None, routing_weights=None, factors=None):
+        """factors: an expert LoRA's low-rank terms (dense_forward says how), passed by expert_lora's wrapper."""
         rows = hidden_states.shape[0]
-        if hidden_states.is_cuda and rows <= DECODE_MAX_ROWS and not (
-                torch.is_grad_enabled() and hidden_states.requires_grad):
-            return dense_forward(self, hidden_states, router_indices, routing_weights)
-        return grouped_forward(self, hidden_states, router_indices, routing_weights)
+        tensors = [hidden_states] + [t for a, b, _ in (factors or {}).values() for t in (a, b)]
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)  # the dense kernels have none
+        if hidden_states.is_cuda and rows <= DECODE_MAX_ROWS and not needs_grad:
+            return dense_forward(self, hidden_states, router_indices, routing_weights, factors)
+        return grouped_forward(self, hidden_states, router_indices, routing_weights, factors)
 
 
 def swiglu(gate_up, limit, alpha):
@@ -110,9 +122,11 @@ def swiglu(gate_up, limit, alpha):
 
 
 # -- many rows: grouped by expert, one matrix dequantised at a time ------------------------------------------------
-def grouped_forward(experts, hidden_states, router_indices, routing_weights):
-    """The experts over token-expert pairs sorted by expert (prefill, training); differentiable in the input and
-    the routing weights. Returns [tokens, hidden] in the input's dtype."""
+def grouped_forward(experts, hidden_states, router_indices, routing_weights, factors=None):
+    """The experts over token-expert pairs sorted by expert (prefill, training); differentiable in the input, the
+    routing weights and an expert LoRA's factors (as dense_forward takes them). Returns [tokens, hidden] in the
+    input's dtype."""
+    factors = factors or {}
     tokens, top_k = router_indices.shape
     flat = router_indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -123,9 +137,13 @@ def grouped_forward(experts, hidden_states, router_indices, routing_weights):
     (gate_up_blocks, gate_up_scales), (down_blocks, down_scales) = experts.matrices()
     gate_up = Mxfp4GroupedMatmul.apply(x, counts, gate_up_blocks, gate_up_scales)
     gate_up = gate_up + experts.gate_up_proj_bias.index_select(0, expert_of_row)
+    if "gate_up_proj" in factors:
+        gate_up = gate_up + grouped_lora(x, counts, *factors["gate_up_proj"])
     act = swiglu(gate_up, experts.limit, experts.alpha)
     out = Mxfp4GroupedMatmul.apply(act, counts, down_blocks, down_scales)
     out = out + experts.down_proj_bias.index_select(0, expert_of_row)
+    if "down_proj" in factors:
+        out = out + grouped_lora(act, counts, *factors["down_proj"])
     out = out * routing_weights.reshape(-1).index_select(0, order)[:, None].to(out.dtype)
     # back to token order (a gather, whose backward is a gather too: no accumulation in thread order), then the
     # top_k contributions of each token summed in fp32, as transformers' grouped_mm experts sum them
@@ -166,6 +184,22 @@ def grouped_matmul(x, counts, blocks, scales, transpose):
             out[start:start + count] = rows @ weight if transpose else rows @ weight.t()
         start += count
     return out
+
+
+def grouped_lora(x, counts, a, b, scale):
+    """scale * (x A_e) B_e for rows grouped by expert (counts[e] rows of expert e): an expert LoRA's term, two
+    small matmuls per expert (A [E, in, r], B [E, r, out]), never A_e B_e; differentiable in x, A and B."""
+    a, b = a.to(x.dtype), b.to(x.dtype)
+    rank = a.shape[-1]
+    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch.nn.functional, "grouped_mm") and rank % 8 == 0:
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # grouped_mm wants 16-byte rows: rank % 8 in bf16
+        low = torch.nn.functional.grouped_mm(x, a.contiguous(), offs=offsets)
+        return torch.nn.functional.grouped_mm(low, b.contiguous(), offs=offsets) * scale
+    parts, start = [], 0
+    for e, count in enumerate(counts.tolist()):
+        parts.append(x[start:start + count] @ a[e] @ b[e])
+        start += count
+    return torch.cat(parts) * scale
 
 
 def dequantize(blocks, scales, dtype):

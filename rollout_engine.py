@@ -48,6 +48,7 @@ import torch
 
 import harmony
 import library_internals
+from expert_lora import expert_lora_factors
 from mxfp4_experts import dense_forward as mxfp4_dense_forward, is_mxfp4_experts, swiglu
 
 LENGTH_BUCKET = 128  # cache positions are rounded up to a multiple of this, so nearby prompt lengths share a graph
@@ -659,29 +660,6 @@ def has_triton():
     except ImportError:
         return False
     return True
-
-
-def expert_lora_factors(module):
-    """{parameter name: (A [E, in, r], B [E, r, out], scale)} of the active expert LoRA on `module`, or None.
-
-    PEFT's ParamWrapper (one per targeted parameter, nested) stores lora_A as [E * r, in] and lora_B as
-    [out, r * E] for a parameter laid out [E, in, out], as gpt-oss's experts are.
-    """
-    factors = {}  # empty -> None at the end: no live expert LoRA
-    while hasattr(module, "parameter_name") and hasattr(module, "lora_A"):
-        if not module.disable_adapters and not module.merged:
-            for name in module.active_adapters:
-                if name in module.lora_A:
-                    if getattr(module, "_did_swap_in_out_features", False):
-                        raise NotImplementedError("expert LoRA on [E, out, in] parameters is not supported")
-                    count = module.num_experts
-                    a = module.lora_A[name].weight
-                    b = module.lora_B[name].weight
-                    a = a.reshape(count, -1, a.shape[-1]).transpose(1, 2)  # [E, in, r]
-                    b = b.reshape(b.shape[0], -1, count).permute(2, 1, 0)  # [E, r, out]
-                    factors[module.parameter_name] = (a, b, module.scaling[name])
-        module = module.base_layer
-    return factors or None
 
 
 def supports(model):

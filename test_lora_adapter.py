@@ -47,7 +47,6 @@ def main(argv=None):
     settings = ae.read_settings(ae.build_parser(__doc__, constants), constants, argv)
     try:
         adapter_dir, adapter_config, base, frame, fit = ae.check_inputs(settings)
-        ae.check_experts_format(settings["EXPERTS_FORMAT"], adapter_config, adapter_dir)
         ae.check_writable(adapter_dir)
     except ae.InputError as error:
         ae.fail(error)

@@ -9,13 +9,11 @@ Three evaluations of the same adapter on the same prompts and sampling seeds (te
 2. MXFP4 base + the PEFT adapter, and the MXFP4 base alone. transformers' own MXFP4 inference needs a CUDA GPU
    (compute capability >= 7.5), triton, the `kernels` package and OpenAI's triton kernels downloaded from the Hub
    at run time (kernels-community/gpt-oss-triton-kernels); the script probes for them and checks after loading
-   that the experts really are MXFP4 modules (mode 'mxfp4-kernels'). Where they cannot run, an attention-only
-   adapter is evaluated on the base with its experts kept in MXFP4 by this project's own path (mxfp4_experts.py;
-   mode 'mxfp4-experts'): Triton kernels on a GPU, the plain-torch reference on a CPU, measured like any variant.
-   Expert LoRA (adapter_config target_parameters) cannot be put on packed MXFP4 experts by PEFT and is silently
-   ignored there: the script says so and SIMULATES that model (mode 'simulated'): the dequantised base holds the
-   very same weights as the MXFP4 checkpoint (verified by re-quantising every expert back to the checkpoint's
-   bytes), so its base delta is zero by construction, and the adapter is evaluated with its expert LoRA off;
+   that the experts really are MXFP4 modules (mode 'mxfp4-kernels'). Where they cannot run, and for an adapter
+   with expert LoRA (adapter_config target_parameters), which PEFT cannot put on transformers' packed experts, the
+   base keeps its experts in MXFP4 by this project's own path (mxfp4_experts.py, mode 'mxfp4-experts'; an expert
+   LoRA runs beside them as low-rank terms, expert_lora.py): Triton kernels on a GPU, the plain-torch reference on
+   a CPU, measured like any variant;
 3. export: the adapter merged and the experts re-quantised to MXFP4 exactly as export_quantized_model.py writes them
    (simulated in the evaluation dtype: expert values as stored, other weights not rounded to bf16). Identical to the
    reference for attention-only adapters up to the merge's float rounding; with expert LoRA it shows what the
@@ -109,9 +107,8 @@ def main(argv=None):
 
     import evaluation
     import model_loader
-    from adapter_merge import (CheckpointReader, compare_logits, expert_lora_disabled, expert_quantization_error,
-                               load_quantized_experts, local_checkpoint_dir, lora_expert_parameters, prompt_logits,
-                               quantize_experts, requantize_matches_checkpoint)
+    from adapter_merge import (CheckpointReader, compare_logits, expert_quantization_error, load_quantized_experts,
+                               local_checkpoint_dir, lora_expert_parameters, prompt_logits, quantize_experts)
 
     start = time.time()
     device = model_loader.pick_device()
@@ -119,11 +116,6 @@ def main(argv=None):
     prompts = frame["prompt"].tolist()[:settings["LOGIT_PROMPTS"]]
     kwargs = ae.decoding_settings(settings)
     notes = []
-    if expert_targets:
-        notes.append(f"The adapter has expert LoRA ({', '.join(expert_targets)}). PEFT cannot wrap packed MXFP4 "
-                     "expert tensors, so on an MXFP4 base that part of the adapter is silently ignored: the 'MXFP4 "
-                     "base + adapter' numbers are those of the adapter without its expert LoRA. Merge and export "
-                     "(export_quantized_model.py) to keep it.")
 
     ae.log(f"1/3 reference: {adapter_dir} on the dequantised base {base} ({device})")
     try:
@@ -138,63 +130,39 @@ def main(argv=None):
     logits["adapter"] = prompt_logits(model, tokenizer, prompts)
 
     available, why = probe_mxfp4_kernels(device)
-    mxfp4, mxfp4_actions, mxfp4_logits, by_construction, roundtrip = {}, {}, {}, [], None
-    mode = "mxfp4-kernels" if available else "simulated" if expert_targets else "mxfp4-experts"
-    if mode == "mxfp4-experts":
-        # transformers' kernels are out of reach, this project's are not: the base's experts kept as stored
-        del model
-        release_memory()
-        ae.log(f"2/3 MXFP4 base: experts kept in MXFP4 by mxfp4_experts.py ({why.split(':')[0]} for transformers' "
-               "own kernels)")
-        mx_model, _ = ae.load_adapted_model(adapter_dir, base, device=device, experts_format="mxfp4")
-        mxfp4, mxfp4_actions, _ = ae.evaluate_base_and_adapter(mx_model, tokenizer, frame, settings)
-        with mx_model.disable_adapter():
-            mxfp4_logits["base"] = prompt_logits(mx_model, tokenizer, prompts)
-        mxfp4_logits["adapter"] = prompt_logits(mx_model, tokenizer, prompts)
-        del mx_model
-        release_memory()
-        model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device)
+    if available and expert_targets:
+        available, why = False, (f"{why} are there, but PEFT cannot put the adapter's expert LoRA "
+                                 f"({', '.join(expert_targets)}) on transformers' packed experts")
+    del model
+    release_memory()
+    mx_model, mode = None, "mxfp4-kernels"
     if available:
-        del model
-        release_memory()
         ae.log(f"2/3 MXFP4 base: {why}")
         mx_base, native = load_mxfp4_base(base, device)
         if native:
             from peft import PeftModel
 
             mx_model = PeftModel.from_pretrained(mx_base, str(adapter_dir))
-            mx_model.eval()
-            mxfp4, mxfp4_actions, _ = ae.evaluate_base_and_adapter(mx_model, tokenizer, frame, settings)
-            with mx_model.disable_adapter():
-                mxfp4_logits["base"] = prompt_logits(mx_model, tokenizer, prompts)
-            mxfp4_logits["adapter"] = prompt_logits(mx_model, tokenizer, prompts)
-            del mx_model
         else:
-            mode, why = "simulated", ("transformers fell back to dequantising the experts while loading (see its "
-                                      "warning above), so MXFP4 kernels did not run")
-        del mx_base
-        release_memory()
-        model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device)
+            why = "transformers fell back to dequantising the experts while loading (see its warning above)"
+            del mx_base
+            release_memory()
+    if mx_model is None:
+        # transformers' kernels are out of reach (or cannot hold the adapter), this project's are not: the base's
+        # experts kept as stored, an expert LoRA beside them as low-rank terms
+        mode = "mxfp4-experts"
+        ae.log(f"2/3 MXFP4 base: experts kept in MXFP4 by mxfp4_experts.py ({why.split(':')[0]} for transformers' "
+               "own kernels)")
+        mx_model, _ = ae.load_adapted_model(adapter_dir, base, device=device, experts_format="mxfp4")
+    mx_model.eval()
+    mxfp4, mxfp4_actions, _ = ae.evaluate_base_and_adapter(mx_model, tokenizer, frame, settings)
+    with mx_model.disable_adapter():
+        mxfp4_logits = {"base": prompt_logits(mx_model, tokenizer, prompts)}
+    mxfp4_logits["adapter"] = prompt_logits(mx_model, tokenizer, prompts)
+    del mx_model
+    release_memory()
+    model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device)
     reader = CheckpointReader(local_checkpoint_dir(base))
-    if mode == "simulated":
-        ae.log(f"2/3 MXFP4 base: simulated ({why})")
-        roundtrip = requantize_matches_checkpoint(model, reader)
-        if roundtrip["bit_identical"] != roundtrip["expert_weights"]:
-            notes.append(f"Only {roundtrip['bit_identical']} of {roundtrip['expert_weights']} dequantised expert "
-                         "weights re-quantise to the checkpoint's bytes: the base is not exactly its MXFP4 checkpoint.")
-        mxfp4["base"], mxfp4_actions["base"], mxfp4_logits["base"] = (reference["base"], reference_actions["base"],
-                                                                      logits["base"])
-        by_construction.append("base")
-        if expert_targets:
-            with expert_lora_disabled(model):
-                mxfp4["adapter"], _, mxfp4_actions["adapter"] = evaluation.evaluate_model(
-                    model, tokenizer, frame, log=ae.log, **kwargs)
-                mxfp4_logits["adapter"] = prompt_logits(model, tokenizer, prompts)
-        else:
-            mxfp4["adapter"], mxfp4_actions["adapter"], mxfp4_logits["adapter"] = (
-                reference["adapter"], reference_actions["adapter"], logits["adapter"])
-            by_construction.append("adapter")
-
     ae.log("3/3 export: adapter merged, experts re-quantised to MXFP4 as export_quantized_model.py writes them")
     changed = set(lora_expert_parameters(model))
     merged = model.merge_and_unload()
@@ -215,8 +183,7 @@ def main(argv=None):
                    "export_adapter": compare_logits(logits["adapter"], export_logits)}
     plots = {"action_counts": f"{PREFIX}_action_counts.png"}
     ae.plot_action_counts([(f"reference adapter ({dtype})", reference["adapter"]["optimal_vs_predicted"]),
-                           ("MXFP4 base + adapter" + (" (simulated)" if mode == "simulated" else ""),
-                            mxfp4["adapter"]["optimal_vs_predicted"]),
+                           ("MXFP4 base + adapter", mxfp4["adapter"]["optimal_vs_predicted"]),
                            ("export: merged, MXFP4 experts", export_scores["optimal_vs_predicted"])],
                           adapter_dir / plots["action_counts"],
                           f"{len(frame)} held-out prompts x {settings['SAMPLES']} answers, same seeds")
@@ -231,11 +198,11 @@ def main(argv=None):
         "prompt_path": str(ae.resolve_path(settings["PROMPT_PATH"])), "split": settings["SPLIT"],
         "prompts": len(frame), "decoding": kwargs, "logit_prompts": len(prompts),
         "reference": {"dtype": dtype, "base": reference["base"], "adapter": reference["adapter"]},
-        "mxfp4": {"base": mxfp4["base"], "adapter": mxfp4["adapter"], "by_construction": by_construction},
+        "mxfp4": {"base": mxfp4["base"], "adapter": mxfp4["adapter"]},
         "export": {"adapter": export_scores, "changed_expert_weights": sorted(changed),
                    "expert_update_kept": quantization["update_kept"] if quantization else None,
                    "quantization_error": quantization},
-        "delta": delta, "logits": logit_delta, "requantize_roundtrip": roundtrip,
+        "delta": delta, "logits": logit_delta,
         "references": evaluation.reference_scores(frame), "plots": plots,
         "device": device, "seconds": round(time.time() - start, 1), "settings": settings,
     }
@@ -251,43 +218,35 @@ def main(argv=None):
 
 
 def describe(mode, why, expert_targets, dtype):
-    """One paragraph saying plainly what was run and what was simulated."""
+    """One paragraph saying plainly what was run."""
     if mode == "mxfp4-kernels":
         text = f"Ran the base with MXFP4 experts on the GPU kernels ({why}) against the dequantised {dtype} base."
-    elif mode == "mxfp4-experts":
+    else:
         text = (f"transformers' MXFP4 kernels could not run here ({why}), so the base ran with its experts kept in "
                 "MXFP4 by this project's own path (mxfp4_experts.py: Triton kernels on a GPU, the plain-torch "
                 f"reference on a CPU) against the dequantised {dtype} base: the deltas are measured, not assumed.")
-    else:
-        text = (f"MXFP4 inference could not run here: {why}. Instead the MXFP4 base was simulated by the dequantised "
-                f"base ({dtype}), which holds exactly the checkpoint's MXFP4 weights, so its delta is zero by "
-                "construction and only the kernels' arithmetic is not covered.")
-        text += (" The adapter on the MXFP4 base was simulated with its expert LoRA switched off (what PEFT on an "
-                 "MXFP4 base computes)." if expert_targets else
-                 " An attention-only adapter on the MXFP4 base has the same weights as the reference: zero by "
-                 "construction.")
+        if expert_targets:
+            text += (" The adapter's expert LoRA ran beside the packed experts as low-rank terms (expert_lora.py), "
+                     "unrounded.")
     return text + " The export variant merges the adapter and rounds the experts to MXFP4 as the exporter stores them."
 
 
 def render_summary(report):
     r, m, e, d, lg = report["reference"], report["mxfp4"], report["export"], report["delta"], report["logits"]
-    mark = " (simulated)" if report["mode"] == "simulated" else ""
     lines = [f"# Adapter evaluation with an MXFP4 base: {report['adapter_path']}", "",
              f"Base `{report['base_model']}`; {report['prompts']} prompts x {report['decoding']['samples']} answers, "
              f"same prompts and seeds for every variant. Mode: **{report['mode']}**.", "", report["what_was_done"], ""]
     lines += [f"- {note}" for note in report["notes"]] + ([""] if report["notes"] else [])
     lines += ae.scores_table([(f"reference base ({r['dtype']})", r["base"]),
                               (f"reference adapter ({r['dtype']})", r["adapter"]),
-                              (f"MXFP4 base{mark}", m["base"]), (f"MXFP4 base + adapter{mark}", m["adapter"]),
+                              ("MXFP4 base", m["base"]), ("MXFP4 base + adapter", m["adapter"]),
                               ("export (merged, MXFP4 experts)", e["adapter"])], report["references"])
     lines += ["", "| variant minus its reference | valid rate | accuracy | mean reward | mean regret | same action | "
               "max abs logit diff | argmax agreement |", "|---|---|---|---|---|---|---|---|"]
     for key, label in (("mxfp4_base", "MXFP4 base"), ("mxfp4_adapter", "MXFP4 base + adapter"),
                        ("export_adapter", "export")):
         x, g = d[key], lg[key]
-        by_construction = key != "export_adapter" and key.removeprefix("mxfp4_") in m["by_construction"]
-        construction = " (by construction)" if by_construction else ""
-        lines.append(f"| {label}{construction} | {ae.fmt(x['valid_rate'], True)} | {ae.fmt(x['accuracy'], True)} | "
+        lines.append(f"| {label} | {ae.fmt(x['valid_rate'], True)} | {ae.fmt(x['accuracy'], True)} | "
                      f"{ae.fmt(x['mean_reward'], True)} | {ae.fmt(x['mean_regret'], True)} | "
                      f"{100 * x['same_action_rate']:.1f}% | {g['max_abs_diff']:.3g} | {g['argmax_agreement']:.4f} |")
     if e["changed_expert_weights"]:
@@ -297,10 +256,6 @@ def render_summary(report):
                   f"the expert update kept; held-out mean reward {ae.fmt(x['mean_reward'], True)}, valid rate "
                   f"{ae.fmt(x['valid_rate'], True)}, same action as the adapter {100 * x['same_action_rate']:.1f}%, "
                   f"argmax agreement {lg['export_adapter']['argmax_agreement']:.4f} (export minus adapter)."]
-    if report["requantize_roundtrip"]:
-        rt = report["requantize_roundtrip"]
-        lines += ["", f"Re-quantising the dequantised base: {rt['bit_identical']} of {rt['expert_weights']} expert "
-                  "weights give the checkpoint's bytes back."]
     lines += ["", f"Plot: `{report['plots']['action_counts']}`", ""]
     return "\n".join(lines)
 

@@ -249,9 +249,6 @@ def check_settings(s):
         raise SystemExit("error: TRAIN_BATCH_SIZE and NUM_GENERATIONS must divide one another")
     if s["EXPERTS_FORMAT"] not in EXPERTS_FORMATS:
         raise SystemExit(f"error: --experts-format {s['EXPERTS_FORMAT']!r} is not one of {', '.join(EXPERTS_FORMATS)}")
-    if s["EXPERTS_FORMAT"] == "mxfp4" and s["LORA_EXPERTS"]:
-        raise SystemExit("error: --lora-experts true needs --experts-format bf16: an expert adapter on MXFP4-resident "
-                         "experts is not supported yet (attention LoRA is)")
     if not (math.isfinite(s["MAX_GPU_MEMORY_GIB"]) and s["MAX_GPU_MEMORY_GIB"] >= 0):
         raise SystemExit(f"error: --max-gpu-memory-gib must be 0 (no cap) or a number of GiB, got "
                          f"{s['MAX_GPU_MEMORY_GIB']}")

@@ -46,7 +46,7 @@ def test_the_experts_stay_packed(models):
         experts = layer.mlp.experts
         assert isinstance(experts, mxfp4_experts.Mxfp4Experts)
         assert experts.gate_up_proj_blocks.dtype == experts.down_proj_blocks.dtype == torch.uint8
-        assert not hasattr(experts, "gate_up_proj") and not hasattr(experts, "down_proj")
+        assert experts.gate_up_proj.numel() == experts.down_proj.numel() == 0  # names for PEFT, no weights
 
 
 def test_logits_equal_the_dequantised_model(models, tokenizer):
@@ -77,26 +77,82 @@ def test_the_rollout_engine_samples_the_same_tokens(models, tokenizer):
                                atol=1e-5, rtol=0)
 
 
-def test_input_and_lora_gradients_equal_autograd_through_dequantised_weights(models, tokenizer):
+def live_adapter(model, experts=True, seed=0):
+    """`model` with a LoRA on attention (and the experts) whose B factors are not zero, so that it changes the
+    output and gradients reach every factor."""
     from peft import LoraConfig, get_peft_model
 
+    import expert_lora
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
+                        target_parameters=expert_lora.EXPERT_TARGETS if experts else None)
+    wrapped = get_peft_model(model, expert_lora.register(config))
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.1)
+    return wrapped
+
+
+def test_input_and_lora_gradients_equal_autograd_through_dequantised_weights(models, tokenizer):
+    """Attention and expert LoRA: on MXFP4 experts the expert LoRA runs as low-rank terms beside the packed
+    weights, on the dequantised ones as PEFT's own W + BA; the gradients must agree."""
     ids = torch.tensor(prompt_ids(tokenizer, 2))
     grads = []
     for model in models:
-        torch.manual_seed(0)
-        wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
-        with torch.no_grad():
-            for name, param in wrapped.named_parameters():
-                if "lora_B" in name:
-                    param.copy_(torch.randn_like(param) * 0.1)  # a live adapter: gradients reach lora_A too
+        wrapped = live_adapter(model)
         embeds = wrapped.get_input_embeddings()(ids).detach().requires_grad_()
         logits = wrapped(inputs_embeds=embeds).logits
         torch.log_softmax(logits, -1)[..., :7].mean().backward()  # gradients of order 1: atol means something
         grads.append({"input": embeds.grad} | {n: p.grad for n, p in wrapped.named_parameters() if p.requires_grad})
         wrapped.unload()  # the module-scoped models go back without their adapter
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 1
+    assert grads[0].keys() == grads[1].keys() and any("experts.base_layer.lora_A" in name for name in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_an_expert_lora_is_one_file_for_both_formats(models, tokenizer, tmp_path):
+    """Saved from MXFP4 experts, the adapter holds PEFT's names and shapes and gives the same logits on either
+    format; it runs as low-rank terms (a merge into the packed bytes is refused) and the engine samples with it."""
+    from peft import PeftModel
+
+    import expert_lora
+    from rollout_engine import RolloutEngine
+
+    dequantised, packed = models
+    ids = torch.tensor(prompt_ids(tokenizer, 2))
+    wrapped = live_adapter(packed, seed=3)
+    wrapped.save_pretrained(str(tmp_path / "from-mxfp4"))
+    wrapped.unload()
+    reference = live_adapter(dequantised, seed=3)
+    reference.save_pretrained(str(tmp_path / "from-bf16"))
+    reference.unload()
+    header = {name: entry["shape"] for name, entry in mxfp4.read_safetensors_header(
+        str(tmp_path / "from-mxfp4" / "adapter_model.safetensors")).items()}
+    assert header == {name: entry["shape"] for name, entry in mxfp4.read_safetensors_header(
+        str(tmp_path / "from-bf16" / "adapter_model.safetensors")).items()}
+    assert any(".mlp.experts.base_layer.lora_B" in name for name in header)
+
+    on_bf16 = PeftModel.from_pretrained(dequantised, str(tmp_path / "from-mxfp4"))  # PEFT's own wrapper
+    on_mxfp4 = expert_lora.load_adapter(packed, tmp_path / "from-mxfp4")
+    rows = [row for row in prompt_ids(tokenizer, 2) for _ in range(2)]
+    results = []
+    try:
+        with torch.no_grad():
+            adapted = on_mxfp4(input_ids=ids).logits
+            torch.testing.assert_close(adapted, on_bf16(input_ids=ids).logits, atol=1e-5, rtol=0)
+            with on_mxfp4.disable_adapter():  # the reference model TRL asks for under BETA > 0
+                assert (on_mxfp4(input_ids=ids).logits - adapted).abs().max() > 1e-2
+        with pytest.raises(ValueError, match="cannot be merged into MXFP4-resident experts"):
+            on_mxfp4.merge_adapter()
+        for model in (on_bf16, on_mxfp4):
+            torch.manual_seed(5)
+            results.append(RolloutEngine(model, tokenizer).generate(rows, 24))
+    finally:
+        on_bf16.unload()
+        on_mxfp4.unload()
+    assert results[0][0] == results[1][0]
 
 
 def test_backward_saves_only_the_packed_bytes():

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import harmony
-from lora_fixtures import HARMONY_CSV, perturb_lora_b
+from lora_fixtures import HARMONY_CSV
 from rollout_engine import cut_at_stop
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -30,19 +30,24 @@ MODEL_DIR = Path(os.environ.get("GPT_OSS_20B_DIR", Path(__file__).resolve().pare
                                 "gpt-oss-20b-shape"))
 
 
-@pytest.fixture(scope="module", params=["bf16", "mxfp4"])
+@pytest.fixture(scope="module", params=["bf16", "mxfp4", "mxfp4 + expert LoRA"])
 def setup(request):
-    """The 20b stand-in with its experts dequantised to bf16, or kept in MXFP4 (mxfp4_experts.py)."""
+    """The 20b stand-in with its experts dequantised to bf16, or kept in MXFP4 (mxfp4_experts.py), under a LoRA on
+    attention (and, for the third, on the MXFP4 experts as low-rank terms: expert_lora.py)."""
     if not (MODEL_DIR / "config.json").is_file():
         pytest.skip(f"no 20b-shaped model in {MODEL_DIR}: build it with `python tiny_gpt_oss.py --shape 20b`")
     from peft import LoraConfig, get_peft_model
 
+    import expert_lora
     import model_loader
     from rollout_engine import RolloutEngine
 
+    experts_format, _, expert_adapter = request.param.partition(" + ")
     tokenizer = model_loader.load_tokenizer(str(MODEL_DIR))
-    model = model_loader.load_model(str(MODEL_DIR), device="cuda", experts_format=request.param)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
+    model = model_loader.load_model(str(MODEL_DIR), device="cuda", experts_format=experts_format)
+    config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0,
+                        target_parameters=expert_lora.EXPERT_TARGETS if expert_adapter else None)
+    model = get_peft_model(model, expert_lora.register(config))
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
