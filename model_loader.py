@@ -262,10 +262,13 @@ def weight_bytes(config, experts_format):
 
 
 def usable_gpu_bytes():
-    """Free bytes on the current GPU, within the process's memory cap (torch.cuda.set_per_process_memory_fraction)."""
+    """Bytes this process can still allocate on the current GPU: free on the card plus what torch's caching allocator
+    holds unused (freed tensors it keeps for reuse), within the process's memory cap
+    (torch.cuda.set_per_process_memory_fraction)."""
     free, total = torch.cuda.mem_get_info()
-    cap = torch.cuda.get_per_process_memory_fraction() * total - torch.cuda.memory_reserved()
-    return min(free, cap)
+    cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    cap = torch.cuda.get_per_process_memory_fraction() * total - torch.cuda.memory_allocated()
+    return min(free + cached, cap)
 
 
 def memory_message(model_id, config, experts_format, headroom_gib):

@@ -223,25 +223,51 @@ def dense_forward(experts, hidden_states, router_indices, routing_weights, facto
     factors: {"gate_up_proj" | "down_proj": (A [E, in, r], B [E, r, out], scale)} of an expert LoRA, added as
     low-rank terms (nothing of the experts' size is built). Returns [tokens, hidden] in the input's dtype.
     """
-    factors = factors or {}
-    dtype = experts.gate_up_proj_bias.dtype
-    x = hidden_states.to(dtype)
+    return dense_experts(hidden_states, router_indices, routing_weights, dense_tensors(experts, hidden_states.is_cuda),
+                         factors)
+
+
+def dense_tensors(experts, cuda=True):
+    """What dense_experts reads of an Mxfp4Experts: its packed matrices, biases, SwiGLU constants and decode kernel
+    (chosen here, outside any compiled function: the choice reads the scales, a host sync, once per module)."""
     (gate_up_blocks, gate_up_scales), (down_blocks, down_scales) = experts.matrices()
-    kernel = experts.dense_kernel() if x.is_cuda else None
-    gate_up = dense_matmul(x, gate_up_blocks, gate_up_scales, experts.gate_up_proj_bias, kernel)  # [E, tokens, 2I]
-    if "gate_up_proj" in factors:
+    return (gate_up_blocks, gate_up_scales, experts.gate_up_proj_bias, down_blocks, down_scales,
+            experts.down_proj_bias, experts.limit, experts.alpha, experts.dense_kernel() if cuda else "reference")
+
+
+def dense_experts(h, index, scores, tensors, factors=None):
+    """dense_forward over tensors (`dense_tensors`), not the module, so that the rollout engine's one compiled
+    decode layer serves every layer: the matmuls are an operator torch.compile leaves alone (`dense_matmul_op`),
+    the SwiGLU, LoRA terms and routing around them fuse into its kernels."""
+    gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks, down_scales, down_bias, limit, alpha, kernel = tensors
+    factors = factors or {}
+    x = h.to(gate_up_bias.dtype)
+    gate_up = torch.ops.gpt_oss_mxfp4.dense_matmul(x, gate_up_blocks, gate_up_scales, gate_up_bias, kernel)
+    if "gate_up_proj" in factors:  # [E, tokens, 2I]
         a, b, scale = factors["gate_up_proj"]
         lora_in = x.to(a.dtype).unsqueeze(0).expand(a.shape[0], -1, -1)
         gate_up = gate_up + torch.bmm(torch.bmm(lora_in, a), b).to(gate_up.dtype) * scale
-    act = swiglu(gate_up, experts.limit, experts.alpha)
-    out = dense_matmul(act, down_blocks, down_scales, experts.down_proj_bias, kernel)  # [E, tokens, H]
+    act = swiglu(gate_up, limit, alpha)
+    out = torch.ops.gpt_oss_mxfp4.dense_matmul(act, down_blocks, down_scales, down_bias, kernel)  # [E, tokens, H]
     if "down_proj" in factors:
         a, b, scale = factors["down_proj"]
         out = out + torch.bmm(torch.bmm(act.to(a.dtype), a), b).to(out.dtype) * scale
-    routing = torch.zeros(x.shape[0], experts.num_experts, dtype=routing_weights.dtype, device=x.device)
-    routing = routing.scatter(1, router_indices, routing_weights)
+    routing = torch.zeros(x.shape[0], gate_up_blocks.shape[0], dtype=scores.dtype, device=x.device)
+    routing = routing.scatter(1, index, scores)
     weighted = out * routing.t()[:, :, None].to(out.dtype)
-    return weighted.sum(dim=0, dtype=torch.float32).to(hidden_states.dtype)
+    return weighted.sum(dim=0, dtype=torch.float32).to(h.dtype)
+
+
+@torch.library.custom_op("gpt_oss_mxfp4::dense_matmul", mutates_args=())
+def dense_matmul_op(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
+                    kernel: str) -> torch.Tensor:
+    """dense_matmul as one operator: torch.compile calls it as it is (Triton launches, TMA descriptors and all)."""
+    return dense_matmul(x, blocks, scales, bias, None if kernel == "reference" else kernel)
+
+
+@dense_matmul_op.register_fake
+def dense_matmul_shape(x, blocks, scales, bias, kernel):
+    return x.new_empty(blocks.shape[0], x.shape[-2], blocks.shape[1])
 
 
 def dense_matmul(x, blocks, scales, bias, kernel=None):

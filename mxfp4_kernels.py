@@ -163,11 +163,13 @@ def set_transposed_block_shapes(nargs):
 
 
 def transposed_configs():
-    """Tile shapes for transposed_matmul_kernel (triton.autotune, once per weight shape and row tile)."""
+    """Tile shapes for transposed_matmul_kernel (triton.autotune, once per weight shape and row tile). Every
+    program reads all of its expert's input rows, so wider weight tiles (BLOCK_N) read them fewer times over."""
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=stages,
                           pre_hook=set_transposed_block_shapes)
             for n, k, w, stages in ((64, 128, 4, 4), (64, 128, 4, 3), (64, 256, 4, 2), (128, 128, 4, 3),
-                                    (128, 256, 4, 3))]
+                                    (128, 256, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (256, 64, 8, 4),
+                                    (256, 128, 8, 3))]
 
 
 @triton.autotune(configs=transposed_configs(), key=["N", "K", "BLOCK_M"])

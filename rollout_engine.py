@@ -49,7 +49,8 @@ import torch
 import harmony
 import library_internals
 from expert_lora import expert_lora_factors
-from mxfp4_experts import dense_forward as mxfp4_dense_forward, is_mxfp4_experts, swiglu
+from mxfp4_experts import (dense_experts as mxfp4_dense_experts, dense_forward as mxfp4_dense_forward,
+                           dense_tensors as mxfp4_dense_tensors, is_mxfp4_experts, swiglu)
 
 LENGTH_BUCKET = 128  # cache positions are rounded up to a multiple of this, so nearby prompt lengths share a graph
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # rows are padded up to one of these
@@ -244,7 +245,7 @@ class RolloutEngine:
             attention = (x, q, state.k[i], state.v[i], masks[self.sliding[i]], state.sinks[i],
                          layer.self_attn.scaling, w.o, w.post_norm)
             factors = expert_lora_factors(layer.mlp.experts)
-            if factors is None and self._dense_experts(rows) and w.moe is not None:
+            if factors is None and self._dense_experts(rows):
                 # the whole rest of the layer as one function: attention, o, norm, router, experts
                 x = self.kernels.finish_layer(*attention, w.moe)
             else:
@@ -359,7 +360,7 @@ class Projection(NamedTuple):
 class LayerWeights:
     """One layer's weights as the decode step reads them. The attention's are refreshed copies (EngineWeights);
     `moe` holds the model's own router and expert tensors, read in place: (router weight, router bias, top k,
-    gate_up, gate_up bias, down, down bias, clamp limit, gate alpha)."""
+    the dense experts function, its tensors: `expert_tensors` or mxfp4_experts.dense_tensors)."""
 
     def __init__(self, qkv, o, input_norm, post_norm, moe):
         self.qkv, self.o = qkv, o  # Projection
@@ -489,9 +490,11 @@ def gather_weights(core, dtype):
         norms = [(norm.weight.float(), norm.variance_epsilon)
                  for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
         router, experts = layer.mlp.router, find_base_layer(layer.mlp.experts)
-        # MXFP4 experts run their own kernels outside the compiled function (`_mlp`)
-        moe = None if is_mxfp4_experts(experts) else (router.weight, router.bias, router.top_k,
-                                                      *expert_tensors(experts))
+        if is_mxfp4_experts(experts):  # their Triton kernels are one operator inside the compiled function
+            dense = (mxfp4_dense_experts, mxfp4_dense_tensors(experts, experts.gate_up_proj_blocks.is_cuda))
+        else:
+            dense = (dense_experts, expert_tensors(experts))
+        moe = (router.weight, router.bias, router.top_k, *dense)
         layers.append(LayerWeights(fuse_projections([attn.q_proj, attn.k_proj, attn.v_proj], dtype),
                                    fuse_projections([attn.o_proj], dtype), *norms, moe))
     return EngineWeights(layers)
@@ -602,9 +605,9 @@ def attention_output(x, q, k_cache, v_cache, mask, sinks, scaling, o, post_norm)
 def finish_layer(x, q, k_cache, v_cache, mask, sinks, scaling, o, post_norm, moe):
     """The rest of a decode layer after the cache write, dense experts without LoRA: attention, o, norm, MoE."""
     x, h = attention_output(x, q, k_cache, v_cache, mask, sinks, scaling, o, post_norm)
-    router_weight, router_bias, top_k, *experts = moe
+    router_weight, router_bias, top_k, experts_fn, experts = moe
     index, scores = route(h, router_weight, router_bias, top_k)
-    return x + dense_experts(h, index, scores, experts)
+    return x + experts_fn(h, index, scores, experts)
 
 
 class DecodeKernels:

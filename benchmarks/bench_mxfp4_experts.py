@@ -111,8 +111,11 @@ def main():
         bf16_ms = graph_ms(bf16_dense, REPEATS)
     values = 3 * cfg.num_local_experts * cfg.hidden_size * cfg.intermediate_size
     packed_bytes = values // 2 + values // mxfp4.BLOCK_SIZE
+    import mxfp4_kernels
+
+    tiles = {str(key): str(config) for key, config in mxfp4_kernels.transposed_matmul_kernel.cache.items()}
     result = {"card": torch.cuda.get_device_name(), "copy_bandwidth_gb_per_s": bandwidth / 1e9,
-              "decode_tokens": DECODE_TOKENS, "decode_kernel_auto": auto,
+              "decode_tokens": DECODE_TOKENS, "decode_kernel_auto": auto, "transposed_tiles_chosen": tiles,
               "decode_layer_ms": {**{f"mxfp4 {k}": ms for k, ms in kernel_ms.items()}, "bf16": bf16_ms},
               "decode_layer_bandwidth_fraction": {**{f"mxfp4 {k}": packed_bytes / bandwidth / (ms / 1e3)
                                                      for k, ms in kernel_ms.items()},

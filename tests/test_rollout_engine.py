@@ -34,13 +34,17 @@ def prompt_ids(tokenizer):
     return ids + [ids[0][:-3] + ids[1]]
 
 
-def make_model(expert_lora, device, scale=0.05):
+def make_model(expert_lora, device, scale=0.05, experts_format="bf16"):
     from peft import LoraConfig, get_peft_model
 
+    import expert_lora as expert_lora_module
+
     torch.manual_seed(0)
-    model = get_peft_model(model_loader.load_model("tiny", device=device, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
-                                      target_parameters=EXPERT_PARAMETERS if expert_lora else None))
+    model = get_peft_model(model_loader.load_model("tiny", device=device, dtype=torch.float32,
+                                                   experts_format=experts_format),
+                           expert_lora_module.register(LoraConfig(
+                               r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
+                               target_parameters=EXPERT_PARAMETERS if expert_lora else None)))
     perturb_lora_b(model, scale)
     return model.to(device)
 
@@ -243,11 +247,14 @@ def test_continuous_batching_is_sized_to_the_step():
     assert config["max_batch_tokens"] <= 4096  # no 16 GiB prefill logits
 
 
-@pytest.mark.parametrize("expert_lora", [False, True], ids=["attention-lora", "expert-lora"])
-def test_the_compiled_decode_functions_compute_what_the_plain_ones_do(tokenizer, prompt_ids, expert_lora):
-    # aot_eager traces the per-layer functions exactly as inductor receives them (whole graphs, no break allowed)
-    # and runs the traced ops unfused, so the results must be the same bits
-    model = make_model(expert_lora, "cpu")
+@pytest.mark.parametrize("expert_lora,experts_format", [(False, "bf16"), (True, "bf16"), (False, "mxfp4")],
+                         ids=["attention-lora", "expert-lora", "mxfp4-experts"])
+def test_the_compiled_decode_functions_compute_what_the_plain_ones_do(tokenizer, prompt_ids, expert_lora,
+                                                                      experts_format):
+    # aot_eager traces the per-layer functions exactly as inductor receives them (whole graphs, no break allowed;
+    # MXFP4 experts' matmuls as one opaque operator) and runs the traced ops unfused, so the results must be the
+    # same bits
+    model = make_model(expert_lora, "cpu", experts_format=experts_format)
     results = []
     for backend in (None, "aot_eager"):
         engine = RolloutEngine(model, tokenizer, compile_backend=backend)
