@@ -279,7 +279,7 @@ def memory_message(model_id, config, experts_format, headroom_gib):
     fits = [fmt for fmt in EXPERTS_FORMATS if needs[fmt] <= usable]
     if experts_format != "mxfp4" and "mxfp4" in fits:
         advice = (f"--experts-format mxfp4 needs ~{needs['mxfp4']:.0f} GiB and fits: use it (the experts stay in "
-                  "MXFP4; attention LoRA only)")
+                  "MXFP4, an expert LoRA beside them)")
     elif fits:
         advice = "free memory held by other processes on this card, then run again"
     else:

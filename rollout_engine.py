@@ -245,9 +245,9 @@ class RolloutEngine:
             attention = (x, q, state.k[i], state.v[i], masks[self.sliding[i]], state.sinks[i],
                          layer.self_attn.scaling, w.o, w.post_norm)
             factors = expert_lora_factors(layer.mlp.experts)
-            if factors is None and self._dense_experts(rows):
-                # the whole rest of the layer as one function: attention, o, norm, router, experts
-                x = self.kernels.finish_layer(*attention, w.moe)
+            if self._dense_experts(rows):
+                # the whole rest of the layer as one function: attention, o, norm, router, experts (and their LoRA)
+                x = self.kernels.finish_layer(*attention, w.moe, factors)
             else:
                 x, h = self.kernels.attention_output(*attention)
                 x = x + self._mlp(layer.mlp, h, factors, decode=True)
@@ -602,12 +602,13 @@ def attention_output(x, q, k_cache, v_cache, mask, sinks, scaling, o, post_norm)
     return x, rms_norm(x, *post_norm)
 
 
-def finish_layer(x, q, k_cache, v_cache, mask, sinks, scaling, o, post_norm, moe):
-    """The rest of a decode layer after the cache write, dense experts without LoRA: attention, o, norm, MoE."""
+def finish_layer(x, q, k_cache, v_cache, mask, sinks, scaling, o, post_norm, moe, factors=None):
+    """The rest of a decode layer after the cache write: attention, o, norm, MoE with dense experts (and an expert
+    LoRA's `factors` as low-rank terms)."""
     x, h = attention_output(x, q, k_cache, v_cache, mask, sinks, scaling, o, post_norm)
     router_weight, router_bias, top_k, experts_fn, experts = moe
     index, scores = route(h, router_weight, router_bias, top_k)
-    return x + experts_fn(h, index, scores, experts)
+    return x + experts_fn(h, index, scores, experts, factors)
 
 
 class DecodeKernels:

@@ -247,8 +247,9 @@ def test_continuous_batching_is_sized_to_the_step():
     assert config["max_batch_tokens"] <= 4096  # no 16 GiB prefill logits
 
 
-@pytest.mark.parametrize("expert_lora,experts_format", [(False, "bf16"), (True, "bf16"), (False, "mxfp4")],
-                         ids=["attention-lora", "expert-lora", "mxfp4-experts"])
+@pytest.mark.parametrize("expert_lora,experts_format", [(False, "bf16"), (True, "bf16"), (False, "mxfp4"),
+                                                       (True, "mxfp4")],
+                         ids=["attention-lora", "expert-lora", "mxfp4-experts", "mxfp4-expert-lora"])
 def test_the_compiled_decode_functions_compute_what_the_plain_ones_do(tokenizer, prompt_ids, expert_lora,
                                                                       experts_format):
     # aot_eager traces the per-layer functions exactly as inductor receives them (whole graphs, no break allowed;
