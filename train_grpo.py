@@ -68,8 +68,8 @@ ROOT = Path(__file__).resolve().parent
 # Model and data
 MODEL_ID = "openai/gpt-oss-20b"  # Hub id, local model directory, or 'tiny' (the embedded stand-in)
 EXPERTS_FORMAT = "bf16"  # bf16: experts dequantised on load (needs an 80 GB card at 20b); mxfp4: kept as stored,
-                         #   multiplied by mxfp4_experts.py's kernels (~13 GiB of weights: a 24 GB card; attention
-                         #   LoRA only)
+                         #   multiplied by mxfp4_experts.py's kernels (~13 GiB of weights: a 24 GB card; an expert
+                         #   LoRA runs beside them as low-rank terms)
 MAX_GPU_MEMORY_GIB = 0.0  # cap this process's GPU memory (0 = the whole card): e.g. 23 shows on a big card whether
                           #   a run fits a 24 GB one
 DATA_FILES = ["data/dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"]  # Harmony CSVs with rewards
