@@ -34,6 +34,9 @@ def expert_lora_factors(module):
         if not module.disable_adapters and not module.merged:
             for name in module.active_adapters:
                 if name in module.lora_A:
+                    if module.parameter_name in factors:
+                        raise NotImplementedError(f"two active adapters adapt the experts' {module.parameter_name}; "
+                                                  "the low-rank path runs one: set_adapter() to one of them")
                     if getattr(module, "_did_swap_in_out_features", False):
                         raise NotImplementedError("expert LoRA on [E, out, in] parameters is not supported")
                     count = module.num_experts
@@ -68,9 +71,12 @@ class ParamWrapper(PeftParamWrapper):
         return self.get_base_layer()(x, *args, factors=expert_lora_factors(self), **kwargs)
 
     def merge(self, safe_merge=False, adapter_names=None):
-        raise ValueError("an expert LoRA cannot be merged into MXFP4-resident experts (their bytes would be rounded): "
-                         "load the model with --experts-format bf16 to merge it, or export it with "
-                         "export_quantized_model.py, which says what the rounding keeps")
+        # PEFT merges layer by layer: the attention layers before this one are merged by now (unmerge_adapter()
+        # undoes that), and the experts stay as they are
+        raise ValueError("an expert LoRA cannot be merged into MXFP4-resident experts (their bytes would be rounded; "
+                         "layers merged before them stay merged until unmerge_adapter()): load the model with "
+                         "--experts-format bf16 to merge it, or export it with export_quantized_model.py, which says "
+                         "what the rounding keeps")
 
 
 def register(config):

@@ -2,6 +2,7 @@
 
     library_internals.check(library_internals.TRAINER)    # grpo_trainer.TesGRPOTrainer, when it is built
     library_internals.check(library_internals.ENGINE)     # rollout_engine.RolloutEngine, when it is built
+    library_internals.check(library_internals.EXPERT_LORA)  # expert_lora.register, for every LoRA config
 
 A release that renames or changes one of them would otherwise change this project's behaviour silently (a CPU
 scoring path no longer taken, a checkpoint written half). The check stops with one message naming the internal,
@@ -32,6 +33,9 @@ EXPERT_LORA = (  # expert_lora.py's wrapper for MXFP4-resident experts subclasse
     ("peft.tuners.lora.layer", "ParamWrapper._check_forward_args", ("x",)),
     ("peft.tuners.lora.layer", None, "_param_ndim"),  # set by _get_in_out_features, read by update_layer
     ("peft.tuners.tuners_utils", None, '!= "ParamWrapper"'),  # nesting of two wrappers decided by class name
+    ("peft.tuners.lora.model", None, "target_base_layer = target.get_base_layer()"),  # a registered class is
+                                                                                      #   matched by the base layer
+    ("peft.tuners.lora.layer", None, "_did_swap_in_out_features"),  # read by expert_lora_factors
 )
 ENGINE = (  # rollout_engine.py reads these (and expert_lora.expert_lora_factors, which it calls)
     ("transformers.configuration_utils", None, "_experts_implementation"),  # which experts kernel a model runs

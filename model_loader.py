@@ -309,7 +309,7 @@ def load_mxfp4_resident(model_id, config, device, dtype):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from mxfp4_experts import Mxfp4Experts
+    from mxfp4_experts import LORA_TARGETS, Mxfp4Experts
 
     plain = copy.deepcopy(config)
     del plain.quantization_config  # what the model holds is said by its modules, not by a quantizer
@@ -337,8 +337,9 @@ def load_mxfp4_resident(model_id, config, device, dtype):
                     targets[name].copy_(tensor)
                 loaded.add(name)
                 del tensor
-    persistent = {name for name, tensor in model.state_dict().items() if tensor.numel()}  # not the empty names
-    missing = sorted(persistent - loaded - tied_names(model))                               #   an expert LoRA targets
+    # every tensor but the experts' empty stand-ins for the names an expert LoRA targets (Mxfp4Experts)
+    persistent = {name for name in model.state_dict() if name.rpartition(".")[2] not in LORA_TARGETS}
+    missing = sorted(persistent - loaded - tied_names(model))
     if missing:
         raise ModelLoadError(f"{model_id}: the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}; copy "
                              "the model directory again")

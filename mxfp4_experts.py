@@ -1,8 +1,9 @@
 """gpt-oss experts that stay in the checkpoint's MXFP4 bytes: the module, its matmuls, and their backward.
 
 Why: the experts are 19.1 B of gpt-oss-20b's 20.9 B parameters: 38 GB dequantised to bf16, 10.2 GB as the
-checkpoint stores them (4.25 bits a value). Under attention LoRA they are frozen, so they never need to leave
-MXFP4, and a decode step, which reads nearly every expert, reads a quarter of the bytes.
+checkpoint stores them (4.25 bits a value). A LoRA leaves them frozen (an expert LoRA trains low-rank factors
+beside them: expert_lora.py), so they never need to leave MXFP4, and a decode step, which reads nearly every
+expert, reads a quarter of the bytes.
 
 `Mxfp4Experts` replaces transformers' `GptOssExperts` (model_loader.load_model(..., experts_format="mxfp4")): the
 same call (hidden states, router indices, routing weights), the same math (gate/up interleaved, clamped SwiGLU,
@@ -17,7 +18,8 @@ of 32 values sharing a power-of-two scale, two e2m1 codes a byte, low nibble fir
   freed after each matmul, so one matrix of one layer is all that is ever held in bf16 (~1 GiB at the 20b shape);
 - backward: `Mxfp4GroupedMatmul` saves only references to the packed bytes, dequantises them again and multiplies
   the output gradient by the (transposed) weight: the input gradient. The experts are frozen, so no weight
-  gradient exists; the routing weights' gradient comes from autograd around it.
+  gradient exists; the routing weights' and an expert LoRA's factors' gradients come from autograd around it
+  (the factors' terms are plain matmuls: `grouped_lora`).
 On a CPU (the tiny stand-in, the tests) the same steps run in plain torch: `mxfp4.dequantize_mxfp4` (exact in
 fp32) and one matmul per expert. That path is also the oracle the GPU kernels are tested against.
 
@@ -75,7 +77,7 @@ class Mxfp4Experts(torch.nn.Module):
         self.down_proj_bias = torch.nn.Parameter(torch.empty(e, h, dtype=dtype, device=device), requires_grad=False)
         # Empty stand-ins for GptOssExperts' bf16 weights: PEFT finds the parameters an expert LoRA targets by name
         # (target_parameters "mlp.experts.gate_up_proj"), and its wrapper takes their device and dtype; the LoRA
-        # itself runs as low-rank terms (expert_lora.Mxfp4ExpertLora). Registered in GptOssExperts' order, so
+        # itself runs as low-rank terms (expert_lora.ParamWrapper). Registered in GptOssExperts' order, so
         # that PEFT nests the two wrappers, and names the adapter's tensors, as it does on bf16 experts.
         for name in LORA_TARGETS:
             self.register_parameter(name, torch.nn.Parameter(torch.empty(0, dtype=dtype, device=device),
@@ -261,7 +263,11 @@ def dense_experts(h, index, scores, tensors, factors=None):
 @torch.library.custom_op("gpt_oss_mxfp4::dense_matmul", mutates_args=())
 def dense_matmul_op(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
                     kernel: str) -> torch.Tensor:
-    """dense_matmul as one operator: torch.compile calls it as it is (Triton launches, TMA descriptors and all)."""
+    """dense_matmul as one operator: torch.compile calls it as it is (Triton launches, TMA descriptors and all).
+    kernel: a decode kernel chosen beforehand (dense_tensors), or 'reference' for the plain-torch path of a CPU."""
+    if kernel == "reference" and x.is_cuda:
+        raise ValueError("dense_matmul: the 'reference' path is a CPU's; on a GPU pass the decode kernel "
+                         "(Mxfp4Experts.dense_kernel())")
     return dense_matmul(x, blocks, scales, bias, None if kernel == "reference" else kernel)
 
 

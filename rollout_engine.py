@@ -16,9 +16,10 @@ How it is built, in the order a token goes through it:
   to their last 128 positions, the learned attention sinks as an extra softmax column;
 - the experts: in a decode step (a few dozen tokens, which touch nearly every expert) every token through every
   expert as one batched matmul each way, routing weights applied after; for longer inputs (a prefill) the model's
-  own experts module (grouped_mm on a GPU). With expert LoRA (PEFT `target_parameters`) always the batched path,
-  with the low-rank factors as two small matmuls, so the adapter is never merged into (or rebuilt over) the
-  24 GiB of expert weights;
+  own experts module (grouped_mm on a GPU). With expert LoRA (PEFT `target_parameters`) bf16 experts always take
+  the batched path, with the low-rank factors as two small matmuls, so the adapter is never merged into (or
+  rebuilt over) the 24 GiB of expert weights; MXFP4 experts (mxfp4_experts.py) add the factors themselves, in
+  their dense decode path and their grouped prefill alike (expert_lora.py);
 - on a GPU with triton the decode step's per-layer functions (`attention_inputs`, `finish_layer`, ...) are
   compiled by torch.compile (inductor) into fused kernels, every intermediate rounded to its eager dtype; the
   CUDA graph then replays those (a decode step of the 20b shape on an H200: 14.2 ms against 16.3 uncompiled).
@@ -263,8 +264,9 @@ class RolloutEngine:
         state.step.add_(1)
 
     def _mlp(self, mlp, h, factors, decode=False):
-        """The MoE block: the router, then the experts module or the dense path (always with expert LoRA: `factors`);
-        MXFP4 experts take their own dense kernels in any decode step: those are what a CUDA graph can hold."""
+        """The MoE block: the router, then the experts module or the dense path (always with a bf16 expert LoRA:
+        `factors`); MXFP4 experts take their own dense kernels in any decode step (those are what a CUDA graph can
+        hold) and their module, which adds an expert LoRA's terms itself, in a prefill."""
         shape = h.shape
         h = h.reshape(-1, shape[-1])
         _, scores, index = mlp.router(h)

@@ -27,7 +27,8 @@ import adapter_evaluation as ae
 # -----------------------------------------------------------------------------
 ADAPTER_PATH = ""  # run directory holding adapter_config.json; '' = the newest under runs/
 BASE_MODEL_ID = ""  # '' = the adapter's base_model_name_or_path; or a Hub id, a local model directory, 'tiny'
-EXPERTS_FORMAT = "bf16"  # bf16: the base's experts dequantised; mxfp4: kept as stored (a 24 GB card; attention LoRA)
+EXPERTS_FORMAT = "bf16"  # bf16: the base's experts dequantised; mxfp4: kept as stored (a 24 GB card; an expert
+                         #   LoRA runs beside them as low-rank terms)
 PROMPT_PATH = "data/dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"  # Harmony CSV with Q/rewards
 SPLIT = "eval"  # rows of this `split` are evaluated ('' = every row): the held-out split by default
 MAX_PROMPTS = 0  # evaluate N of those rows, spread evenly over them (0 = all)

@@ -115,7 +115,6 @@ def main(argv=None):
     expert_targets = ae.expert_lora_targets(adapter_config)
     prompts = frame["prompt"].tolist()[:settings["LOGIT_PROMPTS"]]
     kwargs = ae.decoding_settings(settings)
-    notes = []
 
     ae.log(f"1/3 reference: {adapter_dir} on the dequantised base {base} ({device})")
     try:
@@ -131,11 +130,11 @@ def main(argv=None):
 
     available, why = probe_mxfp4_kernels(device)
     if available and expert_targets:
-        available, why = False, (f"{why} are there, but PEFT cannot put the adapter's expert LoRA "
-                                 f"({', '.join(expert_targets)}) on transformers' packed experts")
+        available, why = False, (f"not used: PEFT cannot put the adapter's expert LoRA ({', '.join(expert_targets)}) "
+                                 f"on transformers' packed experts ({why})")
     del model
     release_memory()
-    mx_model, mode = None, "mxfp4-kernels"
+    mx_model, mx_base, mode = None, None, "mxfp4-kernels"
     if available:
         ae.log(f"2/3 MXFP4 base: {why}")
         mx_base, native = load_mxfp4_base(base, device)
@@ -145,21 +144,21 @@ def main(argv=None):
             mx_model = PeftModel.from_pretrained(mx_base, str(adapter_dir))
         else:
             why = "transformers fell back to dequantising the experts while loading (see its warning above)"
-            del mx_base
+            mx_base = None
             release_memory()
     if mx_model is None:
         # transformers' kernels are out of reach (or cannot hold the adapter), this project's are not: the base's
         # experts kept as stored, an expert LoRA beside them as low-rank terms
         mode = "mxfp4-experts"
-        ae.log(f"2/3 MXFP4 base: experts kept in MXFP4 by mxfp4_experts.py ({why.split(':')[0]} for transformers' "
-               "own kernels)")
+        ae.log(f"2/3 MXFP4 base: experts kept in MXFP4 by mxfp4_experts.py (transformers' own kernels: "
+               f"{why.split(':')[0]})")
         mx_model, _ = ae.load_adapted_model(adapter_dir, base, device=device, experts_format="mxfp4")
     mx_model.eval()
     mxfp4, mxfp4_actions, _ = ae.evaluate_base_and_adapter(mx_model, tokenizer, frame, settings)
     with mx_model.disable_adapter():
         mxfp4_logits = {"base": prompt_logits(mx_model, tokenizer, prompts)}
     mxfp4_logits["adapter"] = prompt_logits(mx_model, tokenizer, prompts)
-    del mx_model
+    del mx_model, mx_base  # both hold the MXFP4 model: the reference is loaded again next
     release_memory()
     model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device)
     reader = CheckpointReader(local_checkpoint_dir(base))
@@ -194,7 +193,6 @@ def main(argv=None):
         "mode": mode,
         "mxfp4_kernels": {"available": mode == "mxfp4-kernels", "reason": why},
         "what_was_done": describe(mode, why, expert_targets, dtype),
-        "notes": notes,
         "prompt_path": str(ae.resolve_path(settings["PROMPT_PATH"])), "split": settings["SPLIT"],
         "prompts": len(frame), "decoding": kwargs, "logit_prompts": len(prompts),
         "reference": {"dtype": dtype, "base": reference["base"], "adapter": reference["adapter"]},
@@ -222,7 +220,7 @@ def describe(mode, why, expert_targets, dtype):
     if mode == "mxfp4-kernels":
         text = f"Ran the base with MXFP4 experts on the GPU kernels ({why}) against the dequantised {dtype} base."
     else:
-        text = (f"transformers' MXFP4 kernels could not run here ({why}), so the base ran with its experts kept in "
+        text = (f"transformers' MXFP4 kernels did not run here ({why}), so the base ran with its experts kept in "
                 "MXFP4 by this project's own path (mxfp4_experts.py: Triton kernels on a GPU, the plain-torch "
                 f"reference on a CPU) against the dequantised {dtype} base: the deltas are measured, not assumed.")
         if expert_targets:
@@ -236,7 +234,6 @@ def render_summary(report):
     lines = [f"# Adapter evaluation with an MXFP4 base: {report['adapter_path']}", "",
              f"Base `{report['base_model']}`; {report['prompts']} prompts x {report['decoding']['samples']} answers, "
              f"same prompts and seeds for every variant. Mode: **{report['mode']}**.", "", report["what_was_done"], ""]
-    lines += [f"- {note}" for note in report["notes"]] + ([""] if report["notes"] else [])
     lines += ae.scores_table([(f"reference base ({r['dtype']})", r["base"]),
                               (f"reference adapter ({r['dtype']})", r["adapter"]),
                               ("MXFP4 base", m["base"]), ("MXFP4 base + adapter", m["adapter"]),

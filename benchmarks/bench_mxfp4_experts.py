@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 import model_loader  # noqa: E402
 import mxfp4  # noqa: E402
 import mxfp4_experts  # noqa: E402
+import mxfp4_kernels  # noqa: E402  (triton: this benchmark needs a GPU anyway)
 
 DECODE_TOKENS = 32  # rows of a decode step of workload W
 TRAIN_TOKENS = 16 * 530  # tokens of one training micro-batch of W (16 completions of a ~270-token prompt + 256)
@@ -111,8 +112,6 @@ def main():
         bf16_ms = graph_ms(bf16_dense, REPEATS)
     values = 3 * cfg.num_local_experts * cfg.hidden_size * cfg.intermediate_size
     packed_bytes = values // 2 + values // mxfp4.BLOCK_SIZE
-    import mxfp4_kernels
-
     tiles = {str(key): str(config) for key, config in mxfp4_kernels.transposed_matmul_kernel.cache.items()}
     result = {"card": torch.cuda.get_device_name(), "copy_bandwidth_gb_per_s": bandwidth / 1e9,
               "decode_tokens": DECODE_TOKENS, "decode_kernel_auto": auto, "transposed_tiles_chosen": tiles,

@@ -146,6 +146,10 @@ def test_an_expert_lora_is_one_file_for_both_formats(models, tokenizer, tmp_path
                 assert (on_mxfp4(input_ids=ids).logits - adapted).abs().max() > 1e-2
         with pytest.raises(ValueError, match="cannot be merged into MXFP4-resident experts"):
             on_mxfp4.merge_adapter()
+        on_mxfp4.unmerge_adapter()  # what the message says undoes the layers PEFT merged before the experts
+        assert not any(getattr(m, "merged", False) for m in on_mxfp4.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(on_mxfp4(input_ids=ids).logits, adapted, atol=1e-5, rtol=0)
         for model in (on_bf16, on_mxfp4):
             torch.manual_seed(5)
             results.append(RolloutEngine(model, tokenizer).generate(rows, 24))
@@ -362,3 +366,22 @@ def test_running_out_of_memory_while_loading_gets_the_same_message(monkeypatch):
     monkeypatch.setattr(model_loader, "usable_gpu_bytes", lambda: 10 * 2**30)
     with pytest.raises(model_loader.ModelLoadError, match=r"needs ~\d+ GiB of GPU memory .* 10.0 GiB usable"):
         model_loader.load_model("tiny", device="cuda", experts_format="mxfp4")
+
+
+def test_two_active_expert_adapters_are_refused_not_half_run(models, tokenizer):
+    """PEFT adds up two active adapters on bf16 experts; the low-rank path runs one and says so."""
+    from peft import LoraConfig
+
+    import expert_lora
+
+    _, packed = models
+    wrapped = live_adapter(packed)
+    try:
+        wrapped.add_adapter("second", expert_lora.register(LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
+            target_parameters=expert_lora.EXPERT_TARGETS)))
+        wrapped.base_model.set_adapter(["default", "second"])
+        with torch.no_grad(), pytest.raises(NotImplementedError, match="two active adapters"):
+            wrapped(input_ids=torch.tensor(prompt_ids(tokenizer, 1)))
+    finally:
+        wrapped.unload()
