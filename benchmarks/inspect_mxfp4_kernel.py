@@ -129,10 +129,10 @@ def main():
     except ImportError as error:
         raise SystemExit(f"error: this needs triton ({error}): pip install triton (no GPU needed)") from None
 
-    default_tiles = [f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}x{c.num_warps}x{c.num_stages}"
+    default_tiles = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
                      for c in mxfp4_kernels.transposed_configs()]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiles", nargs="+", type=parse_tile, default=[parse_tile(t) for t in default_tiles],
+    parser.add_argument("--tiles", nargs="+", type=parse_tile, default=default_tiles,
                         help="BLOCK_NxBLOCK_KxWARPSxSTAGES (default: transposed_configs(), the autotuner's choices)")
     parser.add_argument("--k", type=int, default=2880, help="inputs of the matrix (gpt-oss-20b: 2880 for both)")
     parser.add_argument("--bandwidth-gb-s", type=float, default=4027, help="copy bandwidth of the card (H200)")
