@@ -246,18 +246,32 @@ def dense_experts(h, index, scores, tensors, factors=None):
     x = h.to(gate_up_bias.dtype)
     gate_up = torch.ops.gpt_oss_mxfp4.dense_matmul(x, gate_up_blocks, gate_up_scales, gate_up_bias, kernel)
     if "gate_up_proj" in factors:  # [E, tokens, 2I]
-        a, b, scale = factors["gate_up_proj"]
-        lora_in = x.to(a.dtype).unsqueeze(0).expand(a.shape[0], -1, -1)
-        gate_up = gate_up + torch.bmm(torch.bmm(lora_in, a), b).to(gate_up.dtype) * scale
+        gate_up = add_lora(gate_up, x, factors["gate_up_proj"])
     act = swiglu(gate_up, limit, alpha)
     out = torch.ops.gpt_oss_mxfp4.dense_matmul(act, down_blocks, down_scales, down_bias, kernel)  # [E, tokens, H]
     if "down_proj" in factors:
-        a, b, scale = factors["down_proj"]
-        out = out + torch.bmm(torch.bmm(act.to(a.dtype), a), b).to(out.dtype) * scale
-    routing = torch.zeros(x.shape[0], gate_up_blocks.shape[0], dtype=scores.dtype, device=x.device)
+        out = add_lora(out, act, factors["down_proj"])
+    return combine_experts(out, index, scores, h.dtype)
+
+
+def add_lora(y, x, factor):
+    """y + scale * (x A_e) B_e for every expert e: an expert LoRA's term in a dense path (this module's and the
+    rollout engine's bf16 one), in the factors' dtype, never A_e B_e. y [E, tokens, out]; x [E, tokens, in], or
+    [tokens, in] shared by every expert; factor (A [E, in, r], B [E, r, out], scale)."""
+    a, b, scale = factor
+    x = x.to(a.dtype)
+    if x.dim() == 2:
+        x = x.unsqueeze(0).expand(a.shape[0], -1, -1)
+    return y + torch.bmm(torch.bmm(x, a), b).to(y.dtype) * scale
+
+
+def combine_experts(out, index, scores, dtype):
+    """Every expert's output out [E, tokens, hidden] weighted by each token's routing weight for it (zero for an
+    expert outside its top k: `index`, `scores`) and summed in fp32 -> [tokens, hidden] in `dtype`."""
+    routing = torch.zeros(out.shape[1], out.shape[0], dtype=scores.dtype, device=out.device)
     routing = routing.scatter(1, index, scores)
     weighted = out * routing.t()[:, :, None].to(out.dtype)
-    return weighted.sum(dim=0, dtype=torch.float32).to(h.dtype)
+    return weighted.sum(dim=0, dtype=torch.float32).to(dtype)
 
 
 @torch.library.custom_op("gpt_oss_mxfp4::dense_matmul", mutates_args=())

@@ -50,8 +50,9 @@ import torch
 import harmony
 import library_internals
 from expert_lora import expert_lora_factors
-from mxfp4_experts import (dense_experts as mxfp4_dense_experts, dense_forward as mxfp4_dense_forward,
-                           dense_tensors as mxfp4_dense_tensors, is_mxfp4_experts, swiglu)
+from mxfp4_experts import (add_lora, combine_experts, dense_experts as mxfp4_dense_experts,
+                           dense_forward as mxfp4_dense_forward, dense_tensors as mxfp4_dense_tensors,
+                           is_mxfp4_experts, swiglu)
 
 LENGTH_BUCKET = 128  # cache positions are rounded up to a multiple of this, so nearby prompt lengths share a graph
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # rows are padded up to one of these
@@ -574,16 +575,12 @@ def dense_experts(h, index, scores, experts, factors=None):
     # baddbmm would first copy it out to every token)
     gate_up = torch.bmm(x, gate_up_proj) + gate_up_bias[:, None]
     if "gate_up_proj" in factors:
-        a, b, scale = factors["gate_up_proj"]
-        gate_up = gate_up + torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(gate_up.dtype) * scale
+        gate_up = add_lora(gate_up, x, factors["gate_up_proj"])
     act = swiglu(gate_up, limit, alpha)
     out = torch.bmm(act, down_proj) + down_bias[:, None]
     if "down_proj" in factors:
-        a, b, scale = factors["down_proj"]
-        out = out + torch.bmm(torch.bmm(act.to(a.dtype), a), b).to(out.dtype) * scale
-    routing = torch.zeros(h.shape[0], count, dtype=scores.dtype, device=h.device).scatter(1, index, scores)
-    weighted = out * routing.t()[:, :, None].to(out.dtype)
-    return weighted.sum(dim=0, dtype=torch.float32).to(h.dtype)
+        out = add_lora(out, act, factors["down_proj"])
+    return combine_experts(out, index, scores, h.dtype)
 
 
 # -- the decode step's per-layer functions (compiled into fused kernels on a GPU) ---------------------------------
