@@ -41,9 +41,10 @@ DENSE_KERNEL = "auto"  # the decode kernel: 'auto' takes 'transposed' where it a
 KERNEL_MAX_BLOCK_M = 128  # rows a program of the dense kernel multiplies (more rows: more programs, each
                           #   dequantising its weights again)
 TRANSPOSED_MAX_ROWS = 64  # the 'transposed' kernel holds all rows in one tile (more rows: 'blocked')
-TRANSPOSED_SCALE_BYTES = (104, 128)  # scale bytes for which 'transposed' is exact: its fp16 weights value x 2^(byte -
-                                     #   127) span 0.5 x 2^-23 (the smallest fp16 subnormal) .. 6 x 2^1, its factor
-                                     #   2^(byte - 113) stays a normal fp16; gpt-oss' weights lie well inside
+TRANSPOSED_SCALE_BYTES = (99, 128)  # scale bytes for which 'transposed' is exact: its fp16 weights value x 2^(byte -
+                                    #   119) span 0.5 x 2^-20 .. 6 x 2^9 (every one a multiple of the smallest fp16
+                                    #   subnormal), its factor 2^(byte - 113) stays a normal fp16; gpt-oss' weights
+                                    #   lie well inside
 DEQUANT_BLOCKS = 64  # MXFP4 blocks (32 values each) dequantised per program of the dequantisation kernel
 LORA_TARGETS = ("gate_up_proj", "down_proj")  # GptOssExperts' weights, the names an expert LoRA targets
 # -----------------------------------------------------------------------------
@@ -239,16 +240,16 @@ def dense_tensors(experts, cuda=True):
 
 def dense_experts(h, index, scores, tensors, factors=None):
     """dense_forward over tensors (`dense_tensors`), not the module, so that the rollout engine's one compiled
-    decode layer serves every layer: the matmuls are an operator torch.compile leaves alone (`dense_matmul_op`),
-    the SwiGLU, LoRA terms and routing around them fuse into its kernels."""
+    decode layer serves every layer: the matmuls are an operator torch.compile leaves alone (`dense_matmul_op`);
+    the SwiGLU, LoRA terms, routing, and each matmul's input laid out for its kernel fuse around it."""
     gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks, down_scales, down_bias, limit, alpha, kernel = tensors
     factors = factors or {}
     x = h.to(gate_up_bias.dtype)
-    gate_up = torch.ops.gpt_oss_mxfp4.dense_matmul(x, gate_up_blocks, gate_up_scales, gate_up_bias, kernel)
+    gate_up = matmul_laid_out(x, gate_up_blocks, gate_up_scales, gate_up_bias, kernel)
     if "gate_up_proj" in factors:  # [E, tokens, 2I]
         gate_up = add_lora(gate_up, x, factors["gate_up_proj"])
     act = swiglu(gate_up, limit, alpha)
-    out = torch.ops.gpt_oss_mxfp4.dense_matmul(act, down_blocks, down_scales, down_bias, kernel)  # [E, tokens, H]
+    out = matmul_laid_out(act, down_blocks, down_scales, down_bias, kernel)  # [E, tokens, H]
     if "down_proj" in factors:
         out = add_lora(out, act, factors["down_proj"])
     return combine_experts(out, index, scores, h.dtype)
@@ -256,13 +257,22 @@ def dense_experts(h, index, scores, tensors, factors=None):
 
 def add_lora(y, x, factor):
     """y + scale * (x A_e) B_e for every expert e: an expert LoRA's term in a dense path (this module's and the
-    rollout engine's bf16 one), in the factors' dtype, never A_e B_e. y [E, tokens, out]; x [E, tokens, in], or
-    [tokens, in] shared by every expert; factor (A [E, in, r], B [E, r, out], scale)."""
+    rollout engine's bf16 one), never A_e B_e. y [E, tokens, out]; x [E, tokens, in], or [tokens, in] shared by
+    every expert; factor (A [E, in, r], B [E, r, out], scale).
+
+    In y's dtype, rounded as training rounds it (`grouped_lora`: x A, then its product with B, then the scale). With
+    shared rows, x A for all experts is one matmul against PEFT's own lora_A layout [E * r, in] (a batched matmul
+    per expert would run one long, thin product per expert: ~4x slower at a decode step's 32 rows).
+    """
     a, b, scale = factor
-    x = x.to(a.dtype)
+    experts, inputs, rank = a.shape
+    a_rows = a.transpose(1, 2).reshape(experts * rank, inputs).to(y.dtype)  # a view where A is PEFT's own tensor
+    x = x.to(y.dtype)
     if x.dim() == 2:
-        x = x.unsqueeze(0).expand(a.shape[0], -1, -1)
-    return y + torch.bmm(torch.bmm(x, a), b).to(y.dtype) * scale
+        low = torch.mm(x, a_rows.t()).view(x.shape[0], experts, rank).transpose(0, 1)  # [E, tokens, r]
+    else:
+        low = torch.bmm(x, a_rows.view(experts, rank, inputs).transpose(1, 2))
+    return y + torch.bmm(low, b.to(y.dtype)) * scale
 
 
 def combine_experts(out, index, scores, dtype):
@@ -274,20 +284,28 @@ def combine_experts(out, index, scores, dtype):
     return weighted.sum(dim=0, dtype=torch.float32).to(dtype)
 
 
+def matmul_laid_out(x, blocks, scales, bias, kernel):
+    """x W_e^T + bias_e through the operator, x laid out for the kernel here, in the caller's code: compiled, the
+    permutation and cast join the kernel that made x, instead of two copies of their own before each matmul."""
+    kernel = kernel_for_rows(kernel, x.shape[-2])
+    return torch.ops.gpt_oss_mxfp4.dense_matmul(kernel_input(x, kernel), blocks, scales, bias, kernel)
+
+
 @torch.library.custom_op("gpt_oss_mxfp4::dense_matmul", mutates_args=())
 def dense_matmul_op(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
                     kernel: str) -> torch.Tensor:
-    """dense_matmul as one operator: torch.compile calls it as it is (Triton launches, TMA descriptors and all).
-    kernel: a decode kernel chosen beforehand (dense_tensors), or 'reference' for the plain-torch path of a CPU."""
+    """The decode matmul as one operator: torch.compile calls it as it is (Triton launches, TMA descriptors and all).
+    x: `kernel_input(x, kernel)`; kernel: a decode kernel chosen beforehand (`kernel_for_rows`), or 'reference' for
+    the plain-torch path of a CPU. Returns [E, tokens, out] in the bias' dtype."""
     if kernel == "reference" and x.is_cuda:
         raise ValueError("dense_matmul: the 'reference' path is a CPU's; on a GPU pass the decode kernel "
                          "(Mxfp4Experts.dense_kernel())")
-    return dense_matmul(x, blocks, scales, bias, None if kernel == "reference" else kernel)
+    return launch_dense(x, blocks, scales, bias, kernel)
 
 
 @dense_matmul_op.register_fake
 def dense_matmul_shape(x, blocks, scales, bias, kernel):
-    return x.new_empty(blocks.shape[0], x.shape[-2], blocks.shape[1])
+    return x.new_empty(blocks.shape[0], x.shape[-2], blocks.shape[1], dtype=bias.dtype)
 
 
 def dense_matmul(x, blocks, scales, bias, kernel=None):
@@ -297,50 +315,71 @@ def dense_matmul(x, blocks, scales, bias, kernel=None):
     program dequantises tiles of one expert's weight in registers and multiplies them on the tensor cores,
     accumulating in fp32 (tile shapes autotuned once per weight shape). On a CPU the reference: dequantised
     weights, a batched matmul."""
+    in_features = blocks.shape[2] * mxfp4.BLOCK_SIZE
+    if x.shape[-1] != in_features:
+        raise ValueError(f"dense_matmul: input has {x.shape[-1]} features, the weight takes {in_features}")
+    if not x.is_cuda:
+        kernel = "reference"
+    else:
+        kernel = kernel or DENSE_KERNEL
+        if kernel == "auto":
+            kernel = choose_dense_kernel(scales)
+        kernel = kernel_for_rows(kernel, x.shape[-2])
+    return launch_dense(kernel_input(x, kernel), blocks, scales, bias.to(x.dtype), kernel)
+
+
+def kernel_for_rows(kernel, tokens):
+    """The decode kernel that runs for `tokens` rows: 'transposed' holds them all in one tile, so above
+    TRANSPOSED_MAX_ROWS 'blocked' runs instead."""
+    return "blocked" if kernel == "transposed" and tokens > TRANSPOSED_MAX_ROWS else kernel
+
+
+def kernel_input(x, kernel):
+    """x [..., tokens, in] as `kernel` reads it, in the same shape: 'transposed': fp16, each 32-input block permuted
+    (`permute_for_transposed`); 'blocked': fp16, each row's even inputs, then its odd ones; else as it is."""
+    if kernel == "transposed":
+        return permute_for_transposed(x).to(torch.float16)
+    if kernel == "blocked":
+        halves = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2).transpose(-1, -2)
+        return halves.to(torch.float16).reshape(x.shape)
+    return x
+
+
+def launch_dense(x, blocks, scales, bias, kernel):
+    """dense_matmul's work on x already laid out for `kernel` (`kernel_input`): the Triton kernel, or on a CPU
+    ('reference') the dequantised weights in a batched matmul. Output in the bias' dtype."""
     experts, out_features = blocks.shape[0], blocks.shape[1]
     in_features = blocks.shape[2] * mxfp4.BLOCK_SIZE
     shared = x.dim() == 2
     tokens = x.shape[-2]
-    if x.shape[-1] != in_features:
-        raise ValueError(f"dense_matmul: input has {x.shape[-1]} features, the weight takes {in_features}")
-    if not x.is_cuda:
+    if kernel == "reference":
         weight = mxfp4.dequantize_mxfp4(blocks, scales, x.dtype)  # [E, out, in]
         inputs = x.unsqueeze(0).expand(experts, -1, -1) if shared else x
-        return torch.bmm(inputs, weight.transpose(1, 2)) + bias[:, None].to(x.dtype)
-    kernel = kernel or DENSE_KERNEL
-    if kernel == "auto":
-        kernel = choose_dense_kernel(scales)
-    if kernel == "transposed" and tokens > TRANSPOSED_MAX_ROWS:
-        kernel = "blocked"
+        return (torch.bmm(inputs, weight.transpose(1, 2)) + bias[:, None].to(x.dtype)).to(bias.dtype)
     kernels = triton_kernels()
-    out = torch.empty(experts, tokens, out_features, dtype=x.dtype, device=x.device)
+    out = torch.empty(experts, tokens, out_features, dtype=bias.dtype, device=x.device)
     # one row tile for up to KERNEL_MAX_BLOCK_M rows: each further tile dequantises every weight again
     block_m = max(16, triton_next_power_of_2(min(tokens, KERNEL_MAX_BLOCK_M)))
 
     def grid(tile):
         return triton_cdiv(out_features, tile["BLOCK_N"]), experts, triton_cdiv(tokens, block_m)
 
+    x = x.contiguous()
     if kernel == "transposed":
         from triton.tools.tensor_descriptor import TensorDescriptor
-        # fp16 inputs, each 32-input block permuted for the kernel; rows of all experts stacked
-        x = permute_for_transposed(x).to(torch.float16).reshape(-1, in_features).contiguous()
-        # tile shapes are placeholders: the autotuner's pre-hook sets those of the config it runs
-        x_desc = TensorDescriptor.from_tensor(x, [block_m, 128])
+        # rows of all experts stacked; tile shapes are placeholders: the autotuner's pre-hook sets those it runs
+        x_desc = TensorDescriptor.from_tensor(x.reshape(-1, in_features), [block_m, 128])
         w_desc = TensorDescriptor.from_tensor(blocks.view(experts * out_features, in_features // 2), [64, 64])
         kernels.transposed_matmul_kernel[lambda tile: grid(tile)[:2]](
             x_desc, w_desc, scales, bias, out, tokens, out_features, 0 if shared else tokens, K=in_features,
             BLOCK_M=block_m)
-        return out
-    if kernel == "blocked":
-        # fp16 inputs, even and odd ones in two halves: [.., tokens, 2, in / 2]
-        x = x.reshape(*x.shape[:-1], in_features // 2, 2).transpose(-1, -2).contiguous().to(torch.float16)
+    elif kernel == "blocked":  # each row [2, in / 2]: even inputs, then odd ones
         kernels.blocked_matmul_kernel[grid](x, blocks, scales, bias, out, tokens, out_features,
-                                            0 if shared else x.stride(0), x.stride(-3), K=in_features,
+                                            0 if shared else x.stride(0), x.stride(-2), K=in_features,
                                             BLOCK_M=block_m)
-        return out
-    x = x.contiguous()
-    kernels.dense_matmul_kernel[grid](x, blocks, scales, bias, out, tokens, out_features,
-                                      0 if shared else x.stride(0), x.stride(-2), K=in_features, BLOCK_M=block_m)
+    else:
+        kernels.dense_matmul_kernel[grid](x, blocks, scales, bias, out, tokens, out_features,
+                                          0 if shared else x.stride(0), x.stride(-2), K=in_features, BLOCK_M=block_m)
     return out
 
 

@@ -138,19 +138,25 @@ def blocked_matmul_kernel(x_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, M, N
 
 @triton.jit
 def fp16_codes_of_bytes(packed):
-    """uint8 codes -> (low nibble, high nibble) as fp16 of value x 2^-14, four bytes an instruction group: each byte
-    pair is spread into the two halves of a register (prmt), then each nibble's 3 magnitude bits are moved onto the
-    exponent's low bits and the mantissa's top bit and its sign bit onto bit 15 (exact, subnormals included)."""
+    """uint8 codes -> (low nibble, high nibble) as fp16 of value x 2^-6, four bytes an instruction group: each nibble
+    becomes an e4m3 byte by bit moves alone (sign to bit 7, the 3 magnitude bits to the exponent's two low bits and
+    the mantissa's top bit: value x 2^-6, exact, subnormals included), and the hardware converts e4m3 pairs to fp16
+    pairs (cvt, Hopper or newer): 7 integer operations and 4 conversions for 8 values. Elementwise, so triton may
+    hand it any four bytes of a thread."""
     return tl.inline_asm_elementwise(
         asm="""
         {
-        .reg .b32 t0, t1, a, b;
-        prmt.b32 t0, $4, 0, 0x4140;
-        prmt.b32 t1, $4, 0, 0x4342;
-        shl.b32 a, t0, 9;  shl.b32 b, t0, 12; and.b32 a, a, 0x0E000E00; and.b32 b, b, 0x80008000; or.b32 $0, a, b;
-        shl.b32 a, t1, 9;  shl.b32 b, t1, 12; and.b32 a, a, 0x0E000E00; and.b32 b, b, 0x80008000; or.b32 $1, a, b;
-        shl.b32 a, t0, 5;  shl.b32 b, t0, 8;  and.b32 a, a, 0x0E000E00; and.b32 b, b, 0x80008000; or.b32 $2, a, b;
-        shl.b32 a, t1, 5;  shl.b32 b, t1, 8;  and.b32 a, a, 0x0E000E00; and.b32 b, b, 0x80008000; or.b32 $3, a, b;
+        .reg .b32 lo, hi, t, u;
+        .reg .b16 l01, l23, h01, h23;
+        shl.b32 t, $4, 4; shl.b32 u, $4, 2;
+        and.b32 t, t, 0x80808080; and.b32 u, u, 0x1C1C1C1C; or.b32 lo, t, u;
+        shr.b32 t, $4, 2; and.b32 t, t, 0x1C1C1C1C; and.b32 u, $4, 0x80808080; or.b32 hi, t, u;
+        mov.b32 {l01, l23}, lo;
+        mov.b32 {h01, h23}, hi;
+        cvt.rn.f16x2.e4m3x2 $0, l01;
+        cvt.rn.f16x2.e4m3x2 $1, l23;
+        cvt.rn.f16x2.e4m3x2 $2, h01;
+        cvt.rn.f16x2.e4m3x2 $3, h23;
         }
         """,
         constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
@@ -178,9 +184,10 @@ def transposed_matmul_kernel(x_desc, w_desc, scales_ptr, bias_ptr, out_ptr, M, N
                              K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[e] = x[e] W_e^T + bias_e computed as its transpose, W_e x[e]^T, so that the dequantised weight tile is
     the tensor cores' left operand, which Hopper's wgmma reads from registers (the right one must sit in shared
-    memory: there, the few token rows arrive by TMA). Weight bytes arrive by TMA too and become fp16 by bit moves
-    (fp16_codes_of_bytes); each 32-input block is then multiplied by its scale, 2^(byte - 127 + 14) in fp16, exact
-    for scale bytes in mxfp4_experts.TRANSPOSED_SCALE_BYTES (checked there before this kernel is chosen).
+    memory: there, the few token rows arrive by TMA). Weight bytes arrive by TMA too and become fp16 codes of value x
+    2^-6 (fp16_codes_of_bytes); each 32-input block is then multiplied by 2^(byte - 113) in fp16, so the weights
+    enter the tensor cores as value x 2^(byte - 119) (exact for scale bytes in mxfp4_experts.TRANSPOSED_SCALE_BYTES,
+    checked there before this kernel is chosen) and the fp32 sums are scaled by 2^-8 once at the end.
 
     x_desc: fp16 inputs [rows, K] whose every 32-input block is permuted (mxfp4_experts.permute_for_transposed:
     column 8q + 2c + h holds input 8c + 2q + h), so that a thread's four loaded bytes, both nibbles each, are
@@ -195,14 +202,15 @@ def transposed_matmul_kernel(x_desc, w_desc, scales_ptr, bias_ptr, out_ptr, M, N
     for k0 in range(0, K // 2, BLOCK_K // 2):
         # [n, block, c, q]: byte 4c + q of a block's 16 holds inputs 8c + 2q (low nibble) and 8c + 2q + 1
         packed = tl.reshape(w_desc.load([expert * N + n0, k0]), [BLOCK_N, groups, 4, 4])
-        low, high = fp16_codes_of_bytes(packed)
         group = k0 // 16 + tl.arange(0, groups)
         scale_byte = tl.load(s_base + group[None, :], mask=group[None, :] < K // 32, other=113).to(tl.int16)
         factor = ((scale_byte - 98) << 10).to(tl.float16, bitcast=True)  # fp16 bits of 2^(byte - 113)
+        low, high = fp16_codes_of_bytes(packed)
         w = tl.join(low, high) * factor[:, :, None, None, None]  # [n, block, c, q, nibble]
         w = tl.reshape(tl.permute(w, [0, 1, 3, 2, 4]), [BLOCK_N, BLOCK_K])  # the permuted input order
         x = x_desc.load([expert * x_expert_rows, 2 * k0])
         acc = tl.dot(w, tl.trans(x), acc)
+    acc = acc * (1.0 / 256.0)  # the weights entered as value x 2^(byte - 119): back to value x 2^(byte - 127)
     col_ok = cols < N
     bias = tl.load(bias_ptr + expert.to(tl.int64) * N + cols, mask=col_ok, other=0.0)
     acc += bias.to(tl.float32)[:, None]

@@ -13,7 +13,9 @@ How it is built, in the order a token goes through it:
   about as much as the small matmul it runs): RMSNorm as torch's fused op, q/k/v as one matmul over the stacked
   weights plus one low-rank LoRA term, rope with transformers' roundings, the scores with mask and scale in one
   batched matmul; one static cache per layer [rows, kv heads, positions, head dim], sliding-window layers masked
-  to their last 128 positions, the learned attention sinks as an extra softmax column;
+  to their last 128 positions, the learned attention sinks as an extra softmax column. On a GPU (bf16, triton) a
+  decode step's attention is instead one Triton kernel (decode_attention_kernel.py) that reads only each row's
+  keys in range (up to its position; a sliding layer's window), softmax online, the sink as a last logit;
 - the experts: in a decode step (a few dozen tokens, which touch nearly every expert) every token through every
   expert as one batched matmul each way, routing weights applied after; for longer inputs (a prefill) the model's
   own experts module (grouped_mm on a GPU). With expert LoRA (PEFT `target_parameters`) bf16 experts always take
@@ -61,6 +63,9 @@ FINISHED_CHECK_EVERY = 16  # decode steps between checks whether every row has s
 MAX_CACHED_GRAPHS = 2  # graphs (with their caches) kept; a third evicts the oldest
 COMPILE_OPTIONS = {"emulate_precision_casts": True}  # inductor: round every intermediate to its eager dtype, so a
                                                     #   fused kernel computes what the separate kernels computed
+DECODE_ATTENTION_KERNEL = True  # on a GPU with triton, a bf16 decode step's attention is one Triton kernel that reads
+                                #   only the keys in range (decode_attention_kernel.py); False: the batched matmuls
+                                #   over the whole cache, as on a CPU
 DENSE_EXPERTS_MAX_TOKENS = 64  # 'auto' experts: up to this many tokens every expert reads its weights anyway, and one
                                #   batched matmul over all experts beat grouped_mm (16.2 vs 16.9 ms a decode step of
                                #   32 rows on an H200, uncompiled:
@@ -100,6 +105,8 @@ class RolloutEngine:
         if compile_backend == "auto":
             compile_backend = "inductor" if self.use_cuda_graphs and has_triton() else None
         self.kernels = DecodeKernels(compile_backend)
+        self.attention_kernel = (DECODE_ATTENTION_KERNEL and self.device.type == "cuda" and self.dtype == torch.bfloat16
+                                 and has_triton())
         self.graphs = {}  # key -> DecodeState (with its graph)
         self.weight_sets = {}  # adapter signature -> EngineWeights (the buffers the graphs of that signature read)
         self.weights = None
@@ -236,17 +243,19 @@ class RolloutEngine:
         cos, sin = self.rope_cache[0][pos][:, None], self.rope_cache[1][pos][:, None]  # [rows, 1, head_dim]
         k_pos = torch.arange(state.length, device=self.device)[None]
         causal = k_pos <= pos[:, None]
-        # [rows * kv heads, 1, keys]: the layout of the attention's batched matmul, made once for all layers
-        masks = {False: expand_mask(additive_mask(causal, self.dtype), kv),
-                 True: expand_mask(additive_mask(causal & (k_pos > pos[:, None] - self.window), self.dtype), kv)}
+        # masks [rows * kv heads, 1, keys]: the layout of the attention's batched matmul, made once for all layers
+        kernel = self.attention_kernel
+        keys = {False: Keys(expand_mask(additive_mask(causal, self.dtype), kv), pos, state.length, kernel),
+                True: Keys(expand_mask(additive_mask(causal & (k_pos > pos[:, None] - self.window), self.dtype), kv),
+                           pos, self.window, kernel)}
         index = torch.arange(rows, device=self.device)
         for i, (layer, w) in enumerate(zip(self.core.layers, self.weights.layers)):
             q, k, v = self.kernels.attention_inputs(x, w.input_norm, w.qkv, cos, sin, kv)
             state.k[i][index, :, pos] = k
             state.v[i][index, :, pos] = v
-            attention = (x, q, state.k[i], state.v[i], masks[self.sliding[i]], state.sinks[i],
+            attention = (x, q, state.k[i], state.v[i], keys[self.sliding[i]], state.sinks[i],
                          layer.self_attn.scaling, w.o, w.post_norm)
-            factors = expert_lora_factors(layer.mlp.experts)
+            factors = w.expert_lora  # the refreshed copies: no per-step casts in the captured graph
             if self._dense_experts(rows):
                 # the whole rest of the layer as one function: attention, o, norm, router, experts (and their LoRA)
                 x = self.kernels.finish_layer(*attention, w.moe, factors)
@@ -361,17 +370,19 @@ class Projection(NamedTuple):
 
 
 class LayerWeights:
-    """One layer's weights as the decode step reads them. The attention's are refreshed copies (EngineWeights);
-    `moe` holds the model's own router and expert tensors, read in place: (router weight, router bias, top k,
-    the dense experts function, its tensors: `expert_tensors` or mxfp4_experts.dense_tensors)."""
+    """One layer's weights as the decode step reads them. The attention's and an expert LoRA's are refreshed copies
+    (EngineWeights); `moe` holds the model's own router and expert tensors, read in place: (router weight, router
+    bias, top k, the dense experts function, its tensors: `expert_tensors` or mxfp4_experts.dense_tensors)."""
 
-    def __init__(self, qkv, o, input_norm, post_norm, moe):
+    def __init__(self, qkv, o, input_norm, post_norm, moe, expert_lora=None):
         self.qkv, self.o = qkv, o  # Projection
         self.input_norm, self.post_norm = input_norm, post_norm  # (fp32 weight, eps)
         self.moe = moe
+        self.expert_lora = expert_lora  # `expert_lora_copies` of a live expert LoRA, or None
 
     def tensors(self):
-        return self.qkv.tensors() + self.o.tensors() + [self.input_norm[0], self.post_norm[0]]
+        lora = [t for a, b, _ in (self.expert_lora or {}).values() for t in (a, b)]
+        return self.qkv.tensors() + self.o.tensors() + [self.input_norm[0], self.post_norm[0]] + lora
 
 
 class EngineWeights:
@@ -444,21 +455,57 @@ def attend(q, k, v, mask, sinks, scaling):
     return torch.matmul(probs.to(v.dtype), v)
 
 
-def attend_one(q, k_cache, v_cache, mask, sinks, scaling):
+class Keys(NamedTuple):
+    """The cached keys a decode step's rows attend to, for one kind of layer: the additive mask [rows * kv, 1, keys]
+    that the plain path adds to its scores, and what the kernel reads instead: each row's position [rows] (the one
+    just written) and the layer's window (the cache length for a full-attention layer). kernel: whether the
+    Triton kernel runs (`RolloutEngine.attention_kernel`)."""
+    mask: torch.Tensor
+    pos: torch.Tensor
+    window: int
+    kernel: bool
+
+
+def attend_one(q, k_cache, v_cache, keys, sinks, scaling):
     """The decode step's attention, one query per row, in as few kernels as the math allows.
 
     q [rows * kv, groups, d] (a row's query groups are the rows of its kv head's matmul, so the cache is read as
-    is, never broadcast); caches [rows, kv, keys, d]; mask [rows * kv, 1, keys]; sinks [rows * kv, groups, 1].
-    Scores = q k^T * scaling + mask, rounded as transformers' eager attention rounds them, the sink as one more
-    column of the softmax, the maximum subtracted in the logits' dtype as there. (Compiled, the scale, mask, sink
-    and softmax are one kernel after the matmul; a baddbmm would first copy the mask out to every query group.)
+    is, never broadcast); caches [rows, kv, keys, d]; keys: `Keys`; sinks [rows * kv, groups, 1].
+    With keys.kernel, one Triton kernel (`decode_attention`). Else scores = q k^T * scaling + mask, rounded as
+    transformers' eager attention rounds them, the sink as one more column of the softmax, the maximum subtracted
+    in the logits' dtype as there. (Compiled, the scale, mask, sink and softmax are one kernel after the matmul; a
+    baddbmm would first copy the mask out to every query group.)
     """
+    if keys.kernel:
+        return torch.ops.gpt_oss_engine.decode_attention(q, k_cache, v_cache, sinks, keys.pos, scaling, keys.window)
     batch, _, d = q.shape
-    keys = k_cache.view(batch, -1, d)
-    scores = torch.bmm(q, keys.transpose(1, 2)) * scaling + mask
+    keys_cache = k_cache.view(batch, -1, d)
+    scores = torch.bmm(q, keys_cache.transpose(1, 2)) * scaling + keys.mask
     combined = torch.cat([scores, sinks], dim=-1)
     probs = torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1, dtype=combined.dtype)
     return torch.bmm(probs[..., :-1], v_cache.view(batch, -1, d))
+
+
+@torch.library.custom_op("gpt_oss_engine::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
+                     pos: torch.Tensor, scaling: float, window: int) -> torch.Tensor:
+    """attend_one's attention as one operator around decode_attention_kernel (torch.compile calls it as it is):
+    each row's keys from max(0, pos - window + 1) to pos, read once, softmax online, the sink as a last logit."""
+    import decode_attention_kernel
+
+    batch, groups, d = q.shape
+    _, kv, length, _ = k_cache.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    decode_attention_kernel.decode_attention_kernel[(batch,)](
+        q, k_cache, v_cache, sinks.contiguous(), pos, out, scaling, length, window, KV=kv, GROUPS=groups, D=d,
+        BLOCK_G=max(16, 1 << (groups - 1).bit_length()), BLOCK_N=64)
+    return out
+
+
+@decode_attention.register_fake
+def decode_attention_shape(q, k_cache, v_cache, sinks, pos, scaling, window):
+    return torch.empty_like(q)
 
 
 def sample(logits, temperature, top_p, mode):
@@ -499,8 +546,25 @@ def gather_weights(core, dtype):
             dense = (dense_experts, expert_tensors(experts))
         moe = (router.weight, router.bias, router.top_k, *dense)
         layers.append(LayerWeights(fuse_projections([attn.q_proj, attn.k_proj, attn.v_proj], dtype),
-                                   fuse_projections([attn.o_proj], dtype), *norms, moe))
+                                   fuse_projections([attn.o_proj], dtype), *norms, moe,
+                                   expert_lora_copies(expert_lora_factors(layer.mlp.experts), dtype)))
     return EngineWeights(layers)
+
+
+def expert_lora_copies(factors, dtype):
+    """An expert LoRA's factors ({name: (A [E, in, r], B [E, r, out], scale)}, or None) as a decode step reads them:
+    in the model's dtype, A as a view of a contiguous copy of PEFT's [E * r, in] layout (mxfp4_experts.add_lora
+    multiplies it with one matmul), B contiguous with the scale folded in, as `fuse_projections` folds it (a power
+    of two in the usual configurations: the same products). Copies, so that `EngineWeights.copy_from` refreshes
+    them in place and each decode step skips the casts."""
+    if factors is None:
+        return None
+    copies = {}
+    for name, (a, b, scale) in factors.items():
+        experts, inputs, rank = a.shape
+        a_rows = a.transpose(1, 2).reshape(experts * rank, inputs).to(dtype, copy=True)
+        copies[name] = (a_rows.view(experts, rank, inputs).transpose(1, 2), (b * scale).to(dtype).contiguous(), 1.0)
+    return copies
 
 
 def fuse_projections(modules, dtype):
@@ -594,17 +658,17 @@ def attention_inputs(x, input_norm, qkv, cos, sin, kv):
     return qk[:, :heads].reshape(rows * kv, heads // kv, d), qk[:, heads:], out[:, (heads + kv) * d:].view(rows, kv, d)
 
 
-def attention_output(x, q, k_cache, v_cache, mask, sinks, scaling, o, post_norm):
+def attention_output(x, q, k_cache, v_cache, keys, sinks, scaling, o, post_norm):
     """The residual stream after the attention block, and its post-attention norm (the MoE block's input)."""
-    out = attend_one(q, k_cache, v_cache, mask, sinks, scaling)
+    out = attend_one(q, k_cache, v_cache, keys, sinks, scaling)
     x = x + project(out.view(x.shape[0], -1), *o)
     return x, rms_norm(x, *post_norm)
 
 
-def finish_layer(x, q, k_cache, v_cache, mask, sinks, scaling, o, post_norm, moe, factors=None):
+def finish_layer(x, q, k_cache, v_cache, keys, sinks, scaling, o, post_norm, moe, factors=None):
     """The rest of a decode layer after the cache write: attention, o, norm, MoE with dense experts (and an expert
     LoRA's `factors` as low-rank terms)."""
-    x, h = attention_output(x, q, k_cache, v_cache, mask, sinks, scaling, o, post_norm)
+    x, h = attention_output(x, q, k_cache, v_cache, keys, sinks, scaling, o, post_norm)
     router_weight, router_bias, top_k, experts_fn, experts = moe
     index, scores = route(h, router_weight, router_bias, top_k)
     return x + experts_fn(h, index, scores, experts, factors)

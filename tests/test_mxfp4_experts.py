@@ -194,13 +194,21 @@ def fp16_of_bits(bits):
     return ((bits + 0x8000) % 0x10000 - 0x8000).to(torch.int16).view(torch.float16)
 
 
+def e4m3_to_float(bits):
+    """int32 tensor of e4m3 byte patterns -> their values (float32): sign, 4 exponent bits (bias 7), 3 mantissa bits."""
+    exponent, mantissa = (bits >> 3) & 15, (bits & 7).float()
+    magnitude = torch.where(exponent == 0, mantissa / 8 * 2.0 ** -6, (1 + mantissa / 8) * 2.0 ** (exponent - 7))
+    return torch.where((bits & 0x80) != 0, -magnitude, magnitude)
+
+
 def transposed_weights(blocks, scales):
-    """What mxfp4_kernels.transposed_matmul_kernel builds of a weight, in torch: codes as fp16 by bit moves (value x
-    2^-14), times the fp16 factor 2^(byte - 113), (low, high) nibbles joined, then bytes 4c + q of each block
-    reordered to the permuted input order 8q + 2c + h. Returns fp16 [E, out, in] in that order."""
+    """What mxfp4_kernels.transposed_matmul_kernel builds of a weight, in torch: codes as e4m3 bytes by bit moves
+    (value x 2^-6), converted to fp16, times the fp16 factor 2^(byte - 113), (low, high) nibbles joined, then bytes
+    4c + q of each block reordered to the permuted input order 8q + 2c + h. Returns fp16 [E, out, in] in that order:
+    the weights times 2^8 (the kernel scales its sums by 2^-8)."""
     codes = blocks.to(torch.int32)
-    low = fp16_of_bits(((codes & 7) << 9) | ((codes & 8) << 12))
-    high = fp16_of_bits((((codes >> 4) & 7) << 9) | (((codes >> 4) & 8) << 12))
+    low = e4m3_to_float(((codes << 4) & 0x80) | ((codes << 2) & 0x1C)).half()
+    high = e4m3_to_float((codes & 0x80) | ((codes >> 2) & 0x1C)).half()
     factor = fp16_of_bits((scales.to(torch.int32) - 98) << 10)
     w = torch.stack([low, high], -1) * factor[..., None, None]  # fp16 products, as on the GPU
     e, n, groups = scales.shape
@@ -216,33 +224,50 @@ def test_transposed_kernel_layout_multiplies_the_permuted_inputs_exactly():
     blocks = torch.randint(0, 256, (2, high - low + 1, 3, 16), dtype=torch.uint8)
     scales = torch.arange(low, high + 1, dtype=torch.uint8)[None, :, None].expand(2, -1, 3).contiguous()
     exact = mxfp4.dequantize_mxfp4(blocks, scales, torch.float32)
-    w = transposed_weights(blocks, scales)
-    assert torch.equal(w.float(), mxfp4_experts.permute_for_transposed(exact))
+    w = transposed_weights(blocks, scales).float() / 256
+    assert torch.equal(w, mxfp4_experts.permute_for_transposed(exact))
     x = torch.randn(5, 96)
-    torch.testing.assert_close(mxfp4_experts.permute_for_transposed(x) @ w.float().transpose(1, 2),
+    torch.testing.assert_close(mxfp4_experts.permute_for_transposed(x) @ w.transpose(1, 2),
                                x @ exact.transpose(1, 2), atol=1e-5, rtol=1e-5)
     every_code = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
     for outside in (low - 1, high + 1):
         scale = torch.full((1, 1, 16), outside, dtype=torch.uint8)
-        assert not torch.equal(transposed_weights(every_code, scale).float(), mxfp4_experts.permute_for_transposed(
-            mxfp4.dequantize_mxfp4(every_code, scale, torch.float32)))
+        assert not torch.equal(transposed_weights(every_code, scale).float() / 256,
+                               mxfp4_experts.permute_for_transposed(mxfp4.dequantize_mxfp4(every_code, scale,
+                                                                                           torch.float32)))
+
+
+def fp16_bits_of_e4m3(byte):
+    """The fp16 bit pattern of an e4m3 byte's value (what cvt.rn.f16x2.e4m3x2 writes per half: exact)."""
+    return int(fp16_float_bits(e4m3_to_float(torch.tensor([byte])).item()))
+
+
+def fp16_float_bits(value):
+    return torch.tensor([value], dtype=torch.float16).view(torch.int16).item() & 0xFFFF
 
 
 def run_ptx(asm, inputs):
-    """The few PTX instructions of an inline-asm block (prmt, shl, and, or on .b32), run on ints: enough to check
-    the kernels' bit moves on a CPU. inputs: {"$4": int}; returns the registers."""
+    """The few PTX instructions of an inline-asm block (prmt, shl, shr, and, or on .b32; mov of a .b32 into two
+    .b16 halves; cvt.rn.f16x2.e4m3x2), run on ints: enough to check the kernels' bit moves on a CPU. inputs:
+    {"$4": int}; returns the registers."""
     regs = dict(inputs)
 
     def value(operand):
         return regs[operand] if operand in regs else int(operand, 0)
 
     for line in asm.split(";"):
-        parts = line.replace(",", " ").split()
-        if not parts or parts[0] in ("{", "}") or parts[0].startswith(".reg"):
-            parts = [p for p in parts if p not in ("{", "}")]
-            if not parts or parts[0].startswith(".reg"):
-                continue
+        parts = [p for p in line.replace(",", " ").split() if p not in ("{", "}")]
+        if not parts or parts[0].startswith(".reg"):
+            continue
+        if parts[0] == "mov.b32":  # mov.b32 {lo, hi}, word
+            low_half, high_half, word = parts[1].strip("{"), parts[2].strip("}"), value(parts[3])
+            regs[low_half], regs[high_half] = word & 0xFFFF, word >> 16
+            continue
         op, dest, *args = parts
+        if op == "cvt.rn.f16x2.e4m3x2":  # the low byte to the low half, the high byte to the high half
+            pair = value(args[0])
+            regs[dest] = fp16_bits_of_e4m3(pair & 0xFF) | (fp16_bits_of_e4m3(pair >> 8) << 16)
+            continue
         a, b = value(args[0]), value(args[1])
         if op == "prmt.b32":
             pool, selector, out = a | (b << 32), value(args[2]), 0
@@ -252,29 +277,33 @@ def run_ptx(asm, inputs):
                 out |= ((0xFF if byte & 0x80 else 0) if nibble & 8 else byte) << 8 * i
             regs[dest] = out
         else:
-            regs[dest] = {"shl.b32": lambda: a << b, "and.b32": lambda: a & b, "or.b32": lambda: a | b}[op]() & 0xFFFFFFFF
+            regs[dest] = {"shl.b32": lambda: a << b, "shr.b32": lambda: a >> b, "and.b32": lambda: a & b,
+                          "or.b32": lambda: a | b}[op]() & 0xFFFFFFFF
     return regs
 
 
 def test_transposed_kernel_ptx_turns_every_byte_into_its_two_codes():
     """The inline PTX of mxfp4_kernels.fp16_codes_of_bytes, read from the source and run on every byte value in each
-    of the four positions: the low outputs ($0, $1: bytes 0-1, 2-3, two fp16 each) hold the low nibbles' codes, the
-    high outputs ($2, $3) the high ones, each as value x 2^-14 (triton packs element j of four into byte j)."""
+    of the four positions, the other three bytes random: the low outputs ($0, $1: bytes 0-1, 2-3, two fp16 each)
+    hold the low nibbles' codes, the high outputs ($2, $3) the high ones, each as value x 2^-6 (triton packs
+    element j of four into byte j)."""
     import re
 
     source = (ROOT / "mxfp4_kernels.py").read_text()
     body = source[source.index("def fp16_codes_of_bytes"):]
     asm = re.search(r'asm="""(.*?)"""', body, re.S).group(1)
     e2m1 = torch.tensor(mxfp4.E2M1_VALUES, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
     for byte in range(256):
         for position in range(4):
-            word = byte << 8 * position
+            others = torch.randint(0, 256, (4,), generator=generator).tolist()
+            word = sum((byte if j == position else others[j]) << 8 * j for j in range(4))
             regs = run_ptx(asm, {"$4": word})
             for nibble, first in ((byte & 15, "$0"), (byte >> 4, "$2")):
                 register = regs[f"${int(first[1]) + position // 2}"]
                 half = (register >> 16 * (position % 2)) & 0xFFFF
                 got = fp16_of_bits(torch.tensor([half])).float().item()
-                assert got == e2m1[nibble].item() * 2.0 ** -14, (byte, position, nibble)
+                assert got == e2m1[nibble].item() * 2.0 ** -6, (byte, position, nibble)
 
 
 @pytest.mark.skipif(not any((Path(p) / "triton").is_dir() for p in sys.path if p), reason="triton not installed")

@@ -157,3 +157,35 @@ def test_completions_have_the_shape_trl_expects(setup):
         assert not stop_ids & set(completion[:-1])
         assert len(completion) == 96 or completion[-1] in stop_ids
     assert len({tuple(c) for c in completions[:8]}) == 8  # one group's samples differ
+
+
+def test_the_attention_kernel_reads_only_the_keys_in_range_and_matches_the_plain_path():
+    """decode_attention (decode_attention_kernel.py) at gpt-oss-20b's head shape, for a full and a sliding layer,
+    rows at positions before, at and past the window: against attend_one's math in fp32 it is no further than
+    the plain bf16 path (batched matmuls over the masked cache) is, and it reads nothing outside the keys in
+    range (NaN there changes nothing)."""
+    from rollout_engine import Keys, additive_mask, attend_one, expand_mask
+
+    torch.manual_seed(0)
+    rows, kv, groups, d, length, window, scaling = 6, 8, 8, 64, 640, 128, 0.125
+    q = torch.randn(rows * kv, groups, d, device="cuda").to(torch.bfloat16)
+    k, v = (torch.randn(rows, kv, length, d, device="cuda").to(torch.bfloat16) for _ in range(2))
+    sinks = torch.randn(rows * kv, groups, 1, device="cuda").to(torch.bfloat16)
+    pos = torch.tensor([0, 5, 127, 128, 300, length - 1], device="cuda")
+    k_pos = torch.arange(length, device="cuda")[None]
+    causal = k_pos <= pos[:, None]
+    for label, layer_window, allowed in (("full", length, causal),
+                                         ("sliding", window, causal & (k_pos > pos[:, None] - window))):
+        mask = expand_mask(additive_mask(allowed, torch.bfloat16), kv)
+        kernel = attend_one(q, k, v, Keys(mask, pos, layer_window, True), sinks, scaling).float()
+        plain = attend_one(q, k, v, Keys(mask, pos, layer_window, False), sinks, scaling).float()
+        reference = attend_one(q.float(), k.float(), v.float(), Keys(mask.float(), pos, layer_window, False),
+                               sinks.float(), scaling)
+        kernel_error = (kernel - reference).abs().max().item()
+        plain_error = (plain - reference).abs().max().item()
+        print(f"\n{label} layer: kernel {kernel_error:.2e}, plain bf16 path {plain_error:.2e} from fp32")
+        assert kernel_error <= max(plain_error, 1e-2)
+        outside = ~allowed[:, None, :, None].expand(rows, kv, length, d)
+        poisoned = [c.masked_fill(outside, float("nan")) for c in (k, v)]
+        again = attend_one(q, *poisoned, Keys(mask, pos, layer_window, True), sinks, scaling).float()
+        assert torch.equal(again, kernel)
