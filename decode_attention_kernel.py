@@ -17,9 +17,10 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, sinks_ptr, pos_ptr, out_ptr, sc
     """out[b] = softmax([q k^T * scaling, sink]) v over the keys in [start, pos] of program b = row * KV + kv head.
 
     q, out: [rows * KV, GROUPS, D]; k, v: the caches [rows, KV, length, D]; sinks: [rows * KV, GROUPS]; pos: [rows]
-    (the position just written); window: a sliding layer's window (the cache length for a full one). The scores are rounded to
-    bf16 after the product and after the scaling, as transformers' eager attention rounds them; the softmax and
-    the weighted sum run in fp32 (the plain path rounds the probabilities to bf16 first)."""
+    (the position just written); window: a sliding layer's window (the cache length for a full one). The scores are
+    rounded to bf16 after the product and after the scaling, as transformers' eager attention rounds them; the
+    softmax runs in fp32, the unnormalised probabilities enter the weighted sum as bf16 (fp32 sums), normalised once
+    at the end (the plain path rounds the normalised probabilities to bf16 instead)."""
     program = tl.program_id(0)
     row = program // KV
     pos = tl.load(pos_ptr + row).to(tl.int32)

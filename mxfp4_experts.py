@@ -352,6 +352,12 @@ def launch_dense(x, blocks, scales, bias, kernel):
     in_features = blocks.shape[2] * mxfp4.BLOCK_SIZE
     shared = x.dim() == 2
     tokens = x.shape[-2]
+    if kernel in ("transposed", "blocked") and x.dtype != torch.float16:
+        raise ValueError(f"dense_matmul: the '{kernel}' kernel reads fp16 inputs laid out for it, got {x.dtype}; "
+                         "pass kernel_input(x, kernel)")
+    if kernel == "transposed" and tokens > TRANSPOSED_MAX_ROWS:
+        raise ValueError(f"dense_matmul: the 'transposed' kernel holds at most {TRANSPOSED_MAX_ROWS} rows, got "
+                         f"{tokens}; choose the kernel with kernel_for_rows")
     if kernel == "reference":
         weight = mxfp4.dequantize_mxfp4(blocks, scales, x.dtype)  # [E, out, in]
         inputs = x.unsqueeze(0).expand(experts, -1, -1) if shared else x

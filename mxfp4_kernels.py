@@ -141,8 +141,8 @@ def fp16_codes_of_bytes(packed):
     """uint8 codes -> (low nibble, high nibble) as fp16 of value x 2^-6, four bytes an instruction group: each nibble
     becomes an e4m3 byte by bit moves alone (sign to bit 7, the 3 magnitude bits to the exponent's two low bits and
     the mantissa's top bit: value x 2^-6, exact, subnormals included), and the hardware converts e4m3 pairs to fp16
-    pairs (cvt, Hopper or newer): 7 integer operations and 4 conversions for 8 values. Elementwise, so triton may
-    hand it any four bytes of a thread."""
+    pairs (cvt, sm_89 or newer): 9 integer operations in PTX (7 in SASS, where masks and ors fuse) and 4 conversions
+    for 8 values. Elementwise, so triton may hand it any four bytes of a thread."""
     return tl.inline_asm_elementwise(
         asm="""
         {

@@ -104,9 +104,9 @@ class RolloutEngine:
         self.experts = "dense" if self.use_cuda_graphs and not graph_safe else experts
         if compile_backend == "auto":
             compile_backend = "inductor" if self.use_cuda_graphs and has_triton() else None
-        self.kernels = DecodeKernels(compile_backend)
-        self.attention_kernel = (DECODE_ATTENTION_KERNEL and self.device.type == "cuda" and self.dtype == torch.bfloat16
-                                 and has_triton())
+        attention_kernel = (DECODE_ATTENTION_KERNEL and self.device.type == "cuda" and self.dtype == torch.bfloat16
+                            and has_triton())
+        self.kernels = DecodeKernels(compile_backend, attention_kernel)
         self.graphs = {}  # key -> DecodeState (with its graph)
         self.weight_sets = {}  # adapter signature -> EngineWeights (the buffers the graphs of that signature read)
         self.weights = None
@@ -244,7 +244,7 @@ class RolloutEngine:
         k_pos = torch.arange(state.length, device=self.device)[None]
         causal = k_pos <= pos[:, None]
         # masks [rows * kv heads, 1, keys]: the layout of the attention's batched matmul, made once for all layers
-        kernel = self.attention_kernel
+        kernel = self.kernels.attention_kernel
         keys = {False: Keys(expand_mask(additive_mask(causal, self.dtype), kv), pos, state.length, kernel),
                 True: Keys(expand_mask(additive_mask(causal & (k_pos > pos[:, None] - self.window), self.dtype), kv),
                            pos, self.window, kernel)}
@@ -459,7 +459,7 @@ class Keys(NamedTuple):
     """The cached keys a decode step's rows attend to, for one kind of layer: the additive mask [rows * kv, 1, keys]
     that the plain path adds to its scores, and what the kernel reads instead: each row's position [rows] (the one
     just written) and the layer's window (the cache length for a full-attention layer). kernel: whether the
-    Triton kernel runs (`RolloutEngine.attention_kernel`)."""
+    Triton kernel runs (`DecodeKernels.attention_kernel`)."""
     mask: torch.Tensor
     pos: torch.Tensor
     window: int
@@ -495,7 +495,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     batch, groups, d = q.shape
     _, kv, length, _ = k_cache.shape
-    q = q.contiguous()
+    if not (q.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16) or d < 16 or d & (d - 1):
+        raise ValueError(f"decode_attention: the kernel takes bf16 queries and caches and a power-of-two head size "
+                         f"of at least 16, got {q.dtype} / {k_cache.dtype} and {d}; use the plain path "
+                         "(rollout_engine.DECODE_ATTENTION_KERNEL = False)")
+    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     out = torch.empty_like(q)
     decode_attention_kernel.decode_attention_kernel[(batch,)](
         q, k_cache, v_cache, sinks.contiguous(), pos, out, scaling, length, window, KV=kv, GROUPS=groups, D=d,
@@ -505,7 +509,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 @decode_attention.register_fake
 def decode_attention_shape(q, k_cache, v_cache, sinks, pos, scaling, window):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as the kernel writes it
 
 
 def sample(logits, temperature, top_p, mode):
@@ -634,12 +638,13 @@ def dense_experts(h, index, scores, experts, factors=None):
     gate_up_proj, gate_up_bias, down_proj, down_bias, limit, alpha = experts
     factors = factors or {}
     count = gate_up_proj.shape[0]
-    x = h.to(gate_up_proj.dtype).unsqueeze(0).expand(count, -1, -1)
+    rows = h.to(gate_up_proj.dtype)
+    x = rows.unsqueeze(0).expand(count, -1, -1)
     # matmul, then bias: the roundings of transformers' experts, and compiled the bias joins the next kernel (a
     # baddbmm would first copy it out to every token)
     gate_up = torch.bmm(x, gate_up_proj) + gate_up_bias[:, None]
     if "gate_up_proj" in factors:
-        gate_up = add_lora(gate_up, x, factors["gate_up_proj"])
+        gate_up = add_lora(gate_up, rows, factors["gate_up_proj"])  # shared rows: x A as one matmul
     act = swiglu(gate_up, limit, alpha)
     out = torch.bmm(act, down_proj) + down_bias[:, None]
     if "down_proj" in factors:
@@ -675,17 +680,20 @@ def finish_layer(x, q, k_cache, v_cache, keys, sinks, scaling, o, post_norm, moe
 
 
 class DecodeKernels:
-    """The per-layer functions of a decode step, as they are or compiled by torch.compile (backend given).
+    """The per-layer functions of a decode step, as they are or compiled by torch.compile (backend given), and
+    whether the attention runs as the Triton kernel (`attention_kernel`, see attend_one).
 
     Compiled, each is one graph of fused kernels for all layers (the same shapes every layer); the cache writes
-    stay outside, in place. If compiling fails (e.g. no C compiler for triton), `run_or_fall_back` says so once
-    and the engine goes on with the plain functions: slower, the same results.
+    stay outside, in place. If compiling or the attention kernel fails (e.g. no C compiler for triton),
+    `run_or_fall_back` says so once and the engine goes on with the plain functions and the plain attention:
+    slower, the same results (within bf16 rounding for the attention).
     """
 
     FUNCTIONS = {"attention_inputs": attention_inputs, "attention_output": attention_output,
                  "finish_layer": finish_layer}
 
-    def __init__(self, backend):
+    def __init__(self, backend, attention_kernel=False):
+        self.attention_kernel = attention_kernel
         self.use(backend)
 
     def use(self, backend):
@@ -694,7 +702,7 @@ class DecodeKernels:
             setattr(self, name, fn if backend is None else compiled(fn, backend))
 
     def run_or_fall_back(self, step):
-        if self.backend is None:
+        if self.backend is None and not self.attention_kernel:
             return step()
         try:
             return step()
@@ -704,8 +712,11 @@ class DecodeKernels:
             while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
                 error = inner  # the compiler's own error, not dynamo's wrapper of it
             reason = next((line for line in str(error).splitlines() if line.strip()), "")[:200]
-            print(f"rollout engine: torch.compile ({getattr(self.backend, '__name__', self.backend)}) failed, "
-                  f"decoding without it: {type(error).__name__}: {reason}", flush=True)
+            failed = [f"torch.compile ({getattr(self.backend, '__name__', self.backend)})"] if self.backend else []
+            failed += ["the attention kernel"] if self.attention_kernel else []
+            print(f"rollout engine: {' or '.join(failed)} failed, decoding without "
+                  f"{'them' if len(failed) > 1 else 'it'}: {type(error).__name__}: {reason}", flush=True)
+            self.attention_kernel = False
             self.use(None)
             return step()
 

@@ -278,3 +278,19 @@ def test_a_failing_compiler_is_reported_once_and_the_plain_functions_take_over(t
     assert engine.kernels.backend is None
     message = capsys.readouterr().out
     assert message.count("torch.compile") == 1 and "no C compiler found" in message
+
+
+def test_a_failing_attention_kernel_is_reported_once_and_the_plain_attention_takes_over(tokenizer, prompt_ids,
+                                                                                         capsys):
+    # the Triton attention kernel cannot run here (an fp32 model on a CPU): as where triton cannot compile, the
+    # engine says so once and decodes with the plain attention, the same tokens
+    model = make_model(expert_lora=False, device="cpu")
+    torch.manual_seed(5)
+    expected = RolloutEngine(model, tokenizer, compile_backend=None).generate(prompt_ids[:2], 16, temperature=0.8)
+    engine = RolloutEngine(model, tokenizer, compile_backend=None)
+    engine.kernels.attention_kernel = True  # what a bf16 engine on a GPU with triton starts with
+    torch.manual_seed(5)
+    assert engine.generate(prompt_ids[:2], 16, temperature=0.8) == expected
+    assert not engine.kernels.attention_kernel
+    message = capsys.readouterr().out
+    assert message.count("the attention kernel failed") == 1 and "decode_attention" in message
