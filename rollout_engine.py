@@ -491,14 +491,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      pos: torch.Tensor, scaling: float, window: int) -> torch.Tensor:
     """attend_one's attention as one operator around decode_attention_kernel (torch.compile calls it as it is):
     each row's keys from max(0, pos - window + 1) to pos, read once, softmax online, the sink as a last logit."""
-    import decode_attention_kernel
-
     batch, groups, d = q.shape
     _, kv, length, _ = k_cache.shape
     if not (q.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16) or d < 16 or d & (d - 1):
         raise ValueError(f"decode_attention: the kernel takes bf16 queries and caches and a power-of-two head size "
                          f"of at least 16, got {q.dtype} / {k_cache.dtype} and {d}; use the plain path "
                          "(rollout_engine.DECODE_ATTENTION_KERNEL = False)")
+    import decode_attention_kernel  # triton: a GPU extra, checked by has_triton() before this kernel is chosen
     q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     out = torch.empty_like(q)
     decode_attention_kernel.decode_attention_kernel[(batch,)](
