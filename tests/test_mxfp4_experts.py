@@ -189,6 +189,23 @@ def test_nibble_order_and_scale_bias_are_the_checkpoints():
     assert out.item() == 2 * (0.5 * 1 + 6.0 * 10 + 0.0 * 100 - 1.0 * 1000)
 
 
+def test_the_decode_operator_refuses_inputs_not_laid_out_for_its_kernel():
+    """The operator takes its input already laid out (mxfp4_experts.kernel_input): bf16 rows handed to a kernel that
+    reads fp16, or more rows than 'transposed' holds, are refused with a message naming the helper to call, before
+    any kernel runs (so this runs on a CPU)."""
+    blocks = torch.zeros(2, 8, 2, 16, dtype=torch.uint8)
+    scales = torch.full((2, 8, 2), 127, dtype=torch.uint8)
+    bias = torch.zeros(2, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="kernel_input"):
+        mxfp4_experts.launch_dense(torch.zeros(4, 64, dtype=torch.bfloat16), blocks, scales, bias, "transposed")
+    with pytest.raises(ValueError, match="kernel_input"):
+        mxfp4_experts.launch_dense(torch.zeros(4, 64, dtype=torch.bfloat16), blocks, scales, bias, "blocked")
+    rows = mxfp4_experts.TRANSPOSED_MAX_ROWS + 1
+    with pytest.raises(ValueError, match="kernel_for_rows"):
+        mxfp4_experts.launch_dense(torch.zeros(rows, 64, dtype=torch.float16), blocks, scales, bias, "transposed")
+    assert mxfp4_experts.kernel_for_rows("transposed", rows) == "blocked"
+
+
 def fp16_of_bits(bits):
     """int32 tensor of 16-bit patterns -> the fp16 values they encode."""
     return ((bits + 0x8000) % 0x10000 - 0x8000).to(torch.int16).view(torch.float16)
