@@ -324,8 +324,7 @@ def dense_matmul(x, blocks, scales, bias, kernel=None):
         kernel = kernel or DENSE_KERNEL
         if kernel == "auto":
             kernel = choose_dense_kernel(scales)
-        kernel = kernel_for_rows(kernel, x.shape[-2])
-    return launch_dense(kernel_input(x, kernel), blocks, scales, bias.to(x.dtype), kernel)
+    return matmul_laid_out(x, blocks, scales, bias.to(x.dtype), kernel)
 
 
 def kernel_for_rows(kernel, tokens):

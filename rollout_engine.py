@@ -243,11 +243,15 @@ class RolloutEngine:
         cos, sin = self.rope_cache[0][pos][:, None], self.rope_cache[1][pos][:, None]  # [rows, 1, head_dim]
         k_pos = torch.arange(state.length, device=self.device)[None]
         causal = k_pos <= pos[:, None]
-        # masks [rows * kv heads, 1, keys]: the layout of the attention's batched matmul, made once for all layers
+        # masks [rows * kv heads, 1, keys]: the layout of the attention's batched matmul, made once for all layers;
+        # the attention kernel reads the positions instead and needs none
         kernel = self.kernels.attention_kernel
-        keys = {False: Keys(expand_mask(additive_mask(causal, self.dtype), kv), pos, state.length, kernel),
-                True: Keys(expand_mask(additive_mask(causal & (k_pos > pos[:, None] - self.window), self.dtype), kv),
-                           pos, self.window, kernel)}
+
+        def mask(allowed):
+            return None if kernel else expand_mask(additive_mask(allowed, self.dtype), kv)
+
+        keys = {False: Keys(mask(causal), pos, state.length, kernel),
+                True: Keys(mask(causal & (k_pos > pos[:, None] - self.window)), pos, self.window, kernel)}
         index = torch.arange(rows, device=self.device)
         for i, (layer, w) in enumerate(zip(self.core.layers, self.weights.layers)):
             q, k, v = self.kernels.attention_inputs(x, w.input_norm, w.qkv, cos, sin, kv)
@@ -457,10 +461,10 @@ def attend(q, k, v, mask, sinks, scaling):
 
 class Keys(NamedTuple):
     """The cached keys a decode step's rows attend to, for one kind of layer: the additive mask [rows * kv, 1, keys]
-    that the plain path adds to its scores, and what the kernel reads instead: each row's position [rows] (the one
+    that the plain path adds to its scores (None when the kernel runs), and what the kernel reads instead: each row's position [rows] (the one
     just written) and the layer's window (the cache length for a full-attention layer). kernel: whether the
     Triton kernel runs (`DecodeKernels.attention_kernel`)."""
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     pos: torch.Tensor
     window: int
     kernel: bool
