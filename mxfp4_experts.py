@@ -84,6 +84,7 @@ class Mxfp4Experts(torch.nn.Module):
             self.register_parameter(name, torch.nn.Parameter(torch.empty(0, dtype=dtype, device=device),
                                                              requires_grad=False))
         self.decode_kernel = None  # chosen on the first decode step, once the weights are in place (choose_dense_kernel)
+        self.decode_scales = None  # the scales as the decode kernel reads them (kernel_scales), made on first use
 
     @classmethod
     def like(cls, experts, device=None):
@@ -104,6 +105,16 @@ class Mxfp4Experts(torch.nn.Module):
         if self.decode_kernel is None:
             self.decode_kernel = choose_dense_kernel(self.gate_up_proj_scales, self.down_proj_scales)
         return self.decode_kernel
+
+    def kernel_scales(self):
+        """(gate_up, down) scales as the decode kernel reads them: for 'transposed' a copy in its layout
+        (scales_for_transposed; 1/32 of a byte a weight, 0.56 GiB at the 20b shape), made once and kept, so that no
+        decode step copies them; else None (the kernels read the scales as they are)."""
+        if self.dense_kernel() != "transposed":
+            return None, None
+        if self.decode_scales is None:
+            self.decode_scales = tuple(scales_for_transposed(scales) for _, scales in self.matrices())
+        return self.decode_scales
 
     def forward(self, hidden_states, router_indices=None, routing_weights=None, factors=None):
         """factors: an expert LoRA's low-rank terms (dense_forward says how), passed by expert_lora's wrapper."""
@@ -226,33 +237,47 @@ def dense_forward(experts, hidden_states, router_indices, routing_weights, facto
     factors: {"gate_up_proj" | "down_proj": (A [E, in, r], B [E, r, out], scale)} of an expert LoRA, added as
     low-rank terms (nothing of the experts' size is built). Returns [tokens, hidden] in the input's dtype.
     """
-    return dense_experts(hidden_states, router_indices, routing_weights, dense_tensors(experts, hidden_states.is_cuda),
-                         factors)
+    routing = routing_matrix(router_indices, routing_weights, experts.num_experts)
+    return dense_experts(hidden_states, routing, dense_tensors(experts, hidden_states.is_cuda), factors)
 
 
 def dense_tensors(experts, cuda=True):
-    """What dense_experts reads of an Mxfp4Experts: its packed matrices, biases, SwiGLU constants and decode kernel
-    (chosen here, outside any compiled function: the choice reads the scales, a host sync, once per module)."""
+    """What dense_experts reads of an Mxfp4Experts: its packed matrices, biases, SwiGLU constants, decode kernel and
+    the scales laid out for it (chosen and made here, outside any compiled function: the choice reads the scales, a
+    host sync, once per module)."""
     (gate_up_blocks, gate_up_scales), (down_blocks, down_scales) = experts.matrices()
+    kernel = experts.dense_kernel() if cuda else "reference"
+    laid_out = experts.kernel_scales() if cuda else (None, None)
     return (gate_up_blocks, gate_up_scales, experts.gate_up_proj_bias, down_blocks, down_scales,
-            experts.down_proj_bias, experts.limit, experts.alpha, experts.dense_kernel() if cuda else "reference")
+            experts.down_proj_bias, experts.limit, experts.alpha, kernel, laid_out)
 
 
-def dense_experts(h, index, scores, tensors, factors=None):
-    """dense_forward over tensors (`dense_tensors`), not the module, so that the rollout engine's one compiled
-    decode layer serves every layer: the matmuls are an operator torch.compile leaves alone (`dense_matmul_op`);
-    the SwiGLU, LoRA terms, routing, and each matmul's input laid out for its kernel fuse around it."""
-    gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks, down_scales, down_bias, limit, alpha, kernel = tensors
+def dense_experts(h, routing, tensors, factors=None):
+    """dense_forward over tensors (`dense_tensors`) and a routing matrix (`routing_matrix`), not the module, so that
+    the rollout engine's one compiled decode layer serves every layer: the matmuls are operators torch.compile
+    leaves alone (`dense_matmul_op`, `gate_up_swiglu_op`); the SwiGLU (where the kernel does not compute it), LoRA
+    terms, routing, and each matmul's input laid out for its kernel fuse around them."""
+    (gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks, down_scales, down_bias, limit, alpha, kernel,
+     (gate_up_laid_out, down_laid_out)) = tensors
     factors = factors or {}
     x = h.to(gate_up_bias.dtype)
-    gate_up = matmul_laid_out(x, gate_up_blocks, gate_up_scales, gate_up_bias, kernel)
+    if not factors and kernel_for_rows(kernel, x.shape[-2]) == "transposed":
+        # the SwiGLU in the gate_up kernel's last step, written as the down kernel reads its input: no gate_up matrix
+        # in memory, no activation kernel, no layout copy (an expert LoRA adds its term between the two instead)
+        act = torch.ops.gpt_oss_mxfp4.gate_up_swiglu(kernel_input(x, "transposed"), gate_up_blocks,
+                                                     laid_out_or_made(gate_up_scales, gate_up_laid_out),
+                                                     gate_up_bias, limit, alpha)
+        out = torch.ops.gpt_oss_mxfp4.dense_matmul(act, down_blocks, laid_out_or_made(down_scales, down_laid_out),
+                                                   down_bias, "transposed")
+        return combine_experts(out, routing, h.dtype)
+    gate_up = matmul_laid_out(x, gate_up_blocks, gate_up_scales, gate_up_bias, kernel, gate_up_laid_out)
     if "gate_up_proj" in factors:  # [E, tokens, 2I]
         gate_up = add_lora(gate_up, x, factors["gate_up_proj"])
     act = swiglu(gate_up, limit, alpha)
-    out = matmul_laid_out(act, down_blocks, down_scales, down_bias, kernel)  # [E, tokens, H]
+    out = matmul_laid_out(act, down_blocks, down_scales, down_bias, kernel, down_laid_out)  # [E, tokens, H]
     if "down_proj" in factors:
         out = add_lora(out, act, factors["down_proj"])
-    return combine_experts(out, index, scores, h.dtype)
+    return combine_experts(out, routing, h.dtype)
 
 
 def add_lora(y, x, factor):
@@ -275,28 +300,43 @@ def add_lora(y, x, factor):
     return y + torch.bmm(low, b.to(y.dtype)) * scale
 
 
-def combine_experts(out, index, scores, dtype):
-    """Every expert's output out [E, tokens, hidden] weighted by each token's routing weight for it (zero for an
-    expert outside its top k: `index`, `scores`) and summed in fp32 -> [tokens, hidden] in `dtype`."""
-    routing = torch.zeros(out.shape[1], out.shape[0], dtype=scores.dtype, device=out.device)
-    routing = routing.scatter(1, index, scores)
+def routing_matrix(index, scores, experts):
+    """A router's top-k (`index`, `scores` [tokens, k]) as the dense paths read it: [tokens, experts], each token's
+    routing weight for every expert (zero outside its top k)."""
+    routing = torch.zeros(index.shape[0], experts, dtype=scores.dtype, device=scores.device)
+    return routing.scatter(1, index, scores)
+
+
+def combine_experts(out, routing, dtype):
+    """Every expert's output out [E, tokens, hidden] weighted by each token's routing weight for it (`routing`
+    [tokens, E], zero for an expert outside its top k) and summed in fp32 -> [tokens, hidden] in `dtype`."""
     weighted = out * routing.t()[:, :, None].to(out.dtype)
     return weighted.sum(dim=0, dtype=torch.float32).to(dtype)
 
 
-def matmul_laid_out(x, blocks, scales, bias, kernel):
+def matmul_laid_out(x, blocks, scales, bias, kernel, laid_out_scales=None):
     """x W_e^T + bias_e through the operator, x laid out for the kernel here, in the caller's code: compiled, the
-    permutation and cast join the kernel that made x, instead of two copies of their own before each matmul."""
+    permutation and cast join the kernel that made x, instead of two copies of their own before each matmul.
+    laid_out_scales: the scales in the 'transposed' kernel's layout where the caller keeps them
+    (Mxfp4Experts.kernel_scales), else they are laid out here (a copy: 1/32 of a byte a weight)."""
     kernel = kernel_for_rows(kernel, x.shape[-2])
+    if kernel == "transposed":
+        scales = laid_out_or_made(scales, laid_out_scales)
     return torch.ops.gpt_oss_mxfp4.dense_matmul(kernel_input(x, kernel), blocks, scales, bias, kernel)
+
+
+def laid_out_or_made(scales, laid_out):
+    """The 'transposed' kernel's scales: the caller's kept copy, else one made now."""
+    return laid_out if laid_out is not None else scales_for_transposed(scales)
 
 
 @torch.library.custom_op("gpt_oss_mxfp4::dense_matmul", mutates_args=())
 def dense_matmul_op(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
                     kernel: str) -> torch.Tensor:
     """The decode matmul as one operator: torch.compile calls it as it is (Triton launches, TMA descriptors and all).
-    x: `kernel_input(x, kernel)`; kernel: a decode kernel chosen beforehand (`kernel_for_rows`), or 'reference' for
-    the plain-torch path of a CPU. Returns [E, tokens, out] in the bias' dtype."""
+    x: `kernel_input(x, kernel)`; scales: for 'transposed' `scales_for_transposed(scales)`; kernel: a decode kernel
+    chosen beforehand (`kernel_for_rows`), or 'reference' for the plain-torch path of a CPU. Returns [E, tokens, out]
+    in the bias' dtype."""
     if kernel == "reference" and x.is_cuda:
         raise ValueError("dense_matmul: the 'reference' path is a CPU's; on a GPU pass the decode kernel "
                          "(Mxfp4Experts.dense_kernel())")
@@ -306,6 +346,20 @@ def dense_matmul_op(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
 @dense_matmul_op.register_fake
 def dense_matmul_shape(x, blocks, scales, bias, kernel):
     return x.new_empty(blocks.shape[0], x.shape[-2], blocks.shape[1], dtype=bias.dtype)
+
+
+@torch.library.custom_op("gpt_oss_mxfp4::gate_up_swiglu", mutates_args=())
+def gate_up_swiglu_op(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, limit: float,
+                      alpha: float) -> torch.Tensor:
+    """swiglu(x W_e^T + bias_e) for the gate_up matrix with the 'transposed' kernel, laid out as the down matrix's
+    call reads it: `kernel_input(swiglu(...), 'transposed')`, [E, tokens, out / 2] fp16, made in the kernel's last
+    step. x and scales laid out as for dense_matmul_op."""
+    return launch_dense(x, blocks, scales, bias, "transposed", swiglu=(limit, alpha))
+
+
+@gate_up_swiglu_op.register_fake
+def gate_up_swiglu_shape(x, blocks, scales, bias, limit, alpha):
+    return x.new_empty(blocks.shape[0], x.shape[-2], blocks.shape[1] // 2, dtype=torch.float16)
 
 
 def dense_matmul(x, blocks, scales, bias, kernel=None):
@@ -344,25 +398,36 @@ def kernel_input(x, kernel):
     return x
 
 
-def launch_dense(x, blocks, scales, bias, kernel):
-    """dense_matmul's work on x already laid out for `kernel` (`kernel_input`): the Triton kernel, or on a CPU
-    ('reference') the dequantised weights in a batched matmul. Output in the bias' dtype."""
+def launch_dense(x, blocks, scales, bias, kernel, swiglu=None):
+    """dense_matmul's work on x (and for 'transposed' the scales) already laid out for `kernel` (`kernel_input`,
+    `scales_for_transposed`): the Triton kernel, or on a CPU ('reference') the dequantised weights in a batched
+    matmul. Output in the bias' dtype; with swiglu = (limit, alpha) ('transposed' only) the activation of the
+    output instead, laid out for the next call (gate_up_swiglu_op)."""
     experts, out_features = blocks.shape[0], blocks.shape[1]
     in_features = blocks.shape[2] * mxfp4.BLOCK_SIZE
     shared = x.dim() == 2
     tokens = x.shape[-2]
+    if swiglu is not None and kernel != "transposed":
+        raise ValueError(f"dense_matmul: only the 'transposed' kernel computes the SwiGLU, got '{kernel}'")
     if kernel in ("transposed", "blocked") and x.dtype != torch.float16:
         raise ValueError(f"dense_matmul: the '{kernel}' kernel reads fp16 inputs laid out for it, got {x.dtype}; "
                          "pass kernel_input(x, kernel)")
     if kernel == "transposed" and tokens > TRANSPOSED_MAX_ROWS:
         raise ValueError(f"dense_matmul: the 'transposed' kernel holds at most {TRANSPOSED_MAX_ROWS} rows, got "
                          f"{tokens}; choose the kernel with kernel_for_rows")
+    groups = in_features // mxfp4.BLOCK_SIZE
+    if kernel == "transposed" and tuple(scales.shape) != (experts, groups, padded_row(out_features)):
+        raise ValueError(f"dense_matmul: the 'transposed' kernel reads scales laid out for it, [{experts}, {groups}, "
+                         f"{padded_row(out_features)}], got {list(scales.shape)}; pass scales_for_transposed(scales)")
     if kernel == "reference":
         weight = mxfp4.dequantize_mxfp4(blocks, scales, x.dtype)  # [E, out, in]
         inputs = x.unsqueeze(0).expand(experts, -1, -1) if shared else x
         return (torch.bmm(inputs, weight.transpose(1, 2)) + bias[:, None].to(x.dtype)).to(bias.dtype)
     kernels = triton_kernels()
-    out = torch.empty(experts, tokens, out_features, dtype=bias.dtype, device=x.device)
+    if swiglu is None:
+        out = torch.empty(experts, tokens, out_features, dtype=bias.dtype, device=x.device)
+    else:
+        out = torch.empty(experts, tokens, out_features // 2, dtype=torch.float16, device=x.device)
     # one row tile for up to KERNEL_MAX_BLOCK_M rows: each further tile dequantises every weight again
     block_m = max(16, triton_next_power_of_2(min(tokens, KERNEL_MAX_BLOCK_M)))
 
@@ -375,9 +440,11 @@ def launch_dense(x, blocks, scales, bias, kernel):
         # rows of all experts stacked; tile shapes are placeholders: the autotuner's pre-hook sets those it runs
         x_desc = TensorDescriptor.from_tensor(x.reshape(-1, in_features), [block_m, 128])
         w_desc = TensorDescriptor.from_tensor(blocks.view(experts * out_features, in_features // 2), [64, 64])
+        # [E * groups, out] over rows padded to 16 bytes: the padding lies outside the shape, so TMA reads zeros there
+        s_desc = TensorDescriptor(scales, [experts * groups, out_features], [scales.shape[-1], 1], [8, 64])
         kernels.transposed_matmul_kernel[lambda tile: grid(tile)[:2]](
-            x_desc, w_desc, scales, bias, out, tokens, out_features, 0 if shared else tokens, K=in_features,
-            BLOCK_M=block_m)
+            x_desc, w_desc, s_desc, bias, out, tokens, out_features, 0 if shared else tokens, *(swiglu or (0.0, 0.0)),
+            K=in_features, BLOCK_M=block_m, SWIGLU=swiglu is not None)
     elif kernel == "blocked":  # each row [2, in / 2]: even inputs, then odd ones
         kernels.blocked_matmul_kernel[grid](x, blocks, scales, bias, out, tokens, out_features,
                                             0 if shared else x.stride(0), x.stride(-2), K=in_features,
@@ -390,10 +457,28 @@ def launch_dense(x, blocks, scales, bias, kernel):
 
 def permute_for_transposed(x):
     """[..., in] -> the same values with each block of 32 inputs reordered as transposed_matmul_kernel multiplies
-    them: position 8q + 2c + h holds input 8c + 2q + h (c, q < 4; h < 2), i.e. the byte index 4c + q and nibble h
-    of the block's 16 bytes, read in the order the tensor cores' operand layout asks of each thread."""
+    them: position 16h + 8j + 2c + i holds input 8c + 4j + 2i + h (c < 4; j, i, h < 2), i.e. nibble h of byte
+    4c + 2j + i of the block's 16 bytes. A thread of the tensor cores' operand layout holds positions 2c, 2c + 1,
+    2c + 8, 2c + 9 and the same + 16: the 8 codes of its block's bytes 4c .. 4c + 3, each register a pair of
+    neighbouring bytes' low (or high) nibbles, as the hardware's e4m3 pair conversion writes them."""
     shape = x.shape
-    return x.reshape(*shape[:-1], shape[-1] // 32, 4, 4, 2).transpose(-3, -2).reshape(shape)
+    blocks = x.reshape(*shape[:-1], shape[-1] // 32, 4, 2, 2, 2)  # [..., block, c, j, i, h]
+    return blocks.permute(*range(blocks.dim() - 4), -1, -3, -4, -2).reshape(shape)
+
+
+def padded_row(n):
+    """n bytes rounded up to 16: TMA reads rows whose stride is a multiple of 16 bytes."""
+    return -(-n // 16) * 16
+
+
+def scales_for_transposed(scales):
+    """Scales [E, out, in / 32] -> [E, in / 32, out rounded up to 16] as transposed_matmul_kernel reads them: one row
+    per block of inputs, so that a tile's scales are one TMA copy beside its weight bytes (the rows padded to 16
+    bytes for TMA; the kernel's shape stops short of the padding, which it never reads)."""
+    experts, out_features, groups = scales.shape
+    laid_out = scales.new_zeros(experts, groups, padded_row(out_features))
+    laid_out[:, :, :out_features] = scales.transpose(1, 2)
+    return laid_out
 
 
 def choose_dense_kernel(*scales):

@@ -166,6 +166,7 @@ def set_transposed_block_shapes(nargs):
     """triton.autotune pre-hook: the TMA descriptors' tile shapes follow the config being run."""
     nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
     nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"] // 2]
+    nargs["s_desc"].block_shape = [nargs["BLOCK_K"] // 32, nargs["BLOCK_N"]]
 
 
 def transposed_configs():
@@ -178,36 +179,46 @@ def transposed_configs():
                                     (256, 128, 8, 3))]
 
 
-@triton.autotune(configs=transposed_configs(), key=["N", "K", "BLOCK_M"])
+@triton.autotune(configs=transposed_configs(), key=["N", "K", "BLOCK_M", "SWIGLU"])
 @triton.jit
-def transposed_matmul_kernel(x_desc, w_desc, scales_ptr, bias_ptr, out_ptr, M, N, x_expert_rows,
-                             K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def transposed_matmul_kernel(x_desc, w_desc, s_desc, bias_ptr, out_ptr, M, N, x_expert_rows, limit, alpha,
+                             K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             SWIGLU: tl.constexpr = False):
     """out[e] = x[e] W_e^T + bias_e computed as its transpose, W_e x[e]^T, so that the dequantised weight tile is
     the tensor cores' left operand, which Hopper's wgmma reads from registers (the right one must sit in shared
-    memory: there, the few token rows arrive by TMA). Weight bytes arrive by TMA too and become fp16 codes of value x
-    2^-6 (fp16_codes_of_bytes); each 32-input block is then multiplied by 2^(byte - 113) in fp16, so the weights
-    enter the tensor cores as value x 2^(byte - 119) (exact for scale bytes in mxfp4_experts.TRANSPOSED_SCALE_BYTES,
-    checked there before this kernel is chosen) and the fp32 sums are scaled by 2^-8 once at the end.
+    memory: there, the few token rows arrive by TMA). Weight bytes and scale bytes arrive by TMA too; the bytes
+    become fp16 codes of value x 2^-6 (fp16_codes_of_bytes); each 32-input block is then multiplied by
+    2^(byte - 113) in fp16, so the weights enter the tensor cores as value x 2^(byte - 119) (exact for scale bytes
+    in mxfp4_experts.TRANSPOSED_SCALE_BYTES, checked there before this kernel is chosen) and the fp32 sums are
+    scaled by 2^-8 once at the end.
 
     x_desc: fp16 inputs [rows, K] whose every 32-input block is permuted (mxfp4_experts.permute_for_transposed:
-    column 8q + 2c + h holds input 8c + 2q + h), so that a thread's four loaded bytes, both nibbles each, are
-    exactly the operand values the tensor cores expect of it; x_expert_rows: 0 when all experts share the rows,
-    else each expert's row count. w_desc: the blocks as [E * N, K / 2] bytes."""
+    column 16h + 8j + 2c + i holds input 8c + 4j + 2i + h), so that each conversion's fp16 pair (the low nibbles of
+    bytes 4c + 2j and 4c + 2j + 1, or their high nibbles) is already the pair of neighbouring values the tensor
+    cores expect in one register: no byte regrouping between the conversion and the multiply. x_expert_rows: 0 when
+    all experts share the rows, else each expert's row count. w_desc: the blocks as [E * N, K / 2] bytes. s_desc:
+    the scales as [E * K / 32, N] (mxfp4_experts.scales_for_transposed): a tile's scales come as one TMA copy of
+    [BLOCK_K / 32, BLOCK_N] bytes, already in shared memory when the tile is converted. A tile past an expert's last
+    block reads the next expert's scales, or zeros past the last expert: finite factors for weights that TMA fills
+    with zeros there.
+
+    SWIGLU: out is instead the gate_up matrix's activation as the down matrix's call of this kernel reads it:
+    each output pair (gate, up) rounded to bf16 first, as the plain path stores it, then
+    (clamp(up) + 1) * clamp(gate) * sigmoid(alpha * clamp(gate)) in fp32, rounded to bf16 and stored as fp16 in
+    permute_for_transposed's order: [E, M, N / 2] (mxfp4_experts.swiglu, kernel_input)."""
     pid_n, expert = tl.program_id(0), tl.program_id(1)
     n0 = pid_n * BLOCK_N
     groups: tl.constexpr = BLOCK_K // 32
     cols = n0 + tl.arange(0, BLOCK_N)
-    s_base = scales_ptr + (expert.to(tl.int64) * N + cols[:, None]) * (K // 32)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K // 2, BLOCK_K // 2):
-        # [n, block, c, q]: byte 4c + q of a block's 16 holds inputs 8c + 2q (low nibble) and 8c + 2q + 1
-        packed = tl.reshape(w_desc.load([expert * N + n0, k0]), [BLOCK_N, groups, 4, 4])
-        group = k0 // 16 + tl.arange(0, groups)
-        scale_byte = tl.load(s_base + group[None, :], mask=group[None, :] < K // 32, other=113).to(tl.int16)
+        # [n, block, c, j, i]: byte 4c + 2j + i of a block's 16 holds inputs 8c + 4j + 2i (low nibble) and + 1
+        packed = tl.reshape(w_desc.load([expert * N + n0, k0]), [BLOCK_N, groups, 4, 2, 2])
+        scale_byte = tl.trans(s_desc.load([expert * (K // 32) + k0 // 16, n0])).to(tl.int16)  # [n, block]
         factor = ((scale_byte - 98) << 10).to(tl.float16, bitcast=True)  # fp16 bits of 2^(byte - 113)
         low, high = fp16_codes_of_bytes(packed)
-        w = tl.join(low, high) * factor[:, :, None, None, None]  # [n, block, c, q, nibble]
-        w = tl.reshape(tl.permute(w, [0, 1, 3, 2, 4]), [BLOCK_N, BLOCK_K])  # the permuted input order
+        w = tl.join(low, high) * factor[:, :, None, None, None, None]  # [n, block, c, j, i, nibble]
+        w = tl.reshape(tl.permute(w, [0, 1, 5, 3, 2, 4]), [BLOCK_N, BLOCK_K])  # the permuted input order
         x = x_desc.load([expert * x_expert_rows, 2 * k0])
         acc = tl.dot(w, tl.trans(x), acc)
     acc = acc * (1.0 / 256.0)  # the weights entered as value x 2^(byte - 119): back to value x 2^(byte - 127)
@@ -215,5 +226,20 @@ def transposed_matmul_kernel(x_desc, w_desc, scales_ptr, bias_ptr, out_ptr, M, N
     bias = tl.load(bias_ptr + expert.to(tl.int64) * N + cols, mask=col_ok, other=0.0)
     acc += bias.to(tl.float32)[:, None]
     rows = tl.arange(0, BLOCK_M)
-    out = out_ptr + (expert.to(tl.int64) * M + rows[None, :]) * N + cols[:, None]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[None, :] & col_ok[:, None])
+    if SWIGLU:
+        # gate_up's columns alternate gate, up: split the pairs, each value rounded as the plain path stores it
+        pairs = tl.permute(tl.reshape(acc.to(tl.bfloat16).to(tl.float32), [BLOCK_N // 2, 2, BLOCK_M]), [0, 2, 1])
+        gate, up = tl.split(pairs)
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        act = ((up + 1.0) * (gate * tl.sigmoid(gate * alpha))).to(tl.bfloat16).to(tl.float16)
+        # column j of the activation -> its place in permute_for_transposed's order (input 8c + 4j + 2i + h of a
+        # block sits at 16h + 8j + 2c + i)
+        j = n0 // 2 + tl.arange(0, BLOCK_N // 2)
+        r = j % 32
+        place = j - r + 16 * (r % 2) + 8 * ((r // 4) % 2) + 2 * (r // 8) + (r // 2) % 2
+        out = out_ptr + (expert.to(tl.int64) * M + rows[None, :]) * (N // 2) + place[:, None]
+        tl.store(out, act, mask=(rows < M)[None, :] & (j < N // 2)[:, None])
+    else:
+        out = out_ptr + (expert.to(tl.int64) * M + rows[None, :]) * N + cols[:, None]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[None, :] & col_ok[:, None])

@@ -52,7 +52,7 @@ import torch
 import harmony
 import library_internals
 from expert_lora import expert_lora_factors
-from mxfp4_experts import (add_lora, combine_experts, dense_experts as mxfp4_dense_experts,
+from mxfp4_experts import (add_lora, combine_experts, routing_matrix, dense_experts as mxfp4_dense_experts,
                            dense_forward as mxfp4_dense_forward, dense_tensors as mxfp4_dense_tensors,
                            is_mxfp4_experts, swiglu)
 
@@ -252,11 +252,8 @@ class RolloutEngine:
 
         keys = {False: Keys(mask(causal), pos, state.length, kernel),
                 True: Keys(mask(causal & (k_pos > pos[:, None] - self.window)), pos, self.window, kernel)}
-        index = torch.arange(rows, device=self.device)
         for i, (layer, w) in enumerate(zip(self.core.layers, self.weights.layers)):
-            q, k, v = self.kernels.attention_inputs(x, w.input_norm, w.qkv, cos, sin, kv)
-            state.k[i][index, :, pos] = k
-            state.v[i][index, :, pos] = v
+            q = self.kernels.attention_inputs(x, w.input_norm, w.qkv, cos, sin, kv, state.k[i], state.v[i], pos)
             attention = (x, q, state.k[i], state.v[i], keys[self.sliding[i]], state.sinks[i],
                          layer.self_attn.scaling, w.o, w.post_norm)
             factors = w.expert_lora  # the refreshed copies: no per-step casts in the captured graph
@@ -291,7 +288,8 @@ class RolloutEngine:
         elif mxfp4 or (factors is None and not self._dense_experts(h.shape[0])):
             out = mlp.experts(h, index, scores)
         else:
-            out = dense_experts(h, index, scores, expert_tensors(experts), factors)
+            routing = routing_matrix(index, scores, experts.num_experts)
+            out = dense_experts(h, routing, expert_tensors(experts), factors)
         return out.reshape(shape)
 
     def _dense_experts(self, tokens):
@@ -619,10 +617,19 @@ def lora_terms(module):
 
 
 def route(h, weight, bias, top_k):
-    """transformers' GptOssTopKRouter: the top_k experts of each token and their softmax weights (in h's dtype).
-    Over tensors, not the module, so that one compiled `finish_layer` serves every layer."""
-    top, index = torch.topk(torch.nn.functional.linear(h, weight, bias), top_k, dim=-1)
-    return index, torch.softmax(top, dim=1, dtype=top.dtype)
+    """transformers' GptOssTopKRouter as a routing matrix [tokens, E] (mxfp4_experts.routing_matrix): each token's
+    top_k experts weighted by the softmax of their logits (in h's dtype), every other expert 0. Over tensors, not
+    the module, so that one compiled `finish_layer` serves every layer.
+
+    An expert is in a token's top k when fewer than k experts are ahead of it: a larger logit, or an equal one at a
+    lower index (torch.topk's pick among ties on a GPU, tested there). Elementwise work over [tokens, E, E] that
+    compiles into the softmax's kernel, where torch.topk is a sort of its own (two kernels a layer)."""
+    logits = torch.nn.functional.linear(h, weight, bias)
+    order = torch.arange(logits.shape[-1], device=logits.device)
+    mine, other = logits[:, :, None], logits[:, None, :]
+    ahead = (other > mine) | ((other == mine) & (order[None, None, :] < order[None, :, None]))
+    chosen = ahead.sum(dim=-1) < top_k
+    return torch.softmax(logits.masked_fill(~chosen, float("-inf")), dim=-1, dtype=logits.dtype)
 
 
 def expert_tensors(experts):
@@ -631,12 +638,12 @@ def expert_tensors(experts):
             experts.limit, experts.alpha)
 
 
-def dense_experts(h, index, scores, experts, factors=None):
+def dense_experts(h, routing, experts, factors=None):
     """Every token through every expert (one batched matmul each way), LoRA as low-rank terms, routing applied.
 
     At decode batch sizes every expert is touched anyway, so this reads each weight once, as the sparse path does,
     and it never materialises W + BA for 24 GiB of experts. experts: `expert_tensors`; factors: {name: (A [E, in,
-    r], B [E, r, out], scale)} of an expert LoRA.
+    r], B [E, r, out], scale)} of an expert LoRA; routing: [tokens, E] (mxfp4_experts.routing_matrix).
     """
     gate_up_proj, gate_up_bias, down_proj, down_bias, limit, alpha = experts
     factors = factors or {}
@@ -652,18 +659,23 @@ def dense_experts(h, index, scores, experts, factors=None):
     out = torch.bmm(act, down_proj) + down_bias[:, None]
     if "down_proj" in factors:
         out = add_lora(out, act, factors["down_proj"])
-    return combine_experts(out, index, scores, h.dtype)
+    return combine_experts(out, routing, h.dtype)
 
 
 # -- the decode step's per-layer functions (compiled into fused kernels on a GPU) ---------------------------------
-def attention_inputs(x, input_norm, qkv, cos, sin, kv):
-    """One decode step's q [rows * kv, groups, d] (a row's query groups laid out as its kv head's matmul rows) and
-    the new k, v [rows, kv, d]: norm, fused q/k/v projection, rope."""
+def attention_inputs(x, input_norm, qkv, cos, sin, kv, k_cache, v_cache, pos):
+    """One decode step's q [rows * kv, groups, d] (a row's query groups laid out as its kv head's matmul rows), with
+    the new k, v [rows, kv, d] written into the caches [rows, kv, keys, d] at each row's position `pos` [rows]:
+    norm, fused q/k/v projection, rope, cache write. The write happens here, in place, so that compiled it is part
+    of this function's kernels rather than two indexing kernels of its own."""
     rows, d = x.shape[0], cos.shape[-1]
     out = project(rms_norm(x, *input_norm), *qkv)
     heads = out.shape[1] // d - 2 * kv
     qk = apply_rope(out[:, :(heads + kv) * d].view(rows, heads + kv, d), cos, sin)
-    return qk[:, :heads].reshape(rows * kv, heads // kv, d), qk[:, heads:], out[:, (heads + kv) * d:].view(rows, kv, d)
+    index = torch.arange(rows, device=x.device)
+    k_cache[index, :, pos] = qk[:, heads:]
+    v_cache[index, :, pos] = out[:, (heads + kv) * d:].view(rows, kv, d)
+    return qk[:, :heads].reshape(rows * kv, heads // kv, d)
 
 
 def attention_output(x, q, k_cache, v_cache, keys, sinks, scaling, o, post_norm):
@@ -674,20 +686,19 @@ def attention_output(x, q, k_cache, v_cache, keys, sinks, scaling, o, post_norm)
 
 
 def finish_layer(x, q, k_cache, v_cache, keys, sinks, scaling, o, post_norm, moe, factors=None):
-    """The rest of a decode layer after the cache write: attention, o, norm, MoE with dense experts (and an expert
+    """The rest of a decode layer after attention_inputs: attention, o, norm, MoE with dense experts (and an expert
     LoRA's `factors` as low-rank terms)."""
     x, h = attention_output(x, q, k_cache, v_cache, keys, sinks, scaling, o, post_norm)
     router_weight, router_bias, top_k, experts_fn, experts = moe
-    index, scores = route(h, router_weight, router_bias, top_k)
-    return x + experts_fn(h, index, scores, experts, factors)
+    return x + experts_fn(h, route(h, router_weight, router_bias, top_k), experts, factors)
 
 
 class DecodeKernels:
     """The per-layer functions of a decode step, as they are or compiled by torch.compile (backend given), and
     whether the attention runs as the Triton kernel (`attention_kernel`, see attend_one).
 
-    Compiled, each is one graph of fused kernels for all layers (the same shapes every layer); the cache writes
-    stay outside, in place. If compiling or the attention kernel fails (e.g. no C compiler for triton),
+    Compiled, each is one graph of fused kernels for all layers (the same shapes every layer), the cache writes
+    included (in place, inside attention_inputs). If compiling or the attention kernel fails (e.g. no C compiler for triton),
     `run_or_fall_back` says so once and the engine goes on with the plain functions and the plain attention:
     slower, the same results (within bf16 rounding for the attention).
     """

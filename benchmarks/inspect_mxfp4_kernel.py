@@ -52,7 +52,7 @@ def compile_kernel(block_n, block_k, warps, stages, k):
     import mxfp4_kernels
 
     signature = {"x_desc": f"tensordesc<fp16[{ROWS}, {block_k}]>", "w_desc": f"tensordesc<u8[{block_n}, {block_k // 2}]>",
-                 "scales_ptr": "*u8", "bias_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32",
+                 "s_desc": f"tensordesc<u8[{block_k // 32}, {block_n}]>", "bias_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32",
                  "x_expert_rows": "i32", "K": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                  "BLOCK_K": "constexpr"}
     source = triton.compiler.ASTSource(fn=mxfp4_kernels.transposed_matmul_kernel.fn, signature=signature,

@@ -204,6 +204,19 @@ def test_the_decode_operator_refuses_inputs_not_laid_out_for_its_kernel():
     with pytest.raises(ValueError, match="kernel_for_rows"):
         mxfp4_experts.launch_dense(torch.zeros(rows, 64, dtype=torch.float16), blocks, scales, bias, "transposed")
     assert mxfp4_experts.kernel_for_rows("transposed", rows) == "blocked"
+    with pytest.raises(ValueError, match="scales_for_transposed"):  # the checkpoint's [E, out, in / 32] scales
+        mxfp4_experts.launch_dense(torch.zeros(4, 64, dtype=torch.float16), blocks, scales, bias, "transposed")
+
+
+def test_scales_for_transposed_puts_each_block_of_inputs_in_one_padded_row():
+    """The 'transposed' kernel's scale layout: [E, in / 32, out rounded up to 16], entry [e, g, n] the scale of output
+    n's block g, zeros in the padding (TMA's shape stops before it)."""
+    scales = torch.randint(0, 256, (3, 20, 5), dtype=torch.uint8)
+    laid_out = mxfp4_experts.scales_for_transposed(scales)
+    assert laid_out.shape == (3, 5, 32) and laid_out.is_contiguous()
+    for e, n, g in ((0, 0, 0), (1, 19, 4), (2, 7, 2)):
+        assert laid_out[e, g, n] == scales[e, n, g]
+    assert not laid_out[:, :, 20:].any()
 
 
 def fp16_of_bits(bits):
@@ -221,7 +234,7 @@ def e4m3_to_float(bits):
 def transposed_weights(blocks, scales):
     """What mxfp4_kernels.transposed_matmul_kernel builds of a weight, in torch: codes as e4m3 bytes by bit moves
     (value x 2^-6), converted to fp16, times the fp16 factor 2^(byte - 113), (low, high) nibbles joined, then bytes
-    4c + q of each block reordered to the permuted input order 8q + 2c + h. Returns fp16 [E, out, in] in that order:
+    4c + 2j + i of each block reordered to the permuted input order 16h + 8j + 2c + i. Returns fp16 [E, out, in] in that order:
     the weights times 2^8 (the kernel scales its sums by 2^-8)."""
     codes = blocks.to(torch.int32)
     low = e4m3_to_float(((codes << 4) & 0x80) | ((codes << 2) & 0x1C)).half()
@@ -229,7 +242,8 @@ def transposed_weights(blocks, scales):
     factor = fp16_of_bits((scales.to(torch.int32) - 98) << 10)
     w = torch.stack([low, high], -1) * factor[..., None, None]  # fp16 products, as on the GPU
     e, n, groups = scales.shape
-    return w.reshape(e, n, groups, 4, 4, 2).permute(0, 1, 2, 4, 3, 5).reshape(e, n, groups * 32)
+    # byte 4c + 2j + i, nibble h -> position 16h + 8j + 2c + i, as the kernel's permute and reshape order them
+    return w.reshape(e, n, groups, 4, 2, 2, 2).permute(0, 1, 2, 6, 4, 3, 5).reshape(e, n, groups * 32)
 
 
 def test_transposed_kernel_layout_multiplies_the_permuted_inputs_exactly():

@@ -105,6 +105,32 @@ def test_transposed_kernel_over_its_whole_scale_range_and_its_choice():
     assert mxfp4_experts.choose_dense_kernel(scales) == "blocked"
 
 
+def test_the_swiglu_in_the_kernels_last_step_is_the_plain_swiglu_laid_out(loaded):
+    """gate_up_swiglu (the 'transposed' kernel computing the activation in its epilogue, stored in the down call's
+    input layout) against the unfused steps: dense_matmul, the SwiGLU in fp32 from the stored bf16 values (as the
+    compiled engine computes it), rounded to bf16, laid out by kernel_input. Equal but for the rare value where the
+    two sigmoids' last fp32 bit moves a bf16 rounding."""
+    import mxfp4_experts
+
+    if mxfp4_experts.choose_dense_kernel(loaded[0].model.layers[3].mlp.experts.gate_up_proj_scales) != "transposed":
+        pytest.skip("the 'transposed' kernel needs Hopper or newer")
+    experts = loaded[0].model.layers[3].mlp.experts
+    (blocks, scales), bias = experts.matrices()[0], experts.gate_up_proj_bias
+    torch.manual_seed(3)
+    for tokens in (1, 32, 64):
+        x = mxfp4_experts.kernel_input(torch.randn(tokens, experts.hidden_size, device="cuda").to(torch.bfloat16),
+                                       "transposed")
+        laid_out = mxfp4_experts.scales_for_transposed(scales)
+        fused = torch.ops.gpt_oss_mxfp4.gate_up_swiglu(x, blocks, laid_out, bias, experts.limit, experts.alpha)
+        gate_up = torch.ops.gpt_oss_mxfp4.dense_matmul(x, blocks, laid_out, bias, "transposed")
+        plain = mxfp4_experts.swiglu(gate_up.float(), experts.limit, experts.alpha).to(torch.bfloat16)
+        expected = mxfp4_experts.kernel_input(plain, "transposed")
+        equal = (fused == expected).float().mean().item()
+        print(f"\nSwiGLU in the kernel, {tokens} tokens: {100 * equal:.3f} % of values bit-equal")
+        assert fused.shape == expected.shape and equal > 0.999
+        assert relative_error(fused, expected) < 1e-3
+
+
 def test_dense_forward_matches_the_grouped_reference(loaded):
     """The decode path (Triton) and the many-rows path (dequantised + grouped matmul) compute one function."""
     import mxfp4_experts

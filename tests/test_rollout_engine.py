@@ -11,7 +11,7 @@ import torch
 import harmony
 import model_loader
 from lora_fixtures import EXPERT_PARAMETERS, HARMONY_CSV, perturb_lora_b
-from rollout_engine import RolloutEngine, cut_at_stop, nucleus
+from rollout_engine import RolloutEngine, cut_at_stop, nucleus, route
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -149,6 +149,25 @@ def test_cut_at_stop_keeps_the_stop_token_and_drops_what_follows():
     completions, logprobs = cut_at_stop([[5, 6, 9, 0, 0], [5, 6, 7]], [[-1, -2, -3, 0, 0], [-1, -2, -3]], [9])
     assert completions == [[5, 6, 9], [5, 6, 7]]
     assert logprobs == [[-1, -2, -3], [-1, -2, -3]]
+
+
+def test_the_decode_router_picks_what_topk_picks_and_weighs_as_the_router_does():
+    """route (counting the experts ahead of each) against transformers' router (torch.topk, softmax of the top
+    values) on random logits, and on ties: the lower index wins, as torch.topk picks on a GPU (tested there)."""
+    torch.manual_seed(0)
+    experts, top_k = 32, 4
+    h = torch.randn(64, 16)
+    weight, bias = torch.randn(experts, 16), torch.randn(experts)
+    logits = torch.nn.functional.linear(h, weight, bias)
+    top, index = torch.topk(logits, top_k, dim=-1)
+    expected = torch.zeros_like(logits).scatter(1, index, torch.softmax(top, dim=1))
+    torch.testing.assert_close(route(h, weight, bias, top_k), expected, rtol=1e-6, atol=1e-7)
+    # a tie across the k-th place: experts 3, 5 and 9 share the 2nd-largest logit, so with k = 3 the later one drops
+    tie_weight = torch.zeros(6 + 4, 1)
+    tie_weight[[3, 5, 9], 0], tie_weight[7, 0] = 1.0, 2.0
+    routing = route(torch.ones(1, 1), tie_weight, torch.zeros(10), 3)
+    assert routing[0].nonzero().flatten().tolist() == [3, 5, 7]
+    assert routing.sum().item() == pytest.approx(1.0)
 
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
