@@ -622,8 +622,10 @@ def route(h, weight, bias, top_k):
     the module, so that one compiled `finish_layer` serves every layer.
 
     An expert is in a token's top k when fewer than k experts are ahead of it: a larger logit, or an equal one at a
-    lower index (torch.topk's pick among ties on a GPU, tested there). Elementwise work over [tokens, E, E] that
-    compiles into the softmax's kernel, where torch.topk is a sort of its own (two kernels a layer)."""
+    lower index. That is what torch.topk's CUDA kernel keeps at a shared k-th place, which the training forward's
+    router runs (tests/test_rollout_engine_gpu.py checks it; a CPU's topk may keep another, which fp32 logits
+    almost never meet). Elementwise work over [tokens, E, E] that compiles into the softmax's kernel, where
+    torch.topk is a sort of its own (two kernels a layer)."""
     logits = torch.nn.functional.linear(h, weight, bias)
     order = torch.arange(logits.shape[-1], device=logits.device)
     mine, other = logits[:, :, None], logits[:, None, :]

@@ -153,7 +153,8 @@ def test_cut_at_stop_keeps_the_stop_token_and_drops_what_follows():
 
 def test_the_decode_router_picks_what_topk_picks_and_weighs_as_the_router_does():
     """route (counting the experts ahead of each) against transformers' router (torch.topk, softmax of the top
-    values) on random logits, and on ties: the lower index wins, as torch.topk picks on a GPU (tested there)."""
+    values) on random logits, and on ties: the lower index wins, as torch.topk's CUDA kernel picks
+    (test_rollout_engine_gpu.py checks that on a GPU)."""
     torch.manual_seed(0)
     experts, top_k = 32, 4
     h = torch.randn(64, 16)

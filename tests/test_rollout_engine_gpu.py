@@ -189,3 +189,33 @@ def test_the_attention_kernel_reads_only_the_keys_in_range_and_matches_the_plain
         poisoned = [c.masked_fill(outside, float("nan")) for c in (k, v)]
         again = attend_one(q, *poisoned, Keys(mask, pos, layer_window, True), sinks, scaling).float()
         assert torch.equal(again, kernel)
+
+
+def test_the_decode_router_keeps_the_experts_cuda_topk_keeps_even_on_ties():
+    """rollout_engine.route (counting the experts ahead, the lower index first among equals) selects the same experts
+    as torch.topk on the GPU, which the training forward's router runs: on bf16 logits rounded coarsely enough
+    that the k-th place is often shared."""
+    from rollout_engine import route
+
+    torch.manual_seed(0)
+    experts, top_k = 32, 4
+    h = torch.randn(4096, 64, device="cuda")
+    weight = torch.randn(experts, 64, device="cuda")
+    h, weight = h.to(torch.bfloat16), weight.to(torch.bfloat16)
+    bias = torch.zeros(experts, device="cuda", dtype=torch.bfloat16)
+    logits = torch.nn.functional.linear(h, weight, bias)
+    coarse = (logits * 2).round() / 2  # many ties
+    for values in (logits, coarse):
+        _, index = torch.topk(values, top_k, dim=-1)
+        expected = torch.zeros(values.shape, dtype=torch.bool, device="cuda").scatter(1, index, True)
+        kth = values.sort(dim=-1, descending=True).values[:, top_k - 1:top_k + 1]
+        print(f"\nrows whose k-th place is shared: {(kth[:, 0] == kth[:, 1]).float().mean().item():.1%}")
+        chosen = route_selection(route, values)
+        assert torch.equal(chosen, expected)
+
+
+def route_selection(route, logits):
+    """The experts route() keeps for given logits (an identity projection feeds the logits through)."""
+    eye = torch.eye(logits.shape[1], device=logits.device, dtype=logits.dtype)
+    zero = torch.zeros(logits.shape[1], device=logits.device, dtype=logits.dtype)
+    return route(logits, eye, zero, 4) > 0
