@@ -84,7 +84,7 @@ class Mxfp4Experts(torch.nn.Module):
             self.register_parameter(name, torch.nn.Parameter(torch.empty(0, dtype=dtype, device=device),
                                                              requires_grad=False))
         self.decode_kernel = None  # chosen on the first decode step, once the weights are in place (choose_dense_kernel)
-        self.decode_scales = None  # the scales as the decode kernel reads them (kernel_scales), made on first use
+        self.decode_scales = None  # (what they were made from, the scales as the decode kernel reads them)
 
     @classmethod
     def like(cls, experts, device=None):
@@ -108,13 +108,15 @@ class Mxfp4Experts(torch.nn.Module):
 
     def kernel_scales(self):
         """(gate_up, down) scales as the decode kernel reads them: for 'transposed' a copy in its layout
-        (scales_for_transposed; 1/32 of a byte a weight, 0.56 GiB at the 20b shape), made once and kept, so that no
-        decode step copies them; else None (the kernels read the scales as they are)."""
+        (scales_for_transposed; 1/32 of a byte a weight: ~23 MiB a layer, 0.56 GiB over the 20b shape's 24 layers),
+        kept so that no decode step copies them, and made again when the scales change (new values written in
+        place, new tensors, another device); else (None, None): the kernels read the scales as they are."""
         if self.dense_kernel() != "transposed":
             return None, None
-        if self.decode_scales is None:
-            self.decode_scales = tuple(scales_for_transposed(scales) for _, scales in self.matrices())
-        return self.decode_scales
+        source = tuple((s.data_ptr(), getattr(s, "_version", None), s.device) for _, s in self.matrices())
+        if self.decode_scales is None or self.decode_scales[0] != source:
+            self.decode_scales = (source, tuple(scales_for_transposed(s) for _, s in self.matrices()))
+        return self.decode_scales[1]
 
     def forward(self, hidden_states, router_indices=None, routing_weights=None, factors=None):
         """factors: an expert LoRA's low-rank terms (dense_forward says how), passed by expert_lora's wrapper."""

@@ -203,9 +203,10 @@ def transposed_matmul_kernel(x_desc, w_desc, s_desc, bias_ptr, out_ptr, M, N, x_
     with zeros there.
 
     SWIGLU: out is instead the gate_up matrix's activation as the down matrix's call of this kernel reads it:
-    each output pair (gate, up) rounded to bf16 first, as the plain path stores it, then
-    (clamp(up) + 1) * clamp(gate) * sigmoid(alpha * clamp(gate)) in fp32, rounded to bf16 and stored as fp16 in
-    permute_for_transposed's order: [E, M, N / 2] (mxfp4_experts.swiglu, kernel_input)."""
+    each output pair (gate, up) rounded to the bias' dtype first, as the plain path stores it, then
+    (clamp(up) + 1) * clamp(gate) * sigmoid(alpha * clamp(gate)) in fp32, rounded once to the bias' dtype and
+    stored as fp16 in permute_for_transposed's order: [E, M, N / 2] (mxfp4_experts.swiglu, kernel_input). The
+    plain path and the training forward round each step of the SwiGLU to the bias' dtype instead."""
     pid_n, expert = tl.program_id(0), tl.program_id(1)
     n0 = pid_n * BLOCK_N
     groups: tl.constexpr = BLOCK_K // 32
@@ -228,11 +229,12 @@ def transposed_matmul_kernel(x_desc, w_desc, s_desc, bias_ptr, out_ptr, M, N, x_
     rows = tl.arange(0, BLOCK_M)
     if SWIGLU:
         # gate_up's columns alternate gate, up: split the pairs, each value rounded as the plain path stores it
-        pairs = tl.permute(tl.reshape(acc.to(tl.bfloat16).to(tl.float32), [BLOCK_N // 2, 2, BLOCK_M]), [0, 2, 1])
+        stored = acc.to(bias_ptr.dtype.element_ty).to(tl.float32)
+        pairs = tl.permute(tl.reshape(stored, [BLOCK_N // 2, 2, BLOCK_M]), [0, 2, 1])
         gate, up = tl.split(pairs)
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
-        act = ((up + 1.0) * (gate * tl.sigmoid(gate * alpha))).to(tl.bfloat16).to(tl.float16)
+        act = ((up + 1.0) * (gate * tl.sigmoid(gate * alpha))).to(bias_ptr.dtype.element_ty).to(tl.float16)
         # column j of the activation -> its place in permute_for_transposed's order (input 8c + 4j + 2i + h of a
         # block sits at 16h + 8j + 2c + i)
         j = n0 // 2 + tl.arange(0, BLOCK_N // 2)

@@ -99,6 +99,7 @@ def main():
         for kernel in ("interleaved", "blocked", "transposed"):  # the decode kernels (mxfp4_experts.DENSE_KERNEL)
             for layer in layers:
                 layer.decode_kernel = kernel
+                layer.kernel_scales()  # 'transposed' keeps its copy of the scales: made here, not inside the graph
             kernel_ms[kernel] = graph_ms(lambda i: mxfp4_experts.dense_forward(layers[i % n], h, index, scores),
                                          REPEATS)
 

@@ -51,12 +51,15 @@ def compile_kernel(block_n, block_k, warps, stages, k):
 
     import mxfp4_kernels
 
-    signature = {"x_desc": f"tensordesc<fp16[{ROWS}, {block_k}]>", "w_desc": f"tensordesc<u8[{block_n}, {block_k // 2}]>",
-                 "s_desc": f"tensordesc<u8[{block_k // 32}, {block_n}]>", "bias_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32",
-                 "x_expert_rows": "i32", "K": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                 "BLOCK_K": "constexpr"}
+    signature = {"x_desc": f"tensordesc<fp16[{ROWS}, {block_k}]>",
+                 "w_desc": f"tensordesc<u8[{block_n}, {block_k // 2}]>",
+                 "s_desc": f"tensordesc<u8[{block_k // 32}, {block_n}]>", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+                 "M": "i32", "N": "i32", "x_expert_rows": "i32", "limit": "fp32", "alpha": "fp32",
+                 "K": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                 "SWIGLU": "constexpr"}
+    constexprs = {"K": k, "BLOCK_M": ROWS, "BLOCK_N": block_n, "BLOCK_K": block_k, "SWIGLU": False}
     source = triton.compiler.ASTSource(fn=mxfp4_kernels.transposed_matmul_kernel.fn, signature=signature,
-                                       constexprs={"K": k, "BLOCK_M": ROWS, "BLOCK_N": block_n, "BLOCK_K": block_k})
+                                       constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", ARCH, 32),
                               options={"num_warps": warps, "num_stages": stages})
     return compiled.asm["cubin"], compiled.metadata

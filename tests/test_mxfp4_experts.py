@@ -208,6 +208,23 @@ def test_the_decode_operator_refuses_inputs_not_laid_out_for_its_kernel():
         mxfp4_experts.launch_dense(torch.zeros(4, 64, dtype=torch.float16), blocks, scales, bias, "transposed")
 
 
+def test_the_kept_copy_of_the_scales_follows_new_scales():
+    """Mxfp4Experts.kernel_scales keeps the 'transposed' kernel's copy of the scales between decode steps, and makes
+    it again when the scales are written in place (a checkpoint loaded into the module) or replaced."""
+    experts = mxfp4_experts.Mxfp4Experts(2, 64, 64, limit=7.0, alpha=1.702)
+    for _, scales in experts.matrices():
+        scales.copy_(torch.randint(110, 120, scales.shape, dtype=torch.uint8))
+    experts.decode_kernel = "transposed"  # what choose_dense_kernel picks on Hopper
+    first = experts.kernel_scales()
+    assert experts.kernel_scales()[0] is first[0]  # kept, not made again
+    experts.gate_up_proj_scales.fill_(121)
+    assert (experts.kernel_scales()[0][:, :, :128] == 121).all()
+    experts.down_proj_scales = torch.full_like(experts.down_proj_scales, 99)
+    assert (experts.kernel_scales()[1][:, :, :64] == 99).all()
+    experts.decode_kernel = "blocked"
+    assert experts.kernel_scales() == (None, None)
+
+
 def test_scales_for_transposed_puts_each_block_of_inputs_in_one_padded_row():
     """The 'transposed' kernel's scale layout: [E, in / 32, out rounded up to 16], entry [e, g, n] the scale of output
     n's block g, zeros in the padding (TMA's shape stops before it)."""
@@ -234,8 +251,8 @@ def e4m3_to_float(bits):
 def transposed_weights(blocks, scales):
     """What mxfp4_kernels.transposed_matmul_kernel builds of a weight, in torch: codes as e4m3 bytes by bit moves
     (value x 2^-6), converted to fp16, times the fp16 factor 2^(byte - 113), (low, high) nibbles joined, then bytes
-    4c + 2j + i of each block reordered to the permuted input order 16h + 8j + 2c + i. Returns fp16 [E, out, in] in that order:
-    the weights times 2^8 (the kernel scales its sums by 2^-8)."""
+    4c + 2j + i of each block reordered to the permuted input order 16h + 8j + 2c + i. Returns fp16 [E, out, in] in
+    that order: the weights times 2^8 (the kernel scales its sums by 2^-8)."""
     codes = blocks.to(torch.int32)
     low = e4m3_to_float(((codes << 4) & 0x80) | ((codes << 2) & 0x1C)).half()
     high = e4m3_to_float((codes & 0x80) | ((codes >> 2) & 0x1C)).half()

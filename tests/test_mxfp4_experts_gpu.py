@@ -107,9 +107,9 @@ def test_transposed_kernel_over_its_whole_scale_range_and_its_choice():
 
 def test_the_swiglu_in_the_kernels_last_step_is_the_plain_swiglu_laid_out(loaded):
     """gate_up_swiglu (the 'transposed' kernel computing the activation in its epilogue, stored in the down call's
-    input layout) against the unfused steps: dense_matmul, the SwiGLU in fp32 from the stored bf16 values (as the
-    compiled engine computes it), rounded to bf16, laid out by kernel_input. Equal but for the rare value where the
-    two sigmoids' last fp32 bit moves a bf16 rounding."""
+    input layout) against the same math in steps: dense_matmul, the SwiGLU in fp32 from the stored bf16 values,
+    rounded once to bf16 (as the kernel rounds it; the plain path rounds every step), laid out by kernel_input.
+    Equal but for the rare value where the two sigmoids' last fp32 bit moves a bf16 rounding."""
     import mxfp4_experts
 
     if mxfp4_experts.choose_dense_kernel(loaded[0].model.layers[3].mlp.experts.gate_up_proj_scales) != "transposed":

@@ -164,7 +164,7 @@ def test_the_decode_router_picks_what_topk_picks_and_weighs_as_the_router_does()
     expected = torch.zeros_like(logits).scatter(1, index, torch.softmax(top, dim=1))
     torch.testing.assert_close(route(h, weight, bias, top_k), expected, rtol=1e-6, atol=1e-7)
     # a tie across the k-th place: experts 3, 5 and 9 share the 2nd-largest logit, so with k = 3 the later one drops
-    tie_weight = torch.zeros(6 + 4, 1)
+    tie_weight = torch.zeros(10, 1)
     tie_weight[[3, 5, 9], 0], tie_weight[7, 0] = 1.0, 2.0
     routing = route(torch.ones(1, 1), tie_weight, torch.zeros(10), 3)
     assert routing[0].nonzero().flatten().tolist() == [3, 5, 7]
