@@ -429,6 +429,9 @@ def main(argv=None):
         if processes.is_main_process or not isinstance(stop.code, str):
             raise
         raise SystemExit(1) from None  # the main process says why; the others stop without saying it again
+    # every process past its last collective before the group goes: a gloo process torn down while another still
+    # waits on it can abort at exit ("terminate called without an active exception") after a finished run
+    processes.wait_for_everyone()
     processes.destroy_process_group()  # NCCL warns at exit otherwise; nothing to do with one process
 
 
