@@ -206,6 +206,9 @@ def test_the_decode_operator_refuses_inputs_not_laid_out_for_its_kernel():
     assert mxfp4_experts.kernel_for_rows("transposed", rows) == "blocked"
     with pytest.raises(ValueError, match="scales_for_transposed"):  # the checkpoint's [E, out, in / 32] scales
         mxfp4_experts.launch_dense(torch.zeros(4, 64, dtype=torch.float16), blocks, scales, bias, "transposed")
+    with pytest.raises(ValueError, match="only the 'transposed' kernel computes the SwiGLU"):
+        mxfp4_experts.launch_dense(torch.zeros(4, 64, dtype=torch.float16), blocks, scales, bias, "blocked",
+                                   swiglu=(7.0, 1.702))
 
 
 def test_the_kept_copy_of_the_scales_follows_new_scales():
