@@ -162,6 +162,12 @@ def fp16_codes_of_bytes(packed):
         constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
 
 
+@triton.jit
+def rounded(x, dtype: tl.constexpr):
+    """fp32 x rounded to dtype and back: one eager op's rounding of its result."""
+    return x.to(dtype).to(tl.float32)
+
+
 def set_transposed_block_shapes(nargs):
     """triton.autotune pre-hook: the TMA descriptors' tile shapes follow the config being run."""
     nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
@@ -204,9 +210,9 @@ def transposed_matmul_kernel(x_desc, w_desc, s_desc, bias_ptr, out_ptr, M, N, x_
 
     SWIGLU: out is instead the gate_up matrix's activation as the down matrix's call of this kernel reads it:
     each output pair (gate, up) rounded to the bias' dtype first, as the plain path stores it, then
-    (clamp(up) + 1) * clamp(gate) * sigmoid(alpha * clamp(gate)) in fp32, rounded once to the bias' dtype and
-    stored as fp16 in permute_for_transposed's order: [E, M, N / 2] (mxfp4_experts.swiglu, kernel_input). The
-    plain path and the training forward round each step of the SwiGLU to the bias' dtype instead."""
+    (clamp(up) + 1) * clamp(gate) * sigmoid(alpha * clamp(gate)) with every step rounded to the bias' dtype, as
+    the plain path and the training forward round it (mxfp4_experts.swiglu), converted to fp16 as
+    kernel_input converts it and stored in permute_for_transposed's order: [E, M, N / 2]."""
     pid_n, expert = tl.program_id(0), tl.program_id(1)
     n0 = pid_n * BLOCK_N
     groups: tl.constexpr = BLOCK_K // 32
@@ -234,7 +240,11 @@ def transposed_matmul_kernel(x_desc, w_desc, s_desc, bias_ptr, out_ptr, M, N, x_
         gate, up = tl.split(pairs)
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
-        act = ((up + 1.0) * (gate * tl.sigmoid(gate * alpha))).to(bias_ptr.dtype.element_ty).to(tl.float16)
+        # each step rounded to the bias' dtype, as the plain path's (and the training forward's) bf16 ops round it
+        up_plus_one = rounded(up + 1.0, bias_ptr.dtype.element_ty)
+        gated = rounded(gate * rounded(tl.sigmoid(rounded(gate * alpha, bias_ptr.dtype.element_ty)),
+                                       bias_ptr.dtype.element_ty), bias_ptr.dtype.element_ty)
+        act = (up_plus_one * gated).to(bias_ptr.dtype.element_ty).to(tl.float16)
         # column j of the activation -> its place in permute_for_transposed's order (input 8c + 4j + 2i + h of a
         # block sits at 16h + 8j + 2c + i)
         j = n0 // 2 + tl.arange(0, BLOCK_N // 2)

@@ -107,9 +107,9 @@ def test_transposed_kernel_over_its_whole_scale_range_and_its_choice():
 
 def test_the_swiglu_in_the_kernels_last_step_is_the_plain_swiglu_laid_out(loaded):
     """gate_up_swiglu (the 'transposed' kernel computing the activation in its epilogue, stored in the down call's
-    input layout) against the same math in steps: dense_matmul, the SwiGLU in fp32 from the stored bf16 values,
-    rounded once to bf16 (as the kernel rounds it; the plain path rounds every step), laid out by kernel_input.
-    Equal but for the rare value where the two sigmoids' last fp32 bit moves a bf16 rounding."""
+    input layout) against the plain path: dense_matmul, then mxfp4_experts.swiglu in bf16 (every step rounded, as
+    the kernel rounds it and the training forward does), laid out by kernel_input. Equal but for the rare value
+    where the two sigmoids' last fp32 bit moves a bf16 rounding."""
     import mxfp4_experts
 
     if mxfp4_experts.choose_dense_kernel(loaded[0].model.layers[3].mlp.experts.gate_up_proj_scales) != "transposed":
@@ -123,7 +123,7 @@ def test_the_swiglu_in_the_kernels_last_step_is_the_plain_swiglu_laid_out(loaded
         laid_out = mxfp4_experts.scales_for_transposed(scales)
         fused = torch.ops.gpt_oss_mxfp4.gate_up_swiglu(x, blocks, laid_out, bias, experts.limit, experts.alpha)
         gate_up = torch.ops.gpt_oss_mxfp4.dense_matmul(x, blocks, laid_out, bias, "transposed")
-        plain = mxfp4_experts.swiglu(gate_up.float(), experts.limit, experts.alpha).to(torch.bfloat16)
+        plain = mxfp4_experts.swiglu(gate_up, experts.limit, experts.alpha)  # bf16 in, each op rounded
         expected = mxfp4_experts.kernel_input(plain, "transposed")
         equal = (fused == expected).float().mean().item()
         print(f"\nSwiGLU in the kernel, {tokens} tokens: {100 * equal:.3f} % of values bit-equal")
