@@ -3,6 +3,7 @@
     library_internals.check(library_internals.TRAINER)    # grpo_trainer.TesGRPOTrainer, when it is built
     library_internals.check(library_internals.ENGINE)     # rollout_engine.RolloutEngine, when it is built
     library_internals.check(library_internals.EXPERT_LORA)  # expert_lora.register, for every LoRA config
+    library_internals.check(library_internals.ATTENTION)  # sink_attention.register, before a model is loaded
 
 A release that renames or changes one of them would otherwise change this project's behaviour silently (a CPU
 scoring path no longer taken, a checkpoint written half). The check stops with one message naming the internal,
@@ -40,6 +41,11 @@ EXPERT_LORA = (  # expert_lora.py's wrapper for MXFP4-resident experts subclasse
 ENGINE = (  # rollout_engine.py reads these (and expert_lora.expert_lora_factors, which it calls)
     ("transformers.configuration_utils", None, "_experts_implementation"),  # which experts kernel a model runs
     ("peft.tuners.lora.layer", None, "_did_swap_in_out_features"),  # ParamWrapper's expert LoRA orientation
+)
+ATTENTION = (  # sink_attention.register: gpt-oss attention with sinks through SDPA, registered with transformers
+    ("transformers.masking_utils", "AttentionMaskInterface.register", ("key", "value")),
+    ("transformers.masking_utils", "sdpa_mask", ("allow_is_causal_skip",)),  # materialised: the sink needs a column
+    ("transformers.models.gpt_oss.modeling_gpt_oss", None, "s_aux=self.sinks"),  # the sinks reach the interface
 )
 # -----------------------------------------------------------------------------
 

@@ -1,10 +1,12 @@
-"""The one way this project loads gpt-oss: MXFP4 checkpoint -> dequantised weights, eager attention.
+"""The one way this project loads gpt-oss: MXFP4 checkpoint -> dequantised weights, sink-aware attention.
 
 Every script loads through `load_model` / `load_tokenizer` so that they all agree on:
 - MXFP4 experts dequantised on load (transformers' `Mxfp4Config(dequantize=True)`, plain torch, no Hub kernels):
   bf16 on a GPU, fp32 on a CPU (CPUs have no fast bf16 matmul and fp32 keeps the tiny stand-in exact);
-- eager attention: gpt-oss has learnable attention sinks and FlashAttention has no backward for them
-  (Dao-AILab/flash-attention#1797), so training through FA2/FA3 would give wrong gradients; gpt-oss has no SDPA path;
+- attention: gpt-oss has learnable attention sinks and FlashAttention has no backward for them
+  (Dao-AILab/flash-attention#1797), so training through FA2/FA3 would give wrong gradients, and transformers has no
+  SDPA path for gpt-oss. On a GPU, sink_attention.py's: the sinks as one more key of torch's fused attention, the
+  same math as eager attention in one kernel each way; on a CPU, transformers' eager attention (the reference);
 - the experts implementation: `grouped_mm` on a GPU (one grouped GEMM for all experts, measured fastest),
   `eager` on a CPU (a loop over the few experts a tiny model has; grouped_mm has no fast CPU kernel);
 - a clear error instead of an out-of-memory crawl when a 20b-sized model is asked for on a machine without a GPU,
@@ -232,7 +234,7 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None, e
         model = AutoModelForCausalLM.from_pretrained(
             model_id,
             dtype=dtype,
-            attn_implementation="eager",
+            attn_implementation=attention_implementation(device),
             experts_implementation=experts_implementation,
             device_map=device,
             **kwargs,
@@ -298,6 +300,14 @@ def check_gpu_memory(model_id, config, experts_format, headroom_gib):
         raise ModelLoadError(memory_message(model_id, config, experts_format, headroom_gib))
 
 
+def attention_implementation(device):
+    """The attn_implementation for a model on `device`, registered with transformers first (sink_attention.py)."""
+    import sink_attention
+
+    sink_attention.register()
+    return sink_attention.implementation_for(device)
+
+
 def load_mxfp4_resident(model_id, config, device, dtype):
     """The model with mxfp4_experts.Mxfp4Experts holding the checkpoint's expert bytes as they are.
 
@@ -315,7 +325,8 @@ def load_mxfp4_resident(model_id, config, device, dtype):
     del plain.quantization_config  # what the model holds is said by its modules, not by a quantizer
     silence_known_notices()
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(plain, dtype=dtype, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(plain, dtype=dtype,
+                                                 attn_implementation=attention_implementation(device))
     for layer in model.model.layers:
         layer.mlp.experts = Mxfp4Experts.like(layer.mlp.experts, device="meta")
     model.to_empty(device=device)

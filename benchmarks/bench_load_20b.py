@@ -3,7 +3,7 @@
     python benchmarks/bench_load_20b.py --model-dir runs/stand-ins/gpt-oss-20b-shape --out runs/bench/load_20b.json
 
 Reports (and writes as JSON): build seconds (skipped when the directory already holds a build), checkpoint size,
-load seconds through model_loader.load_model (MXFP4 experts dequantised to bf16, eager attention), peak GPU
+load seconds through model_loader.load_model (MXFP4 experts dequantised to bf16), peak GPU
 memory after loading, and the time to generate NEW_TOKENS greedy tokens for one Harmony prompt.
 """
 

@@ -59,9 +59,10 @@ def setup(request):
 
 
 def forward_logprobs(model, prompts, completions, temperature, batch=1):
-    """Per-token log-probabilities of the completions from the model's forward as TRL's loss computes them: eager,
-    under the bf16 autocast that accelerate wraps the trainer's forward in (`bf16=True`), logits / temperature,
-    log-softmax in fp32; `batch` sequences right-padded per forward."""
+    """Per-token log-probabilities of the completions from the model's forward as TRL's loss computes them (the
+    loader's attention: sink_attention on a GPU), under the bf16 autocast that accelerate wraps the trainer's
+    forward in (`bf16=True`), logits / temperature, log-softmax in fp32; `batch` sequences right-padded per
+    forward."""
     result = []
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         for first in range(0, len(prompts), batch):

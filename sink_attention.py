@@ -1,0 +1,92 @@
+"""gpt-oss attention with its learned sinks through torch's fused attention (scaled_dot_product_attention).
+
+Why: gpt-oss gives every head a learned sink, one more logit in the softmax that takes probability mass and adds
+no value. transformers has no SDPA path for it (`_supports_sdpa = False`) and FlashAttention 2/3 have no backward
+for it (Dao-AILab/flash-attention#1797), so training ran transformers' eager attention: a [batch, heads, queries,
+keys] matrix written and read by a dozen separate kernels (scale, mask, sink column, maximum, softmax, the slice
+without the sink, two matmuls, and as many again in backward). At GRPO's lengths that was the largest part of a
+training step after the matmuls.
+
+How: the sink becomes one more key of SDPA's softmax. Queries get one more dimension holding 1, real keys 0 there,
+and one extra key holds sink / scaling there (0 elsewhere) with a value of 0: its logit is exactly the sink, its
+value adds nothing, and the key is never masked. Head dims are padded with zeros to a multiple of 8 (the fused
+kernels' alignment). Nothing else changes: the same math as eager attention, softmax in fp32 inside one fused
+kernel (eager rounds the scores and the probabilities to bf16 on the way), and SDPA's own backward.
+
+    import sink_attention
+    sink_attention.register()                                   # once; model_loader does it
+    AutoModelForCausalLM.from_pretrained(..., attn_implementation=sink_attention.NAME)
+
+model_loader uses it on a GPU; a CPU keeps eager attention (the reference the CPU tests hold everything to in fp32).
+tests/test_sink_attention.py checks outputs and gradients against transformers' eager gpt-oss attention.
+"""
+
+import torch
+
+NAME = "gpt_oss_sink_attention"  # the attn_implementation name registered with transformers
+ALIGN = 8  # head dims of SDPA's fused kernels are multiples of this
+
+
+def sdpa_with_sinks(module, query, key, value, attention_mask, scaling, dropout=0.0, s_aux=None, **kwargs):
+    """transformers' attention interface: query [batch, heads, queries, d], key / value [batch, kv heads, keys, d],
+    attention_mask a boolean [batch, 1, queries, keys] (True = may attend; `sink_mask` makes it) or an additive
+    float mask, s_aux the sinks [heads]. Returns ([batch, queries, heads, d], None) as eager attention does, without
+    the probabilities."""
+    if s_aux is None:
+        raise ValueError(f"{NAME}: no attention sinks were passed (s_aux); this implementation is for gpt-oss")
+    batch, heads, queries, dim = query.shape
+    groups = heads // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    keys = key.shape[2]
+    width = -(-(dim + 1) // ALIGN) * ALIGN  # d and the sink's dimension, padded
+    query = torch.cat([query, query.new_ones(batch, heads, queries, 1),
+                       query.new_zeros(batch, heads, queries, width - dim - 1)], dim=-1)
+    sinks = (s_aux.to(key.dtype) / scaling).view(1, heads, 1, 1).expand(batch, heads, 1, 1)
+    sink_key = torch.cat([key.new_zeros(batch, heads, 1, dim), sinks, key.new_zeros(batch, heads, 1, width - dim - 1)],
+                         dim=-1)
+    key = torch.cat([torch.cat([key, key.new_zeros(batch, heads, keys, width - dim)], dim=-1), sink_key], dim=2)
+    value = torch.cat([torch.cat([value, value.new_zeros(batch, heads, keys, width - dim)], dim=-1),
+                       value.new_zeros(batch, heads, 1, width)], dim=2)
+    mask = with_sink_column(attention_mask, batch, queries, keys, query.device)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                           dropout_p=dropout)
+    return out[..., :dim].transpose(1, 2).contiguous(), None
+
+
+def with_sink_column(mask, batch, queries, keys, device):
+    """The attention mask with one more key, the sink, that every query may attend to; a causal mask when there is
+    none (the queries are the last of the keys, as in a prefill or a decode step)."""
+    if mask is None:
+        position = torch.arange(queries, device=device) + keys - queries
+        mask = (torch.arange(keys, device=device)[None, :] <= position[:, None]).expand(batch, 1, queries, keys)
+    mask = mask[..., :keys]
+    if mask.dtype == torch.bool:
+        return torch.cat([mask, mask.new_ones(*mask.shape[:-1], 1)], dim=-1)
+    return torch.cat([mask, mask.new_zeros(*mask.shape[:-1], 1)], dim=-1)
+
+
+def sink_mask(*args, **kwargs):
+    """transformers' SDPA mask, always materialised: the sink key needs a mask column even where plain SDPA would
+    pass is_causal instead."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def register():
+    """Registers NAME with transformers' attention and mask interfaces (idempotent), after checking the
+    transformers names this relies on (library_internals.ATTENTION)."""
+    import library_internals
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    library_internals.check(library_internals.ATTENTION)
+    AttentionInterface.register(NAME, sdpa_with_sinks)
+    AttentionMaskInterface.register(NAME, sink_mask)
+
+
+def implementation_for(device):
+    """The attn_implementation model_loader asks for: NAME on a GPU, eager on a CPU."""
+    return NAME if str(device).startswith("cuda") else "eager"
