@@ -39,9 +39,9 @@ REPOSITORY = os.path.dirname(os.path.abspath(__file__))  # relative model paths 
 MAX_CPU_PARAMETERS = 2_000_000_000
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a model directory's tokenizer is in one of these
 EXPERTS_FORMATS = ("bf16", "mxfp4")  # how the experts are held: dequantised (bf16 / fp32 on a CPU), or as stored
-TRAINING_HEADROOM_GIB = 6.5  # GPU memory beyond the weights that a default GRPO step of the 20b shape took on an
-                             #   H200: 45.4 GiB peak over 39 GiB of bf16 weights, 19.4 over 12.9 with MXFP4 experts
-                             #   (benchmarks/RESULTS.md)
+TRAINING_HEADROOM_GIB = 7.0  # GPU memory beyond the weights that a default GRPO step of the 20b shape takes on an
+                             #   H200, rounded up: 44.9 GiB peak over 39 GiB of bf16 weights, 19.5 over 12.9 with
+                             #   MXFP4 experts (benchmarks/RESULTS.md)
 
 
 class ModelLoadError(RuntimeError):
