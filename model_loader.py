@@ -182,7 +182,8 @@ def pick_device(device=None):
 
 def load_model(model_id, device=None, dtype=None, experts_implementation=None, experts_format="bf16",
                headroom_gib=0.0):
-    """Load a gpt-oss model for training or inference: eager attention, experts as `experts_format` says.
+    """Load a gpt-oss model for training or inference: the attention of `attention_implementation`, experts as
+    `experts_format` says.
 
     Returns the model on `device` ('cuda' when available, else 'cpu') in `dtype` (bf16 on GPU, fp32 on CPU).
     On a GPU the card's free memory must hold the weights plus `headroom_gib` (what the caller will need beyond

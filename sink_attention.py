@@ -7,11 +7,15 @@ keys] matrix written and read by a dozen separate kernels (scale, mask, sink col
 without the sink, two matmuls, and as many again in backward). At GRPO's lengths that was the largest part of a
 training step after the matmuls.
 
-How: the sink becomes one more key of SDPA's softmax. Queries get one more dimension holding 1, real keys 0 there,
-and one extra key holds sink / scaling there (0 elsewhere) with a value of 0: its logit is exactly the sink, its
-value adds nothing, and the key is never masked. Head dims are padded with zeros to a multiple of 8 (the fused
-kernels' alignment). Nothing else changes: the same math as eager attention, softmax in fp32 inside one fused
-kernel (eager rounds the scores and the probabilities to bf16 on the way), and SDPA's own backward.
+How: the sink becomes one more key of SDPA's softmax. Queries get two more dimensions holding 1, real keys 0
+there, and one extra key holds sink / scaling there, split into a high and a low part in the activations' dtype
+(0 elsewhere), with a value of 0: its logit is the sink (exactly for sinks in the activations' dtype, as the
+loader's bf16 model has them; to ~16 bits for fp32 sinks), its value adds nothing, and the key is never masked.
+Head dims are padded with zeros to a multiple of 8. The same math as eager attention, but not the same roundings:
+the softmax runs in fp32 inside one fused kernel, where eager rounds scores and probabilities to bf16 on the way
+(on a GPU at the 20b shape the fused result is the closer of the two to fp32: benchmarks/RESULTS.md). The rollout
+engine still rounds its attention as eager does, so its log-probabilities sit a little further from this forward
+than from eager's (the engine's tests hold it to the same tolerance rule).
 
     import sink_attention
     sink_attention.register()                                   # once; model_loader does it
@@ -36,34 +40,44 @@ def sdpa_with_sinks(module, query, key, value, attention_mask, scaling, dropout=
         raise ValueError(f"{NAME}: no attention sinks were passed (s_aux); this implementation is for gpt-oss")
     batch, heads, queries, dim = query.shape
     groups = heads // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
-    value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
     keys = key.shape[2]
-    width = -(-(dim + 1) // ALIGN) * ALIGN  # d and the sink's dimension, padded
-    query = torch.cat([query, query.new_ones(batch, heads, queries, 1),
-                       query.new_zeros(batch, heads, queries, width - dim - 1)], dim=-1)
-    sinks = (s_aux.to(key.dtype) / scaling).view(1, heads, 1, 1).expand(batch, heads, 1, 1)
-    sink_key = torch.cat([key.new_zeros(batch, heads, 1, dim), sinks, key.new_zeros(batch, heads, 1, width - dim - 1)],
-                         dim=-1)
-    key = torch.cat([torch.cat([key, key.new_zeros(batch, heads, keys, width - dim)], dim=-1), sink_key], dim=2)
-    value = torch.cat([torch.cat([value, value.new_zeros(batch, heads, keys, width - dim)], dim=-1),
-                       value.new_zeros(batch, heads, 1, width)], dim=2)
-    mask = with_sink_column(attention_mask, batch, queries, keys, query.device)
+    width = -(-(dim + 2) // ALIGN) * ALIGN  # room for the sink's two parts, in the fused kernels' alignment
+    # the sink's logit as two parts in the activations' dtype, summed in fp32 by the kernel: exact for sinks in
+    # that dtype, ~16 bits for fp32 sinks (eager attention would keep those in fp32)
+    target = s_aux.float() / scaling
+    high = target.to(key.dtype)
+    low = (target - high.float()).to(key.dtype)
+    sink_key = torch.cat([key.new_zeros(heads, dim), high[:, None], low[:, None],
+                          key.new_zeros(heads, width - dim - 2)], dim=-1)
+    query = torch.cat([query, query.new_ones(batch, heads, queries, 2),
+                       query.new_zeros(batch, heads, queries, width - dim - 2)], dim=-1)
+    # padded per kv head before the heads are repeated (query head h reads kv head h // groups, as repeat_kv)
+    key = torch.cat([key, key.new_zeros(batch, key.shape[1], keys, width - dim)], dim=-1)
+    value = torch.cat([value, value.new_zeros(batch, value.shape[1], keys, width - dim)], dim=-1)
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    key = torch.cat([key, sink_key[None, :, None].expand(batch, heads, 1, width)], dim=2)
+    value = torch.cat([value, value.new_zeros(batch, heads, 1, width)], dim=2)
+    mask = with_sink_column(attention_mask, batch, queries, keys, query, kwargs.get("sliding_window"))
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                                            dropout_p=dropout)
     return out[..., :dim].transpose(1, 2).contiguous(), None
 
 
-def with_sink_column(mask, batch, queries, keys, device):
-    """The attention mask with one more key, the sink, that every query may attend to; a causal mask when there is
-    none (the queries are the last of the keys, as in a prefill or a decode step)."""
+def with_sink_column(mask, batch, queries, keys, query, window=None):
+    """The attention mask with one more key, the sink, that every query may attend to. With no mask, a causal one
+    (the queries are the last of the keys, as in a prefill or a decode step), limited to `window` keys for a
+    sliding layer. A float (additive) mask comes back in the query's dtype, which SDPA requires."""
     if mask is None:
-        position = torch.arange(queries, device=device) + keys - queries
-        mask = (torch.arange(keys, device=device)[None, :] <= position[:, None]).expand(batch, 1, queries, keys)
-    mask = mask[..., :keys]
+        position = torch.arange(queries, device=query.device)[:, None] + keys - queries
+        key_position = torch.arange(keys, device=query.device)[None, :]
+        mask = key_position <= position
+        if window:
+            mask = mask & (key_position > position - window)
+        mask = mask.expand(batch, 1, queries, keys)
     if mask.dtype == torch.bool:
         return torch.cat([mask, mask.new_ones(*mask.shape[:-1], 1)], dim=-1)
-    return torch.cat([mask, mask.new_zeros(*mask.shape[:-1], 1)], dim=-1)
+    return torch.cat([mask, mask.new_zeros(*mask.shape[:-1], 1)], dim=-1).to(query.dtype)
 
 
 def sink_mask(*args, **kwargs):

@@ -13,7 +13,8 @@ in the embedded stand-in (tiny_gpt_oss.py) and the CPU-sized settings of TINY_SE
 What it does, in order:
 1. checks every setting and validates the data files (data_reward.validate_data_files) before any model is loaded:
    every problem is listed as file:row, and the prompts must be Harmony (run convert_to_harmony.py first);
-2. loads MODEL_ID through model_loader (MXFP4 experts dequantised to bf16 on GPU / fp32 on CPU, eager attention)
+2. loads MODEL_ID through model_loader (MXFP4 experts dequantised to bf16 on GPU / fp32 on CPU, or kept in
+   MXFP4; sink-aware fused attention on GPU, eager on CPU)
    and wraps it with a PEFT LoRA adapter (`all-linear` = attention q/k/v/o on gpt-oss; LORA_EXPERTS adds the
    experts' gate_up_proj/down_proj through `target_parameters`);
 3. feeds TRL's GRPOTrainer from StepStream (step_stream.py) with two rewards (rewards.py): the Boltzmann

@@ -80,13 +80,17 @@ def test_the_sinks_matter(models):
 
 
 def test_greedy_decoding_through_the_cache_equals_eager(models):
+    """Each decode step's scores through the KV cache (one query against the cached keys, both layer kinds), not only
+    the greedy tokens, which small errors would not move."""
     eager, fused = models
     ids, mask = batch()
     with torch.no_grad():
         outputs = [model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                                  pad_token_id=0, eos_token_id=None) for model in (eager, fused)]
-    assert outputs[0].shape[1] == ids.shape[1] + 12
-    assert torch.equal(outputs[0], outputs[1])
+                                  pad_token_id=0, eos_token_id=None, output_scores=True,
+                                  return_dict_in_generate=True) for model in (eager, fused)]
+    assert outputs[0].sequences.shape[1] == ids.shape[1] + 12
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    torch.testing.assert_close(torch.stack(outputs[1].scores), torch.stack(outputs[0].scores), atol=1e-5, rtol=1e-5)
 
 
 def test_registration_stops_with_a_message_naming_a_changed_transformers_internal(monkeypatch):
@@ -106,20 +110,31 @@ def test_a_cpu_keeps_eager_attention_and_a_gpu_takes_the_fused_one():
     assert sink_attention.implementation_for(torch.device("cuda", 0)) == sink_attention.NAME
 
 
-def test_without_a_mask_the_queries_attend_causally_as_the_last_of_the_keys(models):
-    """attention_mask None (what transformers passes when it skips a causal mask): each query sees the keys up to its
-    own place at the end of the keys, as with the explicit mask, for a prefill and for a decode step."""
+def test_without_a_mask_or_with_a_float_one_the_result_is_the_boolean_masks(models):
+    """attention_mask None (transformers' early exits): each query sees the keys up to its own place at the end of
+    the keys, within the window on a sliding layer, as with the explicit mask, for a prefill and a decode step; an
+    additive float mask (0 / dtype minimum) gives what the boolean one gives."""
     _, fused = models
-    attention = fused.model.layers[1].self_attn
     torch.manual_seed(2)
-    for queries, keys in ((6, 6), (1, 5), (3, 7)):
-        q = torch.randn(2, 4, queries, 16)
-        k, v = torch.randn(2, 2, keys, 16), torch.randn(2, 2, keys, 16)
-        mask = torch.ones(keys, keys, dtype=torch.bool).tril()[keys - queries:][None, None].expand(2, 1, -1, -1)
-        explicit, _ = sink_attention.sdpa_with_sinks(attention, q, k, v, mask, 0.25, s_aux=attention.sinks)
-        implicit, _ = sink_attention.sdpa_with_sinks(attention, q, k, v, None, 0.25, s_aux=attention.sinks)
-        assert explicit.shape == (2, queries, 4, 16)
-        torch.testing.assert_close(implicit, explicit)
+    for layer in fused.model.layers:  # a sliding layer (window 4), then a full one
+        attention = layer.self_attn
+        window = attention.sliding_window
+        for queries, keys in ((6, 6), (1, 5), (3, 7)):
+            q = torch.randn(2, 4, queries, 16)
+            k, v = torch.randn(2, 2, keys, 16), torch.randn(2, 2, keys, 16)
+            place = torch.arange(queries)[:, None] + keys - queries
+            allowed = torch.arange(keys)[None, :] <= place
+            if window:
+                allowed = allowed & (torch.arange(keys)[None, :] > place - window)
+            mask = allowed[None, None].expand(2, 1, -1, -1)
+            additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+            explicit, _ = sink_attention.sdpa_with_sinks(attention, q, k, v, mask, 0.25, s_aux=attention.sinks)
+            implicit, _ = sink_attention.sdpa_with_sinks(attention, q, k, v, None, 0.25, s_aux=attention.sinks,
+                                                         sliding_window=window)
+            floating, _ = sink_attention.sdpa_with_sinks(attention, q, k, v, additive, 0.25, s_aux=attention.sinks)
+            assert explicit.shape == (2, queries, 4, 16)
+            torch.testing.assert_close(implicit, explicit)
+            torch.testing.assert_close(floating, explicit)
 
 
 @pytest.mark.gpu
@@ -154,8 +169,8 @@ def test_on_a_gpu_a_fused_kernel_runs_and_matches_fp32_better_than_eager_bf16():
     real = padding  # padded queries' outputs are never read
 
     def run(attention, dtype, attention_mask):
-        inputs = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v)]
-        out, _ = attention(module, *inputs, attention_mask, 0.125, s_aux=module.sinks.to(dtype))
+        inputs = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v, module.sinks)]
+        out, _ = attention(module, *inputs[:3], attention_mask, 0.125, s_aux=inputs[3])
         out.backward(grad_out.to(dtype))
         return [out.detach().float()[real]] + [t.grad.float() for t in inputs]
 
@@ -163,8 +178,9 @@ def test_on_a_gpu_a_fused_kernel_runs_and_matches_fp32_better_than_eager_bf16():
     eager = run(eager_attention_forward, torch.bfloat16, additive.to(torch.bfloat16))
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
         fused = run(sink_attention.sdpa_with_sinks, torch.bfloat16, mask)
-    for name, ref, e, f in zip(("output", "grad q", "grad k", "grad v"), reference, eager, fused):
+    for name, ref, e, f in zip(("output", "grad q", "grad k", "grad v", "grad sinks"), reference, eager, fused):
         eager_error = ((e - ref).norm() / ref.norm()).item()
         fused_error = ((f - ref).norm() / ref.norm()).item()
         print(f"\n{name}: relative error to fp32, eager bf16 {eager_error:.2e}, fused {fused_error:.2e}")
-        assert fused_error <= max(eager_error, 4e-3)
+        # the sinks' gradient sums a whole softmax column per head: allowed twice eager's error, not yet measured
+        assert fused_error <= (max(2 * eager_error, 1e-2) if name == "grad sinks" else max(eager_error, 4e-3))
