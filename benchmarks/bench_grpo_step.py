@@ -12,7 +12,8 @@ cap (torch.cuda.set_per_process_memory_fraction): what fits a 24 GB card is show
 The stand-in's random weights never write a stop token, so every completion runs the full 256 tokens.
 
 Writes a Markdown table (s/step, generation s, update s, generated tokens/s, peak GiB, card) and a JSON beside it;
-each run's log and summary stay under runs/bench-grpo-step/.
+each row's run directory and log stay under runs/bench-grpo-step/<when the invocation started>/, so that running
+the benchmark again never meets the previous invocation's runs.
 """
 
 import argparse
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from output_files import write_text_atomically  # noqa: E402
 # -----------------------------------------------------------------------------
 MEASURED_STEPS = 3  # steps timed after the warm-up step, per back end
 DEFAULT_STEPS = 20  # steps of the run with default settings (the first is the warm-up)
@@ -40,12 +43,27 @@ ROWS = {  # name -> (extra train_grpo.py flags, steps incl. warm-up or None for 
     "engine, one micro-batch of 32": (["--train-batch-size", "32", "--gradient-accumulation", "1"], None),
 }
 ROW_TIMEOUT = 420  # seconds a row may run (model loading included) before it is stopped and reported as such
-RUN_DIR = ROOT / "runs" / "bench-grpo-step"  # one run directory per row
+RUN_DIR = ROOT / "runs" / "bench-grpo-step"  # one directory per invocation, in it one run directory per row
 # -----------------------------------------------------------------------------
 
 
-def run_row(name, flags, steps, model_dir, log, timeout=ROW_TIMEOUT, max_gpu_memory_gib=0):
-    out = RUN_DIR / name.replace(" ", "-").replace("(", "").replace(")", "").replace("+", "plus").replace(",", "")
+def row_directory(invocation, name):
+    """The run directory of row `name` in the invocation's directory: the row's name made a path."""
+    return invocation / name.replace(" ", "-").replace("(", "").replace(")", "").replace("+", "plus").replace(",", "")
+
+
+def invocation_directory(started):
+    """RUN_DIR/<start time, to the second>; a later invocation in the same second gets a numbered sibling."""
+    base = RUN_DIR / time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+    path, count = base, 1
+    while path.exists():
+        count += 1
+        path = base.with_name(f"{base.name}-{count}")
+    return path
+
+
+def run_row(name, flags, steps, model_dir, log, invocation, timeout=ROW_TIMEOUT, max_gpu_memory_gib=0):
+    out = row_directory(invocation, name)
     command = [sys.executable, str(ROOT / "train_grpo.py"), "--model-id", str(model_dir), "--total-steps", str(steps),
                "--report-to", "none", "--eval-samples", "0", "--out", str(out), *flags]
     if max_gpu_memory_gib:
@@ -127,17 +145,18 @@ def main():
     args = parser.parse_args()
     recipe = Path(args.model_dir) / "recipe.json"
     tokenizer = json.loads(recipe.read_text()).get("tokenizer", "unknown") if recipe.is_file() else "unknown"
-    results = []
+    results, invocation = [], invocation_directory(time.time())
+    print(f"runs of this invocation: {invocation}", flush=True)
     for name in args.rows:
         flags, steps = ROWS[name]
         print(f"{name}: running {steps or MEASURED_STEPS + 1} steps", flush=True)
-        results.append(run_row(name, flags, steps or MEASURED_STEPS + 1, args.model_dir, print, args.row_timeout,
-                               args.max_gpu_memory_gib))
+        results.append(run_row(name, flags, steps or MEASURED_STEPS + 1, args.model_dir, print, invocation,
+                               args.row_timeout, args.max_gpu_memory_gib))
         print(json.dumps(results[-1]), flush=True)
         table = render(results, args.model_dir, tokenizer)  # after every row: a stopped run keeps what it measured
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
-        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomically(table, Path(args.out))
+        write_text_atomically(json.dumps(results, indent=2) + "\n", Path(args.out).with_suffix(".json"))
     print(table)
 
 
