@@ -149,7 +149,8 @@ def grouped_forward(experts, hidden_states, router_indices, routing_weights, fac
     expert_of_row = flat[order]
     counts = torch.bincount(flat, minlength=experts.num_experts)
     dtype = experts.gate_up_proj_bias.dtype
-    x = hidden_states.index_select(0, order // top_k).to(dtype)
+    unsort = torch.argsort(order)
+    x = GatheredRows.apply(hidden_states, order, unsort, top_k).to(dtype)  # each token's row top_k times, by expert
     (gate_up_blocks, gate_up_scales), (down_blocks, down_scales) = experts.matrices()
     gate_up = Mxfp4GroupedMatmul.apply(x, counts, gate_up_blocks, gate_up_scales)
     gate_up = gate_up + experts.gate_up_proj_bias.index_select(0, expert_of_row)
@@ -161,10 +162,31 @@ def grouped_forward(experts, hidden_states, router_indices, routing_weights, fac
     if "down_proj" in factors:
         out = out + grouped_lora(act, counts, *factors["down_proj"])
     out = out * routing_weights.reshape(-1).index_select(0, order)[:, None].to(out.dtype)
-    # back to token order (a gather, whose backward is a gather too: no accumulation in thread order), then the
-    # top_k contributions of each token summed in fp32, as transformers' grouped_mm experts sum them
-    unsorted = out.index_select(0, torch.argsort(order))
+    # back to token order, then the top_k contributions of each token summed in fp32, as transformers' grouped_mm
+    # experts sum them
+    unsorted = GatheredRows.apply(out, unsort, order, 1)
     return unsorted.view(tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(hidden_states.dtype)
+
+
+class GatheredRows(torch.autograd.Function):
+    """x[index // repeats] for a permutation `index` of x's rows repeated `repeats` times (`inverse`: the inverse
+    permutation), whose backward is a gather too: the gradient gathered back through `inverse`, and each row's
+    `repeats` gradients summed in fp32 in a fixed order, rounded once. index_select's own backward scatters with
+    atomic adds instead: in no fixed order (so not reproducible where rows repeat) and, on a GPU, slower."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, repeats):
+        ctx.save_for_backward(inverse)
+        ctx.repeats = repeats
+        return x.index_select(0, index // repeats if repeats > 1 else index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        grad = grad.index_select(0, inverse)
+        if ctx.repeats > 1:
+            grad = grad.view(-1, ctx.repeats, grad.shape[-1]).sum(dim=1, dtype=torch.float32).to(grad.dtype)
+        return grad, None, None, None
 
 
 class Mxfp4GroupedMatmul(torch.autograd.Function):

@@ -112,6 +112,32 @@ def test_input_and_lora_gradients_equal_autograd_through_dequantised_weights(mod
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_each_tokens_rows_gradient_is_one_fp32_sum_rounded_once():
+    """GatheredRows (the grouped path's token rows, sorted by expert): the same rows as index_select, and a token's
+    gradient the sum of its top_k rows' gradients in fp32, rounded once to bf16, where a scatter in bf16 would round
+    after every add; as a plain permutation (the way back to token order) its gradient is the permuted gradient."""
+    torch.manual_seed(0)
+    tokens, top_k, width = 5, 4, 8
+    flat = torch.randint(0, 3, (tokens * top_k,))
+    order = torch.argsort(flat, stable=True)
+    hidden = torch.randn(tokens, width).to(torch.bfloat16).requires_grad_()
+    rows = mxfp4_experts.GatheredRows.apply(hidden, order, torch.argsort(order), top_k)
+    assert torch.equal(rows, hidden.index_select(0, order // top_k))
+    # each token's rows: 1 first, then three values below half of bf16's step at 1, which a sum rounded after every
+    # add would lose one by one (1 + 2^-9 rounds to 1), and one fp32 sum keeps (1 + 3 * 2^-9 rounds to 1 + 2^-7)
+    grad_rows = torch.full((tokens * top_k, width), 2.0**-9)
+    for token in range(tokens):
+        grad_rows[(order // top_k == token).nonzero()[0]] = 1.0
+    rows.backward(grad_rows.to(torch.bfloat16))
+    assert torch.equal(hidden.grad, torch.full((tokens, width), 1 + 2.0**-7, dtype=torch.bfloat16))
+    sorted_rows = torch.randn(tokens * top_k, width, requires_grad=True)
+    unsorted = mxfp4_experts.GatheredRows.apply(sorted_rows, torch.argsort(order), order, 1)
+    assert torch.equal(unsorted, sorted_rows[torch.argsort(order)])
+    grad = torch.randn(tokens * top_k, width)
+    unsorted.backward(grad)
+    assert torch.equal(sorted_rows.grad[torch.argsort(order)], grad)
+
+
 def test_an_expert_lora_is_one_file_for_both_formats(models, tokenizer, tmp_path):
     """Saved from MXFP4 experts, the adapter holds PEFT's names and shapes and gives the same logits on either
     format; it runs as low-rank terms (a merge into the packed bytes is refused) and the engine samples with it."""
