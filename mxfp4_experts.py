@@ -172,7 +172,7 @@ class GatheredRows(torch.autograd.Function):
     """x[index // repeats] for a permutation `index` of x's rows repeated `repeats` times (`inverse`: the inverse
     permutation), whose backward is a gather too: the gradient gathered back through `inverse`, and each row's
     `repeats` gradients summed in fp32 in a fixed order, rounded once. index_select's own backward scatters with
-    atomic adds instead: in no fixed order (so not reproducible where rows repeat) and, on a GPU, slower."""
+    atomic adds instead, in no fixed order: not reproducible where rows repeat."""
 
     @staticmethod
     def forward(ctx, x, index, inverse, repeats):
