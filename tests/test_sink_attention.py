@@ -184,3 +184,9 @@ def test_on_a_gpu_a_fused_kernel_runs_and_matches_fp32_better_than_eager_bf16():
         print(f"\n{name}: relative error to fp32, eager bf16 {eager_error:.2e}, fused {fused_error:.2e}")
         # the sinks' gradient sums a whole softmax column per head: allowed twice eager's error, not yet measured
         assert fused_error <= (max(2 * eager_error, 1e-2) if name == "grad sinks" else max(eager_error, 4e-3))
+
+
+def test_a_call_without_sinks_is_refused_by_name():
+    q = torch.zeros(1, 2, 3, 16)
+    with pytest.raises(ValueError, match=f"{sink_attention.NAME}: no attention sinks were passed"):
+        sink_attention.sdpa_with_sinks(torch.nn.Module(), q, q, q, None, 0.25)
