@@ -276,7 +276,7 @@ def dense_tensors(experts, cuda=True):
             experts.down_proj_bias, experts.limit, experts.alpha, kernel, laid_out)
 
 
-def dense_experts(h, routing, tensors, factors=None):
+def dense_experts(h, routing, tensors, factors=None, combine_kernel=False):
     """dense_forward over tensors (`dense_tensors`) and a routing matrix (`routing_matrix`), not the module, so that
     the rollout engine's one compiled decode layer serves every layer: the matmuls are operators torch.compile
     leaves alone (`dense_matmul_op`, `gate_up_swiglu_op`); the SwiGLU (where the kernel does not compute it), LoRA
@@ -293,7 +293,7 @@ def dense_experts(h, routing, tensors, factors=None):
                                                      gate_up_bias, limit, alpha)
         out = torch.ops.gpt_oss_mxfp4.dense_matmul(act, down_blocks, laid_out_or_made(down_scales, down_laid_out),
                                                    down_bias, "transposed")
-        return combine_experts(out, routing, h.dtype)
+        return combine_experts(out, routing, h.dtype, combine_kernel)
     gate_up = matmul_laid_out(x, gate_up_blocks, gate_up_scales, gate_up_bias, kernel, gate_up_laid_out)
     if "gate_up_proj" in factors:  # [E, tokens, 2I]
         gate_up = add_lora(gate_up, x, factors["gate_up_proj"])
@@ -301,7 +301,7 @@ def dense_experts(h, routing, tensors, factors=None):
     out = matmul_laid_out(act, down_blocks, down_scales, down_bias, kernel, down_laid_out)  # [E, tokens, H]
     if "down_proj" in factors:
         out = add_lora(out, act, factors["down_proj"])
-    return combine_experts(out, routing, h.dtype)
+    return combine_experts(out, routing, h.dtype, combine_kernel)
 
 
 def add_lora(y, x, factor):
@@ -331,11 +331,35 @@ def routing_matrix(index, scores, experts):
     return routing.scatter(1, index, scores)
 
 
-def combine_experts(out, routing, dtype):
+def combine_experts(out, routing, dtype, kernel=False):
     """Every expert's output out [E, tokens, hidden] weighted by each token's routing weight for it (`routing`
-    [tokens, E], zero for an expert outside its top k) and summed in fp32 -> [tokens, hidden] in `dtype`."""
-    weighted = out * routing.t()[:, :, None].to(out.dtype)
+    [tokens, E], zero for an expert outside its top k), each product rounded to out's dtype, summed in fp32 ->
+    [tokens, hidden] in `dtype`. kernel: one Triton kernel that reads only the routed experts' rows
+    (combine_experts_op; the rollout engine's decode step on a GPU, bf16), else plain torch."""
+    routing = routing.to(out.dtype)
+    if kernel and out.dtype == dtype:
+        return torch.ops.gpt_oss_engine.combine_experts(out, routing)
+    weighted = out * routing.t()[:, :, None]
     return weighted.sum(dim=0, dtype=torch.float32).to(dtype)
+
+
+@torch.library.custom_op("gpt_oss_engine::combine_experts", mutates_args=())
+def combine_experts_op(out: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+    """combine_experts as one operator around combine_experts_kernel (torch.compile calls it as it is)."""
+    import combine_experts_kernel  # triton: a GPU extra, checked by the engine before this operator is chosen
+
+    experts, tokens, hidden = out.shape
+    out, routing = out.contiguous(), routing.contiguous()
+    result = out.new_empty(tokens, hidden)
+    block = 1024
+    combine_experts_kernel.combine_experts_kernel[(triton_cdiv(hidden, block), tokens)](
+        out, routing, result, tokens, hidden, EXPERTS=experts, BLOCK=block)
+    return result
+
+
+@combine_experts_op.register_fake
+def combine_experts_shape(out, routing):
+    return out.new_empty(out.shape[1], out.shape[2])
 
 
 def matmul_laid_out(x, blocks, scales, bias, kernel, laid_out_scales=None):

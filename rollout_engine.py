@@ -51,6 +51,7 @@ import torch
 
 import harmony
 import library_internals
+import sink_attention
 from expert_lora import expert_lora_factors
 from mxfp4_experts import (add_lora, combine_experts, routing_matrix, dense_experts as mxfp4_dense_experts,
                            dense_forward as mxfp4_dense_forward, dense_tensors as mxfp4_dense_tensors,
@@ -63,9 +64,11 @@ FINISHED_CHECK_EVERY = 16  # decode steps between checks whether every row has s
 MAX_CACHED_GRAPHS = 2  # graphs (with their caches) kept; a third evicts the oldest
 COMPILE_OPTIONS = {"emulate_precision_casts": True}  # inductor: round every intermediate to its eager dtype, so a
                                                     #   fused kernel computes what the separate kernels computed
-DECODE_ATTENTION_KERNEL = True  # on a GPU with triton, a bf16 decode step's attention is one Triton kernel that reads
-                                #   only the keys in range (decode_attention_kernel.py); False: the batched matmuls
-                                #   over the whole cache, as on a CPU
+DECODE_TRITON_KERNELS = True  # on a GPU with triton, a bf16 decode step's attention is one Triton kernel that reads
+                              #   only the keys in range (decode_attention_kernel.py) and the routed experts' outputs
+                              #   are summed by one (combine_experts_kernel.py); False: plain torch, as on a CPU
+PREFILL_PACK_TOKENS = 2048  # prompts prefilled together in one pass up to this many tokens (eager attention on a CPU
+                            #   holds a [heads, tokens, tokens] matrix per pass)
 DENSE_EXPERTS_MAX_TOKENS = 64  # 'auto' experts: up to this many tokens every expert reads its weights anyway, and one
                                #   batched matmul over all experts beat grouped_mm (16.2 vs 16.9 ms a decode step of
                                #   32 rows on an H200, uncompiled:
@@ -104,9 +107,11 @@ class RolloutEngine:
         self.experts = "dense" if self.use_cuda_graphs and not graph_safe else experts
         if compile_backend == "auto":
             compile_backend = "inductor" if self.use_cuda_graphs and has_triton() else None
-        attention_kernel = (DECODE_ATTENTION_KERNEL and self.device.type == "cuda" and self.dtype == torch.bfloat16
-                            and has_triton())
-        self.kernels = DecodeKernels(compile_backend, attention_kernel)
+        triton_kernels = (DECODE_TRITON_KERNELS and self.device.type == "cuda" and self.dtype == torch.bfloat16
+                          and has_triton())
+        self.kernels = DecodeKernels(compile_backend, triton_kernels)
+        # the prefill attends as the training forward does: sink_attention where model_loader chose it (a GPU)
+        self.prefill_attention = getattr(self.config, "_attn_implementation", None)
         self.graphs = {}  # key -> DecodeState (with its graph)
         self.weight_sets = {}  # adapter signature -> EngineWeights (the buffers the graphs of that signature read)
         self.weights = None
@@ -135,8 +140,8 @@ class RolloutEngine:
             self.weights = self._refresh_weights(key[-1])
             state = self._state_for(key)
             state.reset(temperature, top_p)
-            for ids, members in groups.items():
-                self._prefill(state, list(ids), members)
+            for pack in packs_of(list(groups.items()), PREFILL_PACK_TOKENS):
+                self._prefill(state, pack)
             state.step.fill_(1)
             check_every = FINISHED_CHECK_EVERY if self.device.type == "cuda" else 1
             for t in range(1, max_new_tokens):
@@ -202,35 +207,56 @@ class RolloutEngine:
         self.rope_cache = (torch.cat([cos[0], cos[0]], dim=-1), torch.cat([-sin[0], sin[0]], dim=-1))
 
     # -- the model, layer by layer ------------------------------------------------------------------------------
-    def _prefill(self, state, ids, members):
-        """Run one prompt through the model, copy its cache to the rows in `members`, sample their first token."""
-        length = len(ids)
+    def _prefill(self, state, prompts):
+        """Run prompts [(ids, member rows)] through the model packed into one sequence (each prompt attends only to
+        itself, its positions counted from 0), copy each prompt's cache to its rows, sample their first tokens.
+
+        One pass for all of a step's prompts: the MXFP4 experts' prefill path dequantises a layer's experts once per
+        pass, and every kernel runs once. The attention is the training forward's: sink_attention on a GPU (where
+        model_loader chose it), else eager attention's arithmetic (`attend`)."""
+        lengths = [len(ids) for ids, _ in prompts]
+        total = sum(lengths)
+        starts = [sum(lengths[:k]) for k in range(len(prompts))]
         heads, kv, d = self.kv_heads * self.groups, self.kv_heads, self.head_dim
-        positions = torch.arange(length, device=self.device)
-        x = self.core.embed_tokens(torch.tensor(ids, device=self.device))  # [length, hidden]
-        cos, sin = self.rope_cache[0][:length, None], self.rope_cache[1][:length, None]  # [length, 1, head_dim]
-        q_pos, k_pos = positions[:, None], positions[None, :]
-        causal = k_pos <= q_pos
-        masks = {False: additive_mask(causal, self.dtype), True: additive_mask(causal & (k_pos > q_pos - self.window),
-                                                                              self.dtype)}
-        rows = torch.tensor(members, device=self.device)
+        device = self.device
+        x = self.core.embed_tokens(torch.tensor([t for ids, _ in prompts for t in ids], device=device))  # [total, hidden]
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+        cos, sin = self.rope_cache[0][positions][:, None], self.rope_cache[1][positions][:, None]  # [total, 1, d]
+        segment = torch.repeat_interleave(torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device))
+        place = torch.arange(total, device=device)
+        causal = (segment[:, None] == segment[None, :]) & (place[None, :] <= place[:, None])
+        allowed = {False: causal, True: causal & (place[None, :] > place[:, None] - self.window)}
+        fused = self.prefill_attention == sink_attention.NAME
+        masks = {kind: m[None, None] if fused else additive_mask(m, self.dtype) for kind, m in allowed.items()}
+        members = [torch.tensor(rows, device=device) for _, rows in prompts]
         for i, (layer, w) in enumerate(zip(self.core.layers, self.weights.layers)):
             qkv = project(rms_norm(x, *w.input_norm), *w.qkv)
-            qk = apply_rope(qkv[:, :(heads + kv) * d].view(length, heads + kv, d), cos, sin)
-            k = qk[:, heads:].transpose(0, 1)  # [kv, length, d]
-            v = qkv[:, (heads + kv) * d:].view(length, kv, d).transpose(0, 1)
-            state.k[i][rows, :, :length] = k.unsqueeze(0)
-            state.v[i][rows, :, :length] = v.unsqueeze(0)
-            q = qk[:, :heads].transpose(0, 1).reshape(kv, self.groups, length, d)
-            out = attend(q, k.unsqueeze(1), v.unsqueeze(1), masks[self.sliding[i]],
-                         layer.self_attn.sinks.view(kv, self.groups, 1), layer.self_attn.scaling)
-            x = x + project(out.permute(2, 0, 1, 3).reshape(length, heads * d), *w.o)
+            qk = apply_rope(qkv[:, :(heads + kv) * d].view(total, heads + kv, d), cos, sin)
+            k = qk[:, heads:].transpose(0, 1)  # [kv, total, d]
+            v = qkv[:, (heads + kv) * d:].view(total, kv, d).transpose(0, 1)
+            for rows, start, n in zip(members, starts, lengths):
+                state.k[i][rows, :, :n] = k[None, :, start:start + n]
+                state.v[i][rows, :, :n] = v[None, :, start:start + n]
+            attn = layer.self_attn
+            if fused:
+                out, _ = sink_attention.sdpa_with_sinks(attn, qk[:, :heads].transpose(0, 1)[None], k[None], v[None],
+                                                        masks[self.sliding[i]], attn.scaling, s_aux=attn.sinks)
+                out = out[0].reshape(total, heads * d)
+            else:
+                q = qk[:, :heads].transpose(0, 1).reshape(kv, self.groups, total, d)
+                out = attend(q, k.unsqueeze(1), v.unsqueeze(1), masks[self.sliding[i]],
+                             attn.sinks.view(kv, self.groups, 1), attn.scaling)
+                out = out.permute(2, 0, 1, 3).reshape(total, heads * d)
+            x = x + project(out, *w.o)
             x = x + self._mlp(layer.mlp, rms_norm(x, *w.post_norm), expert_lora_factors(layer.mlp.experts))
-        logits = self.lm.lm_head(self.core.norm(x[-1:]))  # [1, vocab]
-        n = len(members)
-        token, logprob = sample(logits.float().expand(n, -1), state.temperature[:n], state.top_p[:n], state.mode)
+        ends = torch.tensor([start + n - 1 for start, n in zip(starts, lengths)], device=device)
+        logits = self.lm.lm_head(self.core.norm(x[ends])).float()  # [prompts, vocab]
+        rows = torch.cat(members)
+        source = torch.repeat_interleave(torch.arange(len(prompts), device=device),
+                                         torch.tensor([len(r) for r in members], device=device))
+        token, logprob = sample(logits[source], state.temperature[rows], state.top_p[rows], state.mode)
         state.tokens[rows] = token
-        state.pos[rows] = length
+        state.pos[rows] = torch.tensor(lengths, device=device)[source]
         state.out_tokens[rows, 0] = token
         state.out_logprobs[rows, 0] = logprob
         state.finished[rows] = torch.isin(token, state.stop_ids)
@@ -245,7 +271,7 @@ class RolloutEngine:
         causal = k_pos <= pos[:, None]
         # masks [rows * kv heads, 1, keys]: the layout of the attention's batched matmul, made once for all layers;
         # the attention kernel reads the positions instead and needs none
-        kernel = self.kernels.attention_kernel
+        kernel = self.kernels.triton_kernels
 
         def mask(allowed):
             return None if kernel else expand_mask(additive_mask(allowed, self.dtype), kv)
@@ -424,6 +450,24 @@ def project(x, weight, bias, lora_a=None, lora_b=None):
     return out
 
 
+def project_rows(x, weight, bias, lora_a=None, lora_b=None):
+    """`project` for a decode step's few rows, with the same roundings: x A^T as `linear_as_reduction`, which
+    compiled becomes one small fused reduction instead of a matmul library call with its split-K sum (~2 us a
+    projection less on an H200)."""
+    out = torch.addmm(bias, x, weight.t())
+    if lora_a is not None:
+        out = out + torch.mm(linear_as_reduction(x, lora_a), lora_b.t())
+    return out
+
+
+def linear_as_reduction(x, weight, bias=None):
+    """x [rows, in] W^T (+ bias) for a weight of few rows [out, in], as a matmul computes it (fp32 products and sums,
+    the bias added in fp32, rounded once to x's dtype), written as an elementwise product summed: compiled, one
+    small reduction kernel (summed in another order than a matmul's, within fp32 rounding)."""
+    out = (x.float()[:, None, :] * weight.float()[None]).sum(dim=-1)
+    return (out if bias is None else out + bias.float()).to(x.dtype)
+
+
 def apply_rope(x, cos, sin):
     """Rotary embedding as transformers' gpt-oss applies it (the two halves of each head rotated by the position's
     angle), written as x * [cos, cos] + swap_halves(x) * [-sin, sin] with the tables from `_ensure_rope`: the same
@@ -461,7 +505,7 @@ class Keys(NamedTuple):
     """The cached keys a decode step's rows attend to, for one kind of layer: the additive mask [rows * kv, 1, keys]
     that the plain path adds to its scores (None when the kernel runs), and what the kernel reads instead: each row's position [rows] (the one
     just written) and the layer's window (the cache length for a full-attention layer). kernel: whether the
-    Triton kernel runs (`DecodeKernels.attention_kernel`)."""
+    Triton kernels run (`DecodeKernels.triton_kernels`): this attention kernel, and the experts' combine kernel."""
     mask: torch.Tensor | None
     pos: torch.Tensor
     window: int
@@ -498,7 +542,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if not (q.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16) or d < 16 or d & (d - 1):
         raise ValueError(f"decode_attention: the kernel takes bf16 queries and caches and a power-of-two head size "
                          f"of at least 16, got {q.dtype} / {k_cache.dtype} and {d}; use the plain path "
-                         "(rollout_engine.DECODE_ATTENTION_KERNEL = False)")
+                         "(rollout_engine.DECODE_TRITON_KERNELS = False)")
     import decode_attention_kernel  # triton: a GPU extra, checked by has_triton() before this kernel is chosen
     q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     out = torch.empty_like(q)
@@ -626,7 +670,7 @@ def route(h, weight, bias, top_k):
     router runs (a test in tests/test_rollout_engine_gpu.py is there to check it; a CPU's topk may keep another,
     which fp32 logits almost never meet). Elementwise work over [tokens, E, E]: compiled, two small fused kernels
     with the softmax (~3 us a layer on an H200), where torch.topk sorts in two kernels of its own (~10 us)."""
-    logits = torch.nn.functional.linear(h, weight, bias)
+    logits = linear_as_reduction(h, weight, bias)  # compiled: ~4 us a layer on an H200, where cuBLAS took ~7
     order = torch.arange(logits.shape[-1], device=logits.device)
     mine, other = logits[:, :, None], logits[:, None, :]
     ahead = (other > mine) | ((other == mine) & (order[None, None, :] < order[None, :, None]))
@@ -640,7 +684,7 @@ def expert_tensors(experts):
             experts.limit, experts.alpha)
 
 
-def dense_experts(h, routing, experts, factors=None):
+def dense_experts(h, routing, experts, factors=None, combine_kernel=False):
     """Every token through every expert (one batched matmul each way), LoRA as low-rank terms, routing applied.
 
     At decode batch sizes every expert is touched anyway, so this reads each weight once, as the sparse path does,
@@ -661,7 +705,7 @@ def dense_experts(h, routing, experts, factors=None):
     out = torch.bmm(act, down_proj) + down_bias[:, None]
     if "down_proj" in factors:
         out = add_lora(out, act, factors["down_proj"])
-    return combine_experts(out, routing, h.dtype)
+    return combine_experts(out, routing, h.dtype, combine_kernel)
 
 
 # -- the decode step's per-layer functions (compiled into fused kernels on a GPU) ---------------------------------
@@ -671,7 +715,7 @@ def attention_inputs(x, input_norm, qkv, cos, sin, kv, k_cache, v_cache, pos):
     norm, fused q/k/v projection, rope, cache write. The write happens here, in place, so that compiled it is part
     of this function's kernels rather than two indexing kernels of its own."""
     rows, d = x.shape[0], cos.shape[-1]
-    out = project(rms_norm(x, *input_norm), *qkv)
+    out = project_rows(rms_norm(x, *input_norm), *qkv)
     heads = out.shape[1] // d - 2 * kv
     qk = apply_rope(out[:, :(heads + kv) * d].view(rows, heads + kv, d), cos, sin)
     index = torch.arange(rows, device=x.device)
@@ -683,7 +727,7 @@ def attention_inputs(x, input_norm, qkv, cos, sin, kv, k_cache, v_cache, pos):
 def attention_output(x, q, k_cache, v_cache, keys, sinks, scaling, o, post_norm):
     """The residual stream after the attention block, and its post-attention norm (the MoE block's input)."""
     out = attend_one(q, k_cache, v_cache, keys, sinks, scaling)
-    x = x + project(out.view(x.shape[0], -1), *o)
+    x = x + project_rows(out.view(x.shape[0], -1), *o)
     return x, rms_norm(x, *post_norm)
 
 
@@ -692,24 +736,25 @@ def finish_layer(x, q, k_cache, v_cache, keys, sinks, scaling, o, post_norm, moe
     LoRA's `factors` as low-rank terms)."""
     x, h = attention_output(x, q, k_cache, v_cache, keys, sinks, scaling, o, post_norm)
     router_weight, router_bias, top_k, experts_fn, experts = moe
-    return x + experts_fn(h, route(h, router_weight, router_bias, top_k), experts, factors)
+    return x + experts_fn(h, route(h, router_weight, router_bias, top_k), experts, factors, keys.kernel)
 
 
 class DecodeKernels:
     """The per-layer functions of a decode step, as they are or compiled by torch.compile (backend given), and
-    whether the attention runs as the Triton kernel (`attention_kernel`, see attend_one).
+    whether the attention and the experts' combine run as Triton kernels (`triton_kernels`, see attend_one and
+    mxfp4_experts.combine_experts).
 
     Compiled, each is one graph of fused kernels for all layers (the same shapes every layer), the cache writes
-    included (in place, inside attention_inputs). If compiling or the attention kernel fails (e.g. no C compiler
-    for triton), `run_or_fall_back` says so once and the engine goes on with the plain functions and the plain
-    attention: slower, the same results (within bf16 rounding for the attention).
+    included (in place, inside attention_inputs). If compiling or a Triton kernel fails (e.g. no C compiler
+    for triton), `run_or_fall_back` says so once and the engine goes on with the plain functions, attention and
+    combine: slower, the same results (within bf16 rounding for the attention and fp32 summation order).
     """
 
     FUNCTIONS = {"attention_inputs": attention_inputs, "attention_output": attention_output,
                  "finish_layer": finish_layer}
 
-    def __init__(self, backend, attention_kernel=False):
-        self.attention_kernel = attention_kernel
+    def __init__(self, backend, triton_kernels=False):
+        self.triton_kernels = triton_kernels
         self.use(backend)
 
     def use(self, backend):
@@ -718,7 +763,7 @@ class DecodeKernels:
             setattr(self, name, fn if backend is None else compiled(fn, backend))
 
     def run_or_fall_back(self, step):
-        if self.backend is None and not self.attention_kernel:
+        if self.backend is None and not self.triton_kernels:
             return step()
         try:
             return step()
@@ -729,10 +774,10 @@ class DecodeKernels:
                 error = inner  # the compiler's own error, not dynamo's wrapper of it
             reason = next((line for line in str(error).splitlines() if line.strip()), "")[:200]
             failed = [f"torch.compile ({getattr(self.backend, '__name__', self.backend)})"] if self.backend else []
-            failed += ["the attention kernel"] if self.attention_kernel else []
+            failed += ["the Triton kernels (attention, experts' combine)"] if self.triton_kernels else []
             print(f"rollout engine: {' or '.join(failed)} failed, decoding without "
                   f"{'them' if len(failed) > 1 else 'it'}: {type(error).__name__}: {reason}", flush=True)
-            self.attention_kernel = False
+            self.triton_kernels = False
             self.use(None)
             return step()
 
@@ -790,6 +835,19 @@ def adapter_signature(model):
         if hasattr(module, "lora_A") and hasattr(module, "disable_adapters"):
             signature.append((module.disable_adapters, module.merged, tuple(module.active_adapters)))
     return hash(tuple(signature))
+
+
+def packs_of(prompts, budget):
+    """Consecutive prompts [(ids, rows)] grouped into packs of at most `budget` tokens (a longer prompt alone)."""
+    packs, size = [], 0
+    for prompt in prompts:
+        if packs and size + len(prompt[0]) <= budget:
+            packs[-1].append(prompt)
+            size += len(prompt[0])
+        else:
+            packs.append([prompt])
+            size = len(prompt[0])
+    return packs
 
 
 def bucket(n, sizes):

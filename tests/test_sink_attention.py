@@ -149,13 +149,11 @@ def test_on_a_gpu_a_fused_kernel_runs_and_matches_fp32_better_than_eager_bf16():
 
     class Attention(torch.nn.Module):  # what the attention functions read of a GptOssAttention
         num_key_value_groups = 8
-
-        def __init__(self):
-            super().__init__()
-            self.sinks = torch.nn.Parameter(torch.randn(64, device="cuda"))
+        sinks = None  # each run's own leaf: transformers 5.17's eager attention reads module.sinks, not s_aux
 
     torch.manual_seed(0)
-    module = Attention().cuda()
+    module = Attention()
+    sinks = torch.randn(64, device="cuda")
     batch, length, window = 4, 520, 128
     q = torch.randn(batch, 64, length, 64, device="cuda")
     k, v = torch.randn(batch, 8, length, 64, device="cuda"), torch.randn(batch, 8, length, 64, device="cuda")
@@ -169,7 +167,8 @@ def test_on_a_gpu_a_fused_kernel_runs_and_matches_fp32_better_than_eager_bf16():
     real = padding  # padded queries' outputs are never read
 
     def run(attention, dtype, attention_mask):
-        inputs = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v, module.sinks)]
+        inputs = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v, sinks)]
+        module.sinks = inputs[3]
         out, _ = attention(module, *inputs[:3], attention_mask, 0.125, s_aux=inputs[3])
         out.backward(grad_out.to(dtype))
         return [out.detach().float()[real]] + [t.grad.float() for t in inputs]
