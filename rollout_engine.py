@@ -17,7 +17,8 @@ How it is built, in the order a token goes through it:
   decode step's attention is instead one Triton kernel (decode_attention_kernel.py) that reads only each row's
   keys in range (up to its position; a sliding layer's window), softmax online, the sink as a last logit;
 - the experts: in a decode step (a few dozen tokens, which touch nearly every expert) every token through every
-  expert as one batched matmul each way, routing weights applied after; for longer inputs (a prefill) the model's
+  expert as one batched matmul each way, routing weights applied after (on a GPU, bf16, triton: one kernel that
+  reads only the routed experts' rows, combine_experts_kernel.py); for longer inputs (a prefill) the model's
   own experts module (grouped_mm on a GPU). With expert LoRA (PEFT `target_parameters`) bf16 experts always take
   the batched path, with the low-rank factors as two small matmuls, so the adapter is never merged into (or
   rebuilt over) the 24 GiB of expert weights; MXFP4 experts (mxfp4_experts.py) add the factors themselves, in
@@ -26,7 +27,10 @@ How it is built, in the order a token goes through it:
   compiled by torch.compile (inductor) into fused kernels, every intermediate rounded to its eager dtype; the
   CUDA graph then replays those (a decode step of the 20b shape on an H200: 14.2 ms against 16.3 uncompiled).
   Compiling takes ~13 s per batch size; where it fails the engine says so once and runs them uncompiled;
-- identical prompts (a GRPO group) are prefilled once and their cache copied to every sample;
+- identical prompts (a GRPO group) are prefilled once and their cache copied to every sample; a step's distinct
+  prompts are prefilled together, packed into one sequence in which each attends only to itself (up to
+  PREFILL_PACK_TOKENS a pass), with the training forward's attention (sink_attention.py on a GPU): every kernel,
+  and the MXFP4 experts' dequantisation of each layer, runs once a pass instead of once a prompt;
 - the LoRA weights stay unmerged, as low-rank terms: every `generate` first copies the adapter's current A and B
   (scale folded into B, in the model's dtype) into buffers that the graphs read at fixed addresses, so the
   optimiser's in-place updates are seen by the next rollout without capturing again (tests/test_rollout_engine.py

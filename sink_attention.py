@@ -14,8 +14,9 @@ loader's bf16 model has them; to ~16 bits for fp32 sinks), its value adds nothin
 Head dims are padded with zeros to a multiple of 8. The same math as eager attention, but not the same roundings:
 the softmax runs in fp32 inside one fused kernel, where eager rounds scores and probabilities to bf16 on the way
 (on a GPU at the 20b shape the fused result is the closer of the two to fp32: benchmarks/RESULTS.md). The rollout
-engine still rounds its attention as eager does, so its log-probabilities sit a little further from this forward
-than from eager's (the engine's tests hold it to the same tolerance rule).
+engine's prefill attends through this function too; its decode step still rounds its attention as eager does, so
+its log-probabilities sit a little further from this forward than from eager's (the engine's tests hold it to the
+same tolerance rule).
 
     import sink_attention
     sink_attention.register()                                   # once; model_loader does it
