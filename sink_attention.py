@@ -11,12 +11,13 @@ How: the sink becomes one more key of SDPA's softmax. Queries get two more dimen
 there, and one extra key holds sink / scaling there, split into a high and a low part in the activations' dtype
 (0 elsewhere), with a value of 0: its logit is the sink (exactly for sinks in the activations' dtype, as the
 loader's bf16 model has them; to ~16 bits for fp32 sinks), its value adds nothing, and the key is never masked.
-Head dims are padded with zeros to a multiple of 8. The same math as eager attention, but not the same roundings:
-the softmax runs in fp32 inside one fused kernel, where eager rounds scores and probabilities to bf16 on the way
-(on a GPU at the 20b shape the fused result is the closer of the two to fp32: benchmarks/RESULTS.md). The rollout
-engine's prefill attends through this function too; its decode step still rounds its attention as eager does, so
-its log-probabilities sit a little further from this forward than from eager's (the engine's tests hold it to the
-same tolerance rule).
+Head dims are padded with zeros to a multiple of 8. SDPA may pick its flash, memory-efficient or math kernel, not
+cuDNN's, which would build a new plan for every new shape (BACKENDS says why). The same math as eager attention,
+but not the same roundings: the softmax runs in fp32 inside one fused kernel, where eager rounds scores and
+probabilities to bf16 on the way (on a GPU at the 20b shape the fused result is the closer of the two to fp32:
+benchmarks/RESULTS.md). The rollout engine's prefill attends through this function too; its decode step still
+rounds its attention as eager does, so its log-probabilities sit a little further from this forward than from
+eager's (the engine's tests hold it to the same tolerance rule).
 
     import sink_attention
     sink_attention.register()                                   # once; model_loader does it
@@ -27,9 +28,16 @@ tests/test_sink_attention.py checks outputs and gradients against transformers' 
 """
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NAME = "gpt_oss_sink_attention"  # the attn_implementation name registered with transformers
 ALIGN = 8  # head dims of SDPA's fused kernels are multiples of this
+# SDPA's backends for this attention, in torch's order of preference. Not cuDNN's: torch 2.11 tries it first on
+# Hopper for a masked call, and cuDNN builds a new execution plan for every new shape (tens to hundreds of ms each,
+# forward and backward), which GRPO meets at every step: each step's prompts and completions have new lengths, so
+# every micro-batch and every packed prefill of the rollout engine is a shape not seen before. The math fallback
+# stays last (a CPU, or a layout the fused kernels cannot take).
+BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def sdpa_with_sinks(module, query, key, value, attention_mask, scaling, dropout=0.0, s_aux=None, **kwargs):
@@ -60,8 +68,9 @@ def sdpa_with_sinks(module, query, key, value, attention_mask, scaling, dropout=
     key = torch.cat([key, sink_key[None, :, None].expand(batch, heads, 1, width)], dim=2)
     value = torch.cat([value, value.new_zeros(batch, heads, 1, width)], dim=2)
     mask = with_sink_column(attention_mask, batch, queries, keys, query, kwargs.get("sliding_window"))
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                                           dropout_p=dropout)
+    with sdpa_kernel(BACKENDS):
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                               dropout_p=dropout)
     return out[..., :dim].transpose(1, 2).contiguous(), None
 
 

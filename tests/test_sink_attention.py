@@ -139,12 +139,12 @@ def test_without_a_mask_or_with_a_float_one_the_result_is_the_boolean_masks(mode
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_a_gpu_a_fused_kernel_runs_and_matches_fp32_better_than_eager_bf16():
+def test_on_a_gpu_a_fused_kernel_runs_and_matches_fp32_better_than_eager_bf16(monkeypatch):
     """The 20b shape's attention (64 query heads, 8 kv heads of 64, GRPO's ~520 tokens, a sliding layer's window of
     128, left padding) in bf16: SDPA must run one of its fused kernels (the math fallback is excluded here, so a
     layout it cannot take fails), and output and input gradients must be at least as close to an fp32 eager
     reference as transformers' eager attention in bf16 is."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
     from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
 
     class Attention(torch.nn.Module):  # what the attention functions read of a GptOssAttention
@@ -175,8 +175,8 @@ def test_on_a_gpu_a_fused_kernel_runs_and_matches_fp32_better_than_eager_bf16():
 
     reference = run(eager_attention_forward, torch.float32, additive)
     eager = run(eager_attention_forward, torch.bfloat16, additive.to(torch.bfloat16))
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
-        fused = run(sink_attention.sdpa_with_sinks, torch.bfloat16, mask)
+    monkeypatch.setattr(sink_attention, "BACKENDS", [b for b in sink_attention.BACKENDS if b != SDPBackend.MATH])
+    fused = run(sink_attention.sdpa_with_sinks, torch.bfloat16, mask)
     for name, ref, e, f in zip(("output", "grad q", "grad k", "grad v", "grad sinks"), reference, eager, fused):
         eager_error = ((e - ref).norm() / ref.norm()).item()
         fused_error = ((f - ref).norm() / ref.norm()).item()
@@ -189,3 +189,20 @@ def test_a_call_without_sinks_is_refused_by_name():
     q = torch.zeros(1, 2, 3, 16)
     with pytest.raises(ValueError, match=f"{sink_attention.NAME}: no attention sinks were passed"):
         sink_attention.sdpa_with_sinks(torch.nn.Module(), q, q, q, None, 0.25)
+
+
+def test_sdpa_runs_without_cudnn_whose_plans_are_rebuilt_for_every_new_shape(monkeypatch):
+    # GRPO's shapes change every step; cuDNN would build a plan for each (sink_attention.BACKENDS says why)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q = torch.randn(1, 4, 5, 16)
+    k = v = torch.randn(1, 2, 5, 16)
+    sink_attention.sdpa_with_sinks(torch.nn.Module(), q, k, v, None, 0.25, s_aux=torch.zeros(4))
+    assert seen == [(False, True)]
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # only while the call runs
