@@ -4,7 +4,8 @@
 
 For each experts format (model_loader.EXPERTS_FORMATS: bf16, or MXFP4 kept as stored) and each experts path of the engine ('auto': dense in a decode step, the module for a prefill; 'module': the
 model's grouped_mm experts module; 'dense': every token through every expert as one batched matmul) it reports
-the first call (graph capture included), a full GRPO rollout (4 prompts x 8 samples x 256 tokens), and one decode
+the first call (graph capture included), a full GRPO rollout (4 prompts x 8 samples x 256 tokens; the same prompts
+again, and prompts not seen before, as each training step brings), and one decode
 step timed over replays of the captured graph, beside the bytes such a step must read and the fraction of the card's
 bandwidth ceiling (a large device-to-device copy, measured first) that its time reaches; each with the decode step's per-layer functions compiled into
 fused kernels (torch.compile, inductor: the engine's default where triton is installed) and as they are ('none').
@@ -16,6 +17,7 @@ for the same prompt computed alone and in a left-padded batch of 32 (bf16 roundi
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import model_loader  # noqa: E402
-from rollout_engine import RolloutEngine  # noqa: E402
+from rollout_engine import LENGTH_BUCKET, RolloutEngine  # noqa: E402
 
 DATA = ROOT / "data" / "dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"
 PROMPTS, SAMPLES, NEW_TOKENS = 4, 8, 256  # workload W of a GRPO step
@@ -49,6 +51,15 @@ def time_engine(model, tokenizer, prompt_ids, experts, compile_backend, experts_
     first, _ = cuda_seconds(lambda: engine.generate(rows, NEW_TOKENS))
     state = next(iter(engine.graphs.values()))
     rollouts = [cuda_seconds(lambda: engine.generate(rows, NEW_TOKENS))[0] for _ in range(3)]
+    # as in training, where every step brings prompts (and so prefill shapes) not seen before; groups in the same
+    # cache-length bucket as the first, so that no graph is captured again while timed
+    def cache_bucket(group):
+        return math.ceil((max(len(ids) for ids in group) + NEW_TOKENS) / LENGTH_BUCKET)
+
+    groups = [prompt_ids[k:k + PROMPTS] for k in range(PROMPTS, len(prompt_ids) - PROMPTS + 1, PROMPTS)]
+    fresh = [g for g in groups if cache_bucket(g) == cache_bucket(prompt_ids[:PROMPTS])][:3]
+    fresh_rollouts = [cuda_seconds(lambda: engine.generate([ids for ids in g for _ in range(SAMPLES)],
+                                                           NEW_TOKENS))[0] for g in fresh]
     state.step.zero_()  # replays past the rollout's length: keep the step and positions inside their buffers
     state.pos.clamp_(max=state.length - REPLAYS - 1)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -66,7 +77,9 @@ def time_engine(model, tokenizer, prompt_ids, experts, compile_backend, experts_
               "decode_step_floor_ms": 1e3 * needed / bandwidth,
               "fraction_of_bandwidth_ceiling": needed / bandwidth / (step_ms / 1e3),
               "first_call_seconds": first, "capture_seconds": state.capture_seconds,
-              "rollout_seconds": sorted(rollouts)[1], "decode_step_ms": step_ms,
+              "rollout_seconds": sorted(rollouts)[1], "rollout_seconds_new_prompts":
+              sorted(fresh_rollouts)[len(fresh_rollouts) // 2] if fresh_rollouts else None,
+              "decode_step_ms": step_ms,
               "generated_tokens_per_second": PROMPTS * SAMPLES * NEW_TOKENS / sorted(rollouts)[1],
               "cache_gib": engine.cache_bytes() / 2**30}
     if profile:
