@@ -71,8 +71,9 @@ COMPILE_OPTIONS = {"emulate_precision_casts": True}  # inductor: round every int
 DECODE_TRITON_KERNELS = True  # on a GPU with triton, a bf16 decode step's attention is one Triton kernel that reads
                               #   only the keys in range (decode_attention_kernel.py) and the routed experts' outputs
                               #   are summed by one (combine_experts_kernel.py); False: plain torch, as on a CPU
-PREFILL_PACK_TOKENS = 2048  # prompts prefilled together in one pass up to this many tokens (eager attention on a CPU
-                            #   holds a [heads, tokens, tokens] matrix per pass)
+PREFILL_PACK_TOKENS = 2048  # prompts prefilled together in one pass up to this many tokens: a pass's temporary
+                            #   memory grows with it (eager attention, on a CPU, holds [heads, tokens, tokens]; bf16
+                            #   experts under an expert LoRA take the dense path, [E, tokens, 2 x inter])
 DENSE_EXPERTS_MAX_TOKENS = 64  # 'auto' experts: up to this many tokens every expert reads its weights anyway, and one
                                #   batched matmul over all experts beat grouped_mm (16.2 vs 16.9 ms a decode step of
                                #   32 rows on an H200, uncompiled:
@@ -131,6 +132,9 @@ class RolloutEngine:
         """
         if not prompt_ids:
             return [], []
+        if any(len(ids) == 0 for ids in prompt_ids):
+            raise ValueError("every prompt needs at least one token (the first completion token is sampled after the "
+                             "prompt's last one); an empty prompt was passed")
         if not greedy and not temperature > 0:
             raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use greedy=True instead")
         groups = {}
@@ -673,7 +677,9 @@ def route(h, weight, bias, top_k):
     lower index. That is what torch.topk's CUDA kernel keeps at a shared k-th place, which the training forward's
     router runs (a test in tests/test_rollout_engine_gpu.py is there to check it; a CPU's topk may keep another,
     which fp32 logits almost never meet). Elementwise work over [tokens, E, E]: compiled, two small fused kernels
-    with the softmax (~3 us a layer on an H200), where torch.topk sorts in two kernels of its own (~10 us)."""
+    with the softmax (~3 us a layer on an H200), where torch.topk sorts in two kernels of its own (~10 us).
+    The logits are `linear_as_reduction`'s, summed in another order than the router's matmul: a bf16 logit may
+    differ from the training forward's in its last place, which at a near-tie can pick another expert."""
     logits = linear_as_reduction(h, weight, bias)  # compiled: ~4 us a layer on an H200, where cuBLAS took ~7
     order = torch.arange(logits.shape[-1], device=logits.device)
     mine, other = logits[:, :, None], logits[:, None, :]
@@ -779,8 +785,9 @@ class DecodeKernels:
             reason = next((line for line in str(error).splitlines() if line.strip()), "")[:200]
             failed = [f"torch.compile ({getattr(self.backend, '__name__', self.backend)})"] if self.backend else []
             failed += ["the Triton kernels (attention, experts' combine)"] if self.triton_kernels else []
-            print(f"rollout engine: {' or '.join(failed)} failed, decoding without "
-                  f"{'them' if len(failed) > 1 else 'it'}: {type(error).__name__}: {reason}", flush=True)
+            pronoun = "it" if self.backend and not self.triton_kernels else "them"  # the kernels are plural
+            print(f"rollout engine: {' or '.join(failed)} failed, decoding without {pronoun}: "
+                  f"{type(error).__name__}: {reason}", flush=True)
             self.triton_kernels = False
             self.use(None)
             return step()

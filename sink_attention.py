@@ -11,8 +11,9 @@ How: the sink becomes one more key of SDPA's softmax. Queries get two more dimen
 there, and one extra key holds sink / scaling there, split into a high and a low part in the activations' dtype
 (0 elsewhere), with a value of 0: its logit is the sink (exactly for sinks in the activations' dtype, as the
 loader's bf16 model has them; to ~16 bits for fp32 sinks), its value adds nothing, and the key is never masked.
-Head dims are padded with zeros to a multiple of 8. SDPA may pick its flash, memory-efficient or math kernel, not
-cuDNN's, which would build a new plan for every new shape (BACKENDS says why). The same math as eager attention,
+Head dims are padded with zeros to a multiple of 8. SDPA runs its memory-efficient kernel (its flash kernel takes no
+mask, and this call always passes one), not cuDNN's, which would build a new plan for every new shape (BACKENDS
+says why); math is the fallback. The same math as eager attention,
 but not the same roundings: the softmax runs in fp32 inside one fused kernel, where eager rounds scores and
 probabilities to bf16 on the way (on a GPU at the 20b shape the fused result is the closer of the two to fp32:
 benchmarks/RESULTS.md). The rollout engine's prefill attends through this function too; its decode step still
@@ -36,7 +37,8 @@ ALIGN = 8  # head dims of SDPA's fused kernels are multiples of this
 # Hopper for a masked call, and cuDNN builds a new execution plan for every new shape (tens to hundreds of ms each,
 # forward and backward), which GRPO meets at every step: each step's prompts and completions have new lengths, so
 # every micro-batch and every packed prefill of the rollout engine is a shape not seen before. The math fallback
-# stays last (a CPU, or a layout the fused kernels cannot take).
+# stays last (a CPU, or a layout the fused kernels cannot take). Flash takes no mask, so with the sink's mask column
+# the memory-efficient kernel is the one that runs on a GPU.
 BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

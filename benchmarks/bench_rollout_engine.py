@@ -51,15 +51,6 @@ def time_engine(model, tokenizer, prompt_ids, experts, compile_backend, experts_
     first, _ = cuda_seconds(lambda: engine.generate(rows, NEW_TOKENS))
     state = next(iter(engine.graphs.values()))
     rollouts = [cuda_seconds(lambda: engine.generate(rows, NEW_TOKENS))[0] for _ in range(3)]
-    # as in training, where every step brings prompts (and so prefill shapes) not seen before; groups in the same
-    # cache-length bucket as the first, so that no graph is captured again while timed
-    def cache_bucket(group):
-        return math.ceil((max(len(ids) for ids in group) + NEW_TOKENS) / LENGTH_BUCKET)
-
-    groups = [prompt_ids[k:k + PROMPTS] for k in range(PROMPTS, len(prompt_ids) - PROMPTS + 1, PROMPTS)]
-    fresh = [g for g in groups if cache_bucket(g) == cache_bucket(prompt_ids[:PROMPTS])][:3]
-    fresh_rollouts = [cuda_seconds(lambda: engine.generate([ids for ids in g for _ in range(SAMPLES)],
-                                                           NEW_TOKENS))[0] for g in fresh]
     state.step.zero_()  # replays past the rollout's length: keep the step and positions inside their buffers
     state.pos.clamp_(max=state.length - REPLAYS - 1)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -69,6 +60,16 @@ def time_engine(model, tokenizer, prompt_ids, experts, compile_backend, experts_
     end.record()
     torch.cuda.synchronize()
     step_ms = start.elapsed_time(end) / REPLAYS
+
+    # as in training, where every step brings prompts (and so prefill shapes) not seen before; groups in the same
+    # cache-length bucket as the first, so that no graph is captured again while timed
+    def cache_bucket(group):
+        return math.ceil((max(len(ids) for ids in group) + NEW_TOKENS) / LENGTH_BUCKET)
+
+    groups = [prompt_ids[k:k + PROMPTS] for k in range(PROMPTS, len(prompt_ids) - PROMPTS + 1, PROMPTS)]
+    fresh = [g for g in groups if cache_bucket(g) == cache_bucket(prompt_ids[:PROMPTS])][:3]
+    fresh_rollouts = [cuda_seconds(lambda: engine.generate([ids for ids in g for _ in range(SAMPLES)],
+                                                           NEW_TOKENS))[0] for g in fresh]
     # the replays above ran at positions up to prompt + REPLAYS; a rollout's mean position is prompt + half its tokens
     needed = decode_step_bytes(model, PROMPTS * SAMPLES, max(len(p) for p in prompt_ids[:PROMPTS]) + NEW_TOKENS // 2,
                                experts_format)
@@ -85,6 +86,8 @@ def time_engine(model, tokenizer, prompt_ids, experts, compile_backend, experts_
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
+        state.step.zero_()  # after a rollout: back inside the step and position buffers, as for the replays
+        state.pos.clamp_(max=state.length - REPLAYS - 1)
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             with torch.no_grad():
                 for _ in range(3):

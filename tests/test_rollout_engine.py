@@ -340,3 +340,26 @@ def test_a_prefill_in_several_packs_samples_what_one_pack_samples(tokenizer, pro
     assert results[0][0] == results[1][0]
     for one_pass, alone in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(torch.tensor(one_pass), torch.tensor(alone), atol=1e-5, rtol=0)
+
+
+def test_a_packed_prefill_through_sink_attention_samples_what_eager_attention_samples(tokenizer, prompt_ids):
+    # the GPU's prefill attention (sink_attention, packed: its mask, shapes and head order), here on a CPU in fp32
+    import sink_attention
+
+    model = make_model(expert_lora=False, device="cpu")
+    prompts = [ids for ids in prompt_ids for _ in range(2)]
+    results = []
+    for attention in ("eager", sink_attention.NAME):
+        engine = RolloutEngine(model, tokenizer)
+        engine.prefill_attention = attention
+        torch.manual_seed(7)
+        results.append(engine.generate(prompts, 12, temperature=0.8))
+    assert results[0][0] == results[1][0]
+    for eager, fused in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(torch.tensor(fused), torch.tensor(eager), atol=1e-5, rtol=0)
+
+
+def test_an_empty_prompt_is_refused(tokenizer):
+    engine = RolloutEngine(make_model(expert_lora=False, device="cpu"), tokenizer)
+    with pytest.raises(ValueError, match="an empty prompt was passed"):
+        engine.generate([[1, 2, 3], []], 4)
