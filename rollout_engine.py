@@ -227,10 +227,12 @@ class RolloutEngine:
         starts = [sum(lengths[:k]) for k in range(len(prompts))]
         heads, kv, d = self.kv_heads * self.groups, self.kv_heads, self.head_dim
         device = self.device
-        x = self.core.embed_tokens(torch.tensor([t for ids, _ in prompts for t in ids], device=device))  # [total, hidden]
+        ids = torch.tensor([t for prompt, _ in prompts for t in prompt], device=device)
+        x = self.core.embed_tokens(ids)  # [total, hidden]
         positions = torch.cat([torch.arange(n, device=device) for n in lengths])
         cos, sin = self.rope_cache[0][positions][:, None], self.rope_cache[1][positions][:, None]  # [total, 1, d]
-        segment = torch.repeat_interleave(torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device))
+        segment = torch.repeat_interleave(torch.arange(len(prompts), device=device),
+                                          torch.tensor(lengths, device=device))
         place = torch.arange(total, device=device)
         causal = (segment[:, None] == segment[None, :]) & (place[None, :] <= place[:, None])
         allowed = {False: causal, True: causal & (place[None, :] > place[:, None] - self.window)}
@@ -247,8 +249,9 @@ class RolloutEngine:
                 state.v[i][rows, :, :n] = v[None, :, start:start + n]
             attn = layer.self_attn
             if fused:
-                out, _ = sink_attention.sdpa_with_sinks(attn, qk[:, :heads].transpose(0, 1)[None], k[None], v[None],
-                                                        masks[self.sliding[i]], attn.scaling, s_aux=attn.sinks)
+                q = qk[:, :heads].transpose(0, 1)[None]  # [1, heads, total, d]
+                out, _ = sink_attention.sdpa_with_sinks(attn, q, k[None], v[None], masks[self.sliding[i]],
+                                                        attn.scaling, s_aux=attn.sinks)
                 out = out[0].reshape(total, heads * d)
             else:
                 q = qk[:, :heads].transpose(0, 1).reshape(kv, self.groups, total, d)
