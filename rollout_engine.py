@@ -231,8 +231,8 @@ class RolloutEngine:
         x = self.core.embed_tokens(ids)  # [total, hidden]
         positions = torch.cat([torch.arange(n, device=device) for n in lengths])
         cos, sin = self.rope_cache[0][positions][:, None], self.rope_cache[1][positions][:, None]  # [total, 1, d]
-        segment = torch.repeat_interleave(torch.arange(len(prompts), device=device),
-                                          torch.tensor(lengths, device=device))
+        prompt_lengths = torch.tensor(lengths, device=device)
+        segment = torch.repeat_interleave(torch.arange(len(prompts), device=device), prompt_lengths)
         place = torch.arange(total, device=device)
         causal = (segment[:, None] == segment[None, :]) & (place[None, :] <= place[:, None])
         allowed = {False: causal, True: causal & (place[None, :] > place[:, None] - self.window)}
@@ -267,7 +267,7 @@ class RolloutEngine:
                                          torch.tensor([len(r) for r in members], device=device))
         token, logprob = sample(logits[source], state.temperature[rows], state.top_p[rows], state.mode)
         state.tokens[rows] = token
-        state.pos[rows] = torch.tensor(lengths, device=device)[source]
+        state.pos[rows] = prompt_lengths[source]
         state.out_tokens[rows, 0] = token
         state.out_logprobs[rows, 0] = logprob
         state.finished[rows] = torch.isin(token, state.stop_ids)

@@ -227,14 +227,13 @@ def test_the_combine_kernel_reads_only_the_routed_experts_and_sums_as_the_plain_
     (32 experts, top 4, 32 rows, hidden 2880) against the plain path: the same bf16 products, summed in fp32 in
     another order, so equal but for a last-place rounding in rare values; and NaN in every expert a token was not
     routed to changes nothing (those rows are never read)."""
-    from mxfp4_experts import combine_experts
+    from mxfp4_experts import combine_experts, routing_matrix
 
     torch.manual_seed(0)
     experts, rows, hidden = 32, 32, 2880
     out = torch.randn(experts, rows, hidden, device="cuda").to(torch.bfloat16)
     top = torch.topk(torch.randn(rows, experts, device="cuda"), 4, dim=-1)
-    routing = torch.zeros(rows, experts, device="cuda").scatter(1, top.indices, torch.softmax(top.values, -1))
-    routing = routing.to(torch.bfloat16)
+    routing = routing_matrix(top.indices, torch.softmax(top.values, -1).to(torch.bfloat16), experts)
     kernel = combine_experts(out, routing, torch.bfloat16, kernel=True)
     plain = combine_experts(out, routing, torch.bfloat16)
     equal = (kernel == plain).float().mean().item()
