@@ -132,9 +132,10 @@ class RolloutEngine:
         """
         if not prompt_ids:
             return [], []
-        if any(len(ids) == 0 for ids in prompt_ids):
-            raise ValueError("every prompt needs at least one token (the first completion token is sampled after the "
-                             "prompt's last one); an empty prompt was passed")
+        empty = [k for k, ids in enumerate(prompt_ids) if len(ids) == 0]
+        if empty:
+            raise ValueError(f"prompt {empty[0]} of {len(prompt_ids)} has no tokens: an empty prompt was passed; every "
+                             "prompt needs at least one (the first completion token is sampled after its last one)")
         if not greedy and not temperature > 0:
             raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use greedy=True instead")
         groups = {}

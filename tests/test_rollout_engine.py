@@ -362,5 +362,5 @@ def test_a_packed_prefill_through_sink_attention_samples_what_eager_attention_sa
 
 def test_an_empty_prompt_is_refused(tokenizer):
     engine = RolloutEngine(make_model(expert_lora=False, device="cpu"), tokenizer)
-    with pytest.raises(ValueError, match="an empty prompt was passed"):
+    with pytest.raises(ValueError, match="prompt 1 of 2 has no tokens: an empty prompt was passed"):
         engine.generate([[1, 2, 3], []], 4)
