@@ -27,6 +27,8 @@ Scale byte 0 (2^-127) decodes to 0 in the dequantisation and 'interleaved' kerne
 6 * 2^-127 anyway.
 """
 
+from typing import Optional
+
 import torch
 
 import mxfp4
@@ -40,7 +42,12 @@ DENSE_KERNEL = "auto"  # the decode kernel: 'auto' takes 'transposed' where it a
                        #   weights rebuilt in registers, the first and slowest): benchmarks/RESULTS.md has the figures
 KERNEL_MAX_BLOCK_M = 128  # rows a program of the dense kernel multiplies (more rows: more programs, each
                           #   dequantising its weights again)
+KERNEL_MIN_BLOCK_M = 16  # the fewest rows a program multiplies (tl.dot's smallest tile of the 'blocked' kernel)
 TRANSPOSED_MAX_ROWS = 64  # the 'transposed' kernel holds all rows in one tile (more rows: 'blocked')
+DECODE_ROUTED = True  # a GPU decode step of more than ROUTED_ROW_TILE tokens ('transposed' kernel, no expert LoRA)
+                      #   multiplies each expert only by the rows routed to it (`routed_experts`); False: every
+                      #   token through every expert
+ROUTED_ROW_TILE = 16  # rows a program of a routed decode step multiplies (the tensor cores' smallest tile here)
 TRANSPOSED_SCALE_BYTES = (99, 128)  # scale bytes for which 'transposed' is exact: its fp16 weights value x 2^(byte -
                                     #   119) span 0.5 x 2^-20 .. 6 x 2^9 (every one a multiple of the smallest fp16
                                     #   subnormal), its factor 2^(byte - 113) stays a normal fp16; gpt-oss' weights
@@ -276,15 +283,20 @@ def dense_tensors(experts, cuda=True):
             experts.down_proj_bias, experts.limit, experts.alpha, kernel, laid_out)
 
 
-def dense_experts(h, routing, tensors, factors=None, combine_kernel=False):
+def dense_experts(h, routing, tensors, factors=None, combine_kernel=False, top_k=None):
     """dense_forward over tensors (`dense_tensors`) and a routing matrix (`routing_matrix`), not the module, so that
     the rollout engine's one compiled decode layer serves every layer: the matmuls are operators torch.compile
     leaves alone (`dense_matmul_op`, `gate_up_swiglu_op`); the SwiGLU (where the kernel does not compute it), LoRA
-    terms, routing, and each matmul's input laid out for its kernel fuse around them."""
+    terms, routing, and each matmul's input laid out for its kernel fuse around them. top_k (the router's experts
+    a token): with the combine kernel, the 'transposed' kernel, no expert LoRA and more than ROUTED_ROW_TILE tokens
+    (a GPU decode step), each expert multiplies only the tokens routed to it (`routed_experts`, DECODE_ROUTED)."""
     (gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks, down_scales, down_bias, limit, alpha, kernel,
      (gate_up_laid_out, down_laid_out)) = tensors
     factors = factors or {}
     x = h.to(gate_up_bias.dtype)
+    if (not factors and kernel == "transposed" and combine_kernel and DECODE_ROUTED and top_k is not None
+            and x.shape[-2] > ROUTED_ROW_TILE):
+        return routed_experts(h, routing, tensors, top_k, combine_kernel)
     if not factors and kernel_for_rows(kernel, x.shape[-2]) == "transposed":
         # the SwiGLU in the gate_up kernel's last step, written as the down kernel reads its input: no gate_up matrix
         # in memory, no activation kernel, no layout copy (an expert LoRA adds its term between the two instead)
@@ -302,6 +314,51 @@ def dense_experts(h, routing, tensors, factors=None, combine_kernel=False):
     if "down_proj" in factors:
         out = add_lora(out, act, factors["down_proj"])
     return combine_experts(out, routing, h.dtype, combine_kernel)
+
+
+def routed_rows(routing, capacity):
+    """Where each (token, expert) pair of a routed decode step sits, from a routing matrix [tokens, E] (a token is
+    routed to the experts it weighs by more than 0; `routing_matrix`): the pairs grouped by expert, each expert's
+    tokens in order, in `capacity` rows (tokens x top k; rows past the pairs unused).
+
+    Returns (token_of [capacity]: each row's token, 0 in unused rows; rows [tokens, E] int32: the row of (t, e)
+    where t is routed to e, else 0; offsets [E + 1] int32: expert e's rows are offsets[e] .. offsets[e + 1]).
+    Static shapes and elementwise work only, so a CUDA graph holds it; compiled, a few small fused kernels."""
+    routed = (routing != 0).to(torch.int32)
+    offsets = torch.nn.functional.pad(torch.cumsum(routed.sum(dim=0, dtype=torch.int32), 0, dtype=torch.int32), (1, 0))
+    rank = torch.cumsum(routed, dim=0, dtype=torch.int32) - routed  # tokens before t routed to e
+    rows = torch.where(routed != 0, offsets[:-1] + rank, 0)
+    place = torch.arange(capacity, device=routing.device)
+    hit = (routed[None] != 0) & (rows[None] == place[:, None, None])  # [capacity, tokens, E]
+    token = torch.arange(routed.shape[0], device=routing.device)
+    token_of = (hit * token[None, :, None]).sum(dim=(1, 2))
+    return token_of, rows, offsets
+
+
+def routed_experts(h, routing, tensors, top_k, combine_kernel=False):
+    """dense_experts' result with each expert multiplying only the tokens routed to it (top_k of E per token: 4 of
+    32 in gpt-oss, where dense_experts multiplies every token by every expert): the routed (token, expert) pairs'
+    rows gathered, grouped by expert (`routed_rows`: tokens x top_k rows), the 'transposed' kernel told where each
+    expert's rows are (ROUTED_ROW_TILE rows a program, programs past an expert's rows idle), the outputs read back
+    from each token's rows by combine_experts. Each weight byte is still read once where an expert has any token.
+    The same products as dense_experts for every routed pair; other kernels (a CPU's reference) compute every row
+    with its expert's weights. No expert LoRA (dense_experts adds those)."""
+    (gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks, down_scales, down_bias, limit, alpha, kernel,
+     (gate_up_laid_out, down_laid_out)) = tensors
+    token_of, rows, offsets = routed_rows(routing, h.shape[0] * top_k)
+    x = h.to(gate_up_bias.dtype)
+    if kernel == "transposed":
+        routed = kernel_input(x, kernel)[token_of]  # [tokens x top_k, in]: compiled, one gather with the layout's copy
+        act = torch.ops.gpt_oss_mxfp4.gate_up_swiglu(routed, gate_up_blocks,
+                                                     laid_out_or_made(gate_up_scales, gate_up_laid_out), gate_up_bias,
+                                                     limit, alpha, offsets, h.shape[0])
+        out = torch.ops.gpt_oss_mxfp4.dense_matmul(act, down_blocks, laid_out_or_made(down_scales, down_laid_out),
+                                                   down_bias, kernel, offsets, h.shape[0])
+    else:
+        act = swiglu(launch_dense(kernel_input(x[token_of], kernel), gate_up_blocks, gate_up_scales, gate_up_bias,
+                                  kernel, offsets=offsets), limit, alpha)
+        out = launch_dense(kernel_input(act, kernel), down_blocks, down_scales, down_bias, kernel, offsets=offsets)
+    return combine_experts(out, routing, h.dtype, combine_kernel, rows)
 
 
 def add_lora(y, x, factor):
@@ -331,35 +388,41 @@ def routing_matrix(index, scores, experts):
     return routing.scatter(1, index, scores)
 
 
-def combine_experts(out, routing, dtype, kernel=False):
+def combine_experts(out, routing, dtype, kernel=False, rows=None):
     """Every expert's output out [E, tokens, hidden] weighted by each token's routing weight for it (`routing`
     [tokens, E], zero for an expert outside its top k), each product rounded to out's dtype, summed in fp32 ->
-    [tokens, hidden] in `dtype`. kernel: one Triton kernel that reads only the routed experts' rows
-    (combine_experts_op; the rollout engine's decode step on a GPU, bf16), else plain torch."""
+    [tokens, hidden] in `dtype`. rows [tokens, E] (`routed_rows`): out is instead [pairs, hidden], token t's output
+    of expert e in row rows[t, e], and rows no token is routed to may hold anything. kernel: one Triton kernel that
+    reads only the routed experts' rows (combine_experts_op; the rollout engine's decode step on a GPU, bf16), else
+    plain torch."""
     routing = routing.to(out.dtype)
     if kernel and out.dtype == dtype:
-        return torch.ops.gpt_oss_engine.combine_experts(out, routing)
+        return torch.ops.gpt_oss_engine.combine_experts(out, routing, rows)
+    if rows is not None:  # [E, tokens, hidden] again; an unrouted pair's row may hold anything, even NaN
+        out = torch.where((routing.t() != 0)[:, :, None], out[rows.t().to(torch.int64)], 0)
     weighted = out * routing.t()[:, :, None]
     return weighted.sum(dim=0, dtype=torch.float32).to(dtype)
 
 
 @torch.library.custom_op("gpt_oss_engine::combine_experts", mutates_args=())
-def combine_experts_op(out: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+def combine_experts_op(out: torch.Tensor, routing: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """combine_experts as one operator around combine_experts_kernel (torch.compile calls it as it is)."""
     import combine_experts_kernel  # triton: a GPU extra, checked by the engine before this operator is chosen
 
-    experts, tokens, hidden = out.shape
+    tokens, experts = routing.shape
+    hidden = out.shape[-1]
     out, routing = out.contiguous(), routing.contiguous()
     result = out.new_empty(tokens, hidden)
-    block = 1024
+    block = combine_experts_kernel.BLOCK
     combine_experts_kernel.combine_experts_kernel[(triton_cdiv(hidden, block), tokens)](
-        out, routing, result, tokens, hidden, EXPERTS=experts, BLOCK=block)
+        out, routing, routing if rows is None else rows.to(torch.int32).contiguous(), result, tokens, hidden,
+        EXPERTS=experts, BLOCK=block, ROWS=rows is not None)
     return result
 
 
 @combine_experts_op.register_fake
-def combine_experts_shape(out, routing):
-    return out.new_empty(out.shape[1], out.shape[2])
+def combine_experts_shape(out, routing, rows=None):
+    return out.new_empty(routing.shape[0], out.shape[-1])
 
 
 def matmul_laid_out(x, blocks, scales, bias, kernel, laid_out_scales=None):
@@ -380,33 +443,38 @@ def laid_out_or_made(scales, laid_out):
 
 @torch.library.custom_op("gpt_oss_mxfp4::dense_matmul", mutates_args=())
 def dense_matmul_op(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
-                    kernel: str) -> torch.Tensor:
+                    kernel: str, offsets: Optional[torch.Tensor] = None, expert_rows: int = 0) -> torch.Tensor:
     """The decode matmul as one operator: torch.compile calls it as it is (Triton launches, TMA descriptors and all).
     x: `kernel_input(x, kernel)`; scales: for 'transposed' `scales_for_transposed(scales)`; kernel: a decode kernel
-    chosen beforehand (`kernel_for_rows`), or 'reference' for the plain-torch path of a CPU. Returns [E, tokens, out]
-    in the bias' dtype."""
+    chosen beforehand (`kernel_for_rows`), or 'reference' for the plain-torch path of a CPU; offsets: see
+    launch_dense. Returns [E, tokens, out] (with offsets [rows, out]) in the bias' dtype."""
     if kernel == "reference" and x.is_cuda:
         raise ValueError("dense_matmul: the 'reference' path is a CPU's; on a GPU pass the decode kernel "
                          "(Mxfp4Experts.dense_kernel())")
-    return launch_dense(x, blocks, scales, bias, kernel)
+    return launch_dense(x, blocks, scales, bias, kernel, offsets=offsets, expert_rows=expert_rows)
 
 
 @dense_matmul_op.register_fake
-def dense_matmul_shape(x, blocks, scales, bias, kernel):
+def dense_matmul_shape(x, blocks, scales, bias, kernel, offsets=None, expert_rows=0):
+    if offsets is not None:
+        return x.new_empty(x.shape[0], blocks.shape[1], dtype=bias.dtype)
     return x.new_empty(blocks.shape[0], x.shape[-2], blocks.shape[1], dtype=bias.dtype)
 
 
 @torch.library.custom_op("gpt_oss_mxfp4::gate_up_swiglu", mutates_args=())
 def gate_up_swiglu_op(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, limit: float,
-                      alpha: float) -> torch.Tensor:
+                      alpha: float, offsets: Optional[torch.Tensor] = None, expert_rows: int = 0) -> torch.Tensor:
     """swiglu(x W_e^T + bias_e) for the gate_up matrix with the 'transposed' kernel, laid out as the down matrix's
     call reads it: `kernel_input(swiglu(...), 'transposed')`, [E, tokens, out / 2] fp16, made in the kernel's last
     step. x and scales laid out as for dense_matmul_op."""
-    return launch_dense(x, blocks, scales, bias, "transposed", swiglu=(limit, alpha))
+    return launch_dense(x, blocks, scales, bias, "transposed", swiglu=(limit, alpha), offsets=offsets,
+                        expert_rows=expert_rows)
 
 
 @gate_up_swiglu_op.register_fake
-def gate_up_swiglu_shape(x, blocks, scales, bias, limit, alpha):
+def gate_up_swiglu_shape(x, blocks, scales, bias, limit, alpha, offsets=None, expert_rows=0):
+    if offsets is not None:
+        return x.new_empty(x.shape[0], blocks.shape[1] // 2, dtype=torch.float16)
     return x.new_empty(blocks.shape[0], x.shape[-2], blocks.shape[1] // 2, dtype=torch.float16)
 
 
@@ -446,11 +514,15 @@ def kernel_input(x, kernel):
     return x
 
 
-def launch_dense(x, blocks, scales, bias, kernel, swiglu=None):
+def launch_dense(x, blocks, scales, bias, kernel, swiglu=None, offsets=None, expert_rows=0):
     """dense_matmul's work on x (and for 'transposed' the scales) already laid out for `kernel` (`kernel_input`,
     `scales_for_transposed`): the Triton kernel, or on a CPU ('reference') the dequantised weights in a batched
     matmul. Output in the bias' dtype; with swiglu = (limit, alpha) ('transposed' only) the activation of the
-    output instead, laid out for the next call (gate_up_swiglu_op)."""
+    output instead, laid out for the next call (gate_up_swiglu_op). offsets [E + 1] (int32, `routed_rows`; the
+    'transposed' kernel or a CPU's reference): x [rows, in] holds the rows of expert e in rows offsets[e] ..
+    offsets[e + 1], each multiplied by its own expert only, into out [rows, out]; rows past offsets[E] are left
+    unwritten by the kernel (the reference computes them with the last expert). expert_rows: the most rows an
+    expert can have (a step's tokens; 0: all rows): the kernel's programs per expert."""
     experts, out_features = blocks.shape[0], blocks.shape[1]
     in_features = blocks.shape[2] * mxfp4.BLOCK_SIZE
     shared = x.dim() == 2
@@ -460,27 +532,39 @@ def launch_dense(x, blocks, scales, bias, kernel, swiglu=None):
     if kernel in ("transposed", "blocked") and x.dtype != torch.float16:
         raise ValueError(f"dense_matmul: the '{kernel}' kernel reads fp16 inputs laid out for it, got {x.dtype}; "
                          "pass kernel_input(x, kernel)")
-    if kernel == "transposed" and tokens > TRANSPOSED_MAX_ROWS:
+    if offsets is not None and (kernel not in ("transposed", "reference") or not shared):
+        raise ValueError(f"dense_matmul: offsets (each expert's routed rows) need rows [rows, in] and the 'transposed' "
+                         f"kernel (or a CPU's reference), got {list(x.shape)} and '{kernel}'")
+    if kernel == "transposed" and offsets is None and tokens > TRANSPOSED_MAX_ROWS:
         raise ValueError(f"dense_matmul: the 'transposed' kernel holds at most {TRANSPOSED_MAX_ROWS} rows, got "
                          f"{tokens}; choose the kernel with kernel_for_rows")
     groups = in_features // mxfp4.BLOCK_SIZE
     if kernel == "transposed" and tuple(scales.shape) != (experts, groups, padded_row(out_features)):
         raise ValueError(f"dense_matmul: the 'transposed' kernel reads scales laid out for it, [{experts}, {groups}, "
                          f"{padded_row(out_features)}], got {list(scales.shape)}; pass scales_for_transposed(scales)")
+    if kernel == "reference" and offsets is not None:
+        weight = mxfp4.dequantize_mxfp4(blocks, scales, x.dtype)  # [E, out, in]
+        expert = torch.bucketize(torch.arange(tokens, device=x.device), offsets[1:].to(torch.int64), right=True)
+        expert = expert.clamp(max=experts - 1)  # each row's expert
+        out = torch.bmm(x[:, None], weight[expert].transpose(1, 2))[:, 0] + bias[expert].to(x.dtype)
+        return out.to(bias.dtype)
     if kernel == "reference":
         weight = mxfp4.dequantize_mxfp4(blocks, scales, x.dtype)  # [E, out, in]
         inputs = x.unsqueeze(0).expand(experts, -1, -1) if shared else x
         return (torch.bmm(inputs, weight.transpose(1, 2)) + bias[:, None].to(x.dtype)).to(bias.dtype)
     kernels = triton_kernels()
+    rows_out = (tokens,) if offsets is not None else (experts, tokens)
     if swiglu is None:
-        out = torch.empty(experts, tokens, out_features, dtype=bias.dtype, device=x.device)
+        out = torch.empty(*rows_out, out_features, dtype=bias.dtype, device=x.device)
     else:
-        out = torch.empty(experts, tokens, out_features // 2, dtype=torch.float16, device=x.device)
+        out = torch.empty(*rows_out, out_features // 2, dtype=torch.float16, device=x.device)
     # one row tile for up to KERNEL_MAX_BLOCK_M rows: each further tile dequantises every weight again
-    block_m = max(16, triton_next_power_of_2(min(tokens, KERNEL_MAX_BLOCK_M)))
+    block_m = max(KERNEL_MIN_BLOCK_M, triton_next_power_of_2(min(tokens, KERNEL_MAX_BLOCK_M)))
+    if offsets is not None:
+        block_m = ROUTED_ROW_TILE
 
     def grid(tile):
-        return triton_cdiv(out_features, tile["BLOCK_N"]), experts, triton_cdiv(tokens, block_m)
+        return triton_cdiv(out_features, tile["BLOCK_N"]), experts, triton_cdiv(expert_rows or tokens, block_m)
 
     x = x.contiguous()
     if kernel == "transposed":
@@ -490,9 +574,12 @@ def launch_dense(x, blocks, scales, bias, kernel, swiglu=None):
         w_desc = TensorDescriptor.from_tensor(blocks.view(experts * out_features, in_features // 2), [64, 64])
         # [E * groups, out] over rows padded to 16 bytes: the padding lies outside the shape, so TMA reads zeros there
         s_desc = TensorDescriptor(scales, [experts * groups, out_features], [scales.shape[-1], 1], [8, 64])
-        kernels.transposed_matmul_kernel[lambda tile: grid(tile)[:2]](
-            x_desc, w_desc, s_desc, bias, out, tokens, out_features, 0 if shared else tokens, *(swiglu or (0.0, 0.0)),
-            K=in_features, BLOCK_M=block_m, SWIGLU=swiglu is not None)
+        # one row tile (all rows), or with offsets one program per ROUTED_ROW_TILE rows an expert may have (the
+        # tokens of a step, at most: programs past an expert's rows return at once)
+        kernels.transposed_matmul_kernel[lambda tile: grid(tile) if offsets is not None else grid(tile)[:2]](
+            x_desc, w_desc, s_desc, bias, out, bias if offsets is None else offsets, tokens, out_features,
+            0 if shared else tokens, *(swiglu or (0.0, 0.0)), K=in_features, BLOCK_M=block_m,
+            SWIGLU=swiglu is not None, ROUTED=offsets is not None)
     elif kernel == "blocked":  # each row [2, in / 2]: even inputs, then odd ones
         kernels.blocked_matmul_kernel[grid](x, blocks, scales, bias, out, tokens, out_features,
                                             0 if shared else x.stride(0), x.stride(-2), K=in_features,

@@ -180,16 +180,16 @@ def transposed_configs():
     program reads all of its expert's input rows, so wider weight tiles (BLOCK_N) read them fewer times over."""
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=stages,
                           pre_hook=set_transposed_block_shapes)
-            for n, k, w, stages in ((64, 128, 4, 4), (64, 128, 4, 3), (64, 256, 4, 2), (128, 128, 4, 3),
-                                    (128, 256, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (256, 64, 8, 4),
-                                    (256, 128, 8, 3))]
+            for n, k, w, stages in ((64, 128, 4, 4), (64, 128, 4, 3), (64, 256, 4, 2), (64, 256, 4, 3),
+                                    (128, 128, 4, 3), (128, 128, 4, 4), (128, 256, 4, 3), (128, 64, 4, 4),
+                                    (128, 128, 8, 3), (256, 64, 8, 4), (256, 128, 8, 3))]
 
 
-@triton.autotune(configs=transposed_configs(), key=["N", "K", "BLOCK_M", "SWIGLU"])
+@triton.autotune(configs=transposed_configs(), key=["N", "K", "BLOCK_M", "SWIGLU", "ROUTED"])
 @triton.jit
-def transposed_matmul_kernel(x_desc, w_desc, s_desc, bias_ptr, out_ptr, M, N, x_expert_rows, limit, alpha,
+def transposed_matmul_kernel(x_desc, w_desc, s_desc, bias_ptr, out_ptr, offsets_ptr, M, N, x_expert_rows, limit, alpha,
                              K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             SWIGLU: tl.constexpr = False):
+                             SWIGLU: tl.constexpr = False, ROUTED: tl.constexpr = False):
     """out[e] = x[e] W_e^T + bias_e computed as its transpose, W_e x[e]^T, so that the dequantised weight tile is
     the tensor cores' left operand, which Hopper's wgmma reads from registers (the right one must sit in shared
     memory: there, the few token rows arrive by TMA). Weight bytes and scale bytes arrive by TMA too; the bytes
@@ -208,12 +208,36 @@ def transposed_matmul_kernel(x_desc, w_desc, s_desc, bias_ptr, out_ptr, M, N, x_
     block reads the next expert's scales, or zeros past the last expert: finite factors for weights that TMA fills
     with zeros there.
 
+    ROUTED: each expert multiplies only the rows routed to it (mxfp4_experts.routed_experts): x holds the routed
+    rows grouped by expert, expert e's in rows offsets_ptr[e] .. offsets_ptr[e + 1], taken BLOCK_M at a time (grid
+    axis 2), and out gets one row per x row (x_expert_rows and M unused); a program whose tile starts past its
+    expert's rows returns at once, reading no weight byte. Fewer rows per tile keep the tensor cores' share of the
+    loop small. offsets_ptr is read only when ROUTED.
+
     SWIGLU: out is instead the gate_up matrix's activation as the down matrix's call of this kernel reads it:
     each output pair (gate, up) rounded to the bias' dtype first, as the plain path stores it, then
     (clamp(up) + 1) * clamp(gate) * sigmoid(alpha * clamp(gate)) with every step rounded to the bias' dtype, as
     the plain path and the training forward round it (mxfp4_experts.swiglu), converted to fp16 as
     kernel_input converts it and stored in permute_for_transposed's order: [E, M, N / 2]."""
-    pid_n, expert = tl.program_id(0), tl.program_id(1)
+    pid_n, expert, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if ROUTED:
+        start = tl.load(offsets_ptr + expert)
+        rows_left = tl.load(offsets_ptr + expert + 1) - start - pid_m * BLOCK_M
+        if rows_left > 0:
+            row = start + pid_m * BLOCK_M
+            transposed_tile(x_desc, w_desc, s_desc, bias_ptr, out_ptr, N, limit, alpha, pid_n, expert, row, row,
+                            rows_left, K, BLOCK_M, BLOCK_N, BLOCK_K, SWIGLU)
+    else:
+        transposed_tile(x_desc, w_desc, s_desc, bias_ptr, out_ptr, N, limit, alpha, pid_n, expert,
+                        expert * x_expert_rows, expert * M, M, K, BLOCK_M, BLOCK_N, BLOCK_K, SWIGLU)
+
+
+@triton.jit
+def transposed_tile(x_desc, w_desc, s_desc, bias_ptr, out_ptr, N, limit, alpha, pid_n, expert, x_row, out_row,
+                    rows_left, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SWIGLU: tl.constexpr):
+    """transposed_matmul_kernel's work for one program: output columns pid_n * BLOCK_N.. of `expert` for the
+    BLOCK_M input rows from x_row on, the first rows_left of them stored from out row out_row on."""
     n0 = pid_n * BLOCK_N
     groups: tl.constexpr = BLOCK_K // 32
     cols = n0 + tl.arange(0, BLOCK_N)
@@ -226,7 +250,7 @@ def transposed_matmul_kernel(x_desc, w_desc, s_desc, bias_ptr, out_ptr, M, N, x_
         low, high = fp16_codes_of_bytes(packed)
         w = tl.join(low, high) * factor[:, :, None, None, None, None]  # [n, block, c, j, i, nibble]
         w = tl.reshape(tl.permute(w, [0, 1, 5, 3, 2, 4]), [BLOCK_N, BLOCK_K])  # the permuted input order
-        x = x_desc.load([expert * x_expert_rows, 2 * k0])
+        x = x_desc.load([x_row, 2 * k0])
         acc = tl.dot(w, tl.trans(x), acc)
     acc = acc * (1.0 / 256.0)  # the weights entered as value x 2^(byte - 119): back to value x 2^(byte - 127)
     col_ok = cols < N
@@ -250,8 +274,8 @@ def transposed_matmul_kernel(x_desc, w_desc, s_desc, bias_ptr, out_ptr, M, N, x_
         j = n0 // 2 + tl.arange(0, BLOCK_N // 2)
         r = j % 32
         place = j - r + 16 * (r % 2) + 8 * ((r // 4) % 2) + 2 * (r // 8) + (r // 2) % 2
-        out = out_ptr + (expert.to(tl.int64) * M + rows[None, :]) * (N // 2) + place[:, None]
-        tl.store(out, act, mask=(rows < M)[None, :] & (j < N // 2)[:, None])
+        out = out_ptr + (out_row.to(tl.int64) + rows[None, :]) * (N // 2) + place[:, None]
+        tl.store(out, act, mask=(rows < rows_left)[None, :] & (j < N // 2)[:, None])
     else:
-        out = out_ptr + (expert.to(tl.int64) * M + rows[None, :]) * N + cols[:, None]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[None, :] & col_ok[:, None])
+        out = out_ptr + (out_row.to(tl.int64) + rows[None, :]) * N + cols[:, None]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < rows_left)[None, :] & col_ok[:, None])

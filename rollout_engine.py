@@ -398,11 +398,12 @@ class DecodeState:
 
 
 class Projection(NamedTuple):
-    """A linear layer as the engine runs it: weight [out, in], bias [out], LoRA factors A [R, in] and B [out, R]
-    (B times the adapter's scale; None without a live adapter). Fused q/k/v: the three stacked, B block-diagonal."""
+    """A linear layer as the engine runs it: weight [out + R, in]: the layer's weight with its LoRA factor A [R, in]
+    stacked under it (R = 0 without a live adapter), so that one matmul gives both the output and x A^T; bias
+    [out + R] (zeros for A's rows); lora_b [out, R]: B times the adapter's scale, or None. Fused q/k/v: the three
+    stacked, then their A rows, B block-diagonal."""
     weight: torch.Tensor
     bias: torch.Tensor
-    lora_a: torch.Tensor | None = None
     lora_b: torch.Tensor | None = None
 
     def tensors(self):
@@ -449,27 +450,30 @@ def rms_norm(x, weight, eps):
     return torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), weight, eps).to(x.dtype)
 
 
-def project(x, weight, bias, lora_a=None, lora_b=None):
+def project(x, weight, bias, lora_b=None):
     """x [tokens, in] through a Projection's tensors: bias + x W^T, plus the LoRA term (x A^T) B^T with the scale
-    in B.
+    in B, x A^T coming out of the same matmul as x W^T (A's rows stacked under W: one matmul a projection in a
+    decode step, where a separate x A^T was one more small kernel of ~4-5 us on an H200).
 
     Rounded as PEFT's LoRA layer under the trainer's bf16 autocast rounds it: the base output, x A^T, the term,
     then their sum (the scale, alpha / r, is a power of two in the usual configurations, so folding it into B
     changes nothing)."""
     out = torch.addmm(bias, x, weight.t())
-    if lora_a is not None:
-        out = out + torch.mm(torch.mm(x, lora_a.t()), lora_b.t())
-    return out
+    if lora_b is None:
+        return out
+    outputs = lora_b.shape[0]
+    return out[:, :outputs] + torch.mm(out[:, outputs:], lora_b.t())
 
 
-def project_rows(x, weight, bias, lora_a=None, lora_b=None):
-    """`project` for a decode step's few rows, with the same roundings: x A^T as `linear_as_reduction`, which
-    compiled becomes one small fused reduction instead of a matmul library call with its split-K sum (~2 us a
-    projection less on an H200)."""
+def project_rows(x, weight, bias, lora_b=None):
+    """`project` for a decode step's few rows, with the same roundings: the LoRA term (x A^T) B^T as
+    `linear_as_reduction`, which compiled reads x A^T where the matmul left it and joins the sum with the output
+    in one small kernel (a matmul would take a copy of that slice of the output first, then a library call)."""
     out = torch.addmm(bias, x, weight.t())
-    if lora_a is not None:
-        out = out + torch.mm(linear_as_reduction(x, lora_a), lora_b.t())
-    return out
+    if lora_b is None:
+        return out
+    outputs = lora_b.shape[0]
+    return out[:, :outputs] + linear_as_reduction(out[:, outputs:], lora_b)
 
 
 def linear_as_reduction(x, weight, bias=None):
@@ -631,9 +635,9 @@ def expert_lora_copies(factors, dtype):
 def fuse_projections(modules, dtype):
     """One Projection for linear layers that read the same input: weights stacked, LoRA B block-diagonal.
 
-    A single layer's weight and bias are the module's own tensors (no copy). LoRA: every live adapter of every
-    layer contributes its A rows and, in its layer's output rows, its B columns times its scale (zeros elsewhere,
-    which add exactly nothing).
+    A single layer without a live adapter keeps the module's own weight and bias (no copy). LoRA: every live
+    adapter of every layer contributes its A rows (stacked under the weights, with zero bias) and, in its layer's
+    output rows, its B columns times its scale (zeros elsewhere, which add exactly nothing).
     """
     bases = [find_base_layer(m) for m in modules]
     biases = [b.bias if b.bias is not None else torch.zeros(b.out_features, device=b.weight.device) for b in bases]
@@ -647,6 +651,7 @@ def fuse_projections(modules, dtype):
         return Projection(weight, bias)
     lora_a = torch.cat([a for _, a, _, _ in terms]).to(dtype)
     lora_b = torch.zeros(weight.shape[0], lora_a.shape[0], dtype=dtype, device=weight.device)
+    weight, bias = torch.cat([weight, lora_a]), torch.cat([bias, bias.new_zeros(lora_a.shape[0])])
     starts = [0]
     for b in bases:
         starts.append(starts[-1] + b.out_features)
@@ -654,7 +659,7 @@ def fuse_projections(modules, dtype):
     for k, a, b, scale in terms:
         lora_b[starts[k]:starts[k + 1], col:col + a.shape[0]] = (b * scale).to(dtype)
         col += a.shape[0]
-    return Projection(weight, bias, lora_a, lora_b)
+    return Projection(weight, bias, lora_b)
 
 
 def lora_terms(module):
@@ -698,12 +703,13 @@ def expert_tensors(experts):
             experts.limit, experts.alpha)
 
 
-def dense_experts(h, routing, experts, factors=None, combine_kernel=False):
+def dense_experts(h, routing, experts, factors=None, combine_kernel=False, top_k=None):
     """Every token through every expert (one batched matmul each way), LoRA as low-rank terms, routing applied.
 
     At decode batch sizes every expert is touched anyway, so this reads each weight once, as the sparse path does,
     and it never materialises W + BA for 24 GiB of experts. experts: `expert_tensors`; factors: {name: (A [E, in,
-    r], B [E, r, out], scale)} of an expert LoRA; routing: [tokens, E] (mxfp4_experts.routing_matrix).
+    r], B [E, r, out], scale)} of an expert LoRA; routing: [tokens, E] (mxfp4_experts.routing_matrix); top_k: unused
+    here (MXFP4 experts' dense_experts takes it, and both are called alike).
     """
     gate_up_proj, gate_up_bias, down_proj, down_bias, limit, alpha = experts
     factors = factors or {}
@@ -750,7 +756,7 @@ def finish_layer(x, q, k_cache, v_cache, keys, sinks, scaling, o, post_norm, moe
     LoRA's `factors` as low-rank terms)."""
     x, h = attention_output(x, q, k_cache, v_cache, keys, sinks, scaling, o, post_norm)
     router_weight, router_bias, top_k, experts_fn, experts = moe
-    return x + experts_fn(h, route(h, router_weight, router_bias, top_k), experts, factors, keys.kernel)
+    return x + experts_fn(h, route(h, router_weight, router_bias, top_k), experts, factors, keys.kernel, top_k)
 
 
 class DecodeKernels:

@@ -8,7 +8,9 @@ Times (median of CUDA-event timings, rotating over the 24 layers so that no weig
   mxfp4_experts.dense_forward with each of its decode kernels ('interleaved', 'blocked', 'transposed') against
   the same math over bf16 weights (two batched matmuls, the rollout engine's bf16 decode path), replayed from a
   CUDA graph as the engine runs them (no launch overhead); with the bytes each must read and the fraction of the
-  measured copy bandwidth that makes, and the kernel DENSE_KERNEL = 'auto' picks for these weights;
+  measured copy bandwidth that makes, and the kernel DENSE_KERNEL = 'auto' picks for these weights; where that is
+  'transposed', also mxfp4_experts.routed_experts (each expert multiplies only its own tokens, the rows gathered
+  and the outputs combined included: the engine's decode path);
 - dequantisation: one layer's gate_up matrix into bf16 (the many-rows path's first step), in GB/s moved;
 - training: forward and backward of one layer's experts over a micro-batch's token-expert pairs (16 x 530 tokens,
   top 4): mxfp4_experts.grouped_forward against the same math over bf16 weights with torch's grouped matmul (what
@@ -102,6 +104,14 @@ def main():
                 layer.kernel_scales()  # 'transposed' keeps its copy of the scales: made here, not inside the graph
             kernel_ms[kernel] = graph_ms(lambda i: mxfp4_experts.dense_forward(layers[i % n], h, index, scores),
                                          REPEATS)
+        if auto == "transposed":  # each expert multiplied by its own tokens only, as the engine's decode step does
+            routing = mxfp4_experts.routing_matrix(index, scores, cfg.num_local_experts)
+            for layer in layers:
+                layer.decode_kernel = auto
+            tensors = [mxfp4_experts.dense_tensors(layer) for layer in layers]
+            kernel_ms["transposed, routed"] = graph_ms(
+                lambda i: mxfp4_experts.routed_experts(h, routing, tensors[i % n], cfg.num_experts_per_tok,
+                                                       combine_kernel=True), REPEATS)
 
         def bf16_dense(i):
             gate_up, down = bf16[i % n]

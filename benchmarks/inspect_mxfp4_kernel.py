@@ -53,11 +53,11 @@ def compile_kernel(block_n, block_k, warps, stages, k):
 
     signature = {"x_desc": f"tensordesc<fp16[{ROWS}, {block_k}]>",
                  "w_desc": f"tensordesc<u8[{block_n}, {block_k // 2}]>",
-                 "s_desc": f"tensordesc<u8[{block_k // 32}, {block_n}]>", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+                 "s_desc": f"tensordesc<u8[{block_k // 32}, {block_n}]>", "bias_ptr": "*bf16", "out_ptr": "*bf16", "offsets_ptr": "*i32",
                  "M": "i32", "N": "i32", "x_expert_rows": "i32", "limit": "fp32", "alpha": "fp32",
                  "K": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-                 "SWIGLU": "constexpr"}
-    constexprs = {"K": k, "BLOCK_M": ROWS, "BLOCK_N": block_n, "BLOCK_K": block_k, "SWIGLU": False}
+                 "SWIGLU": "constexpr", "ROUTED": "constexpr"}
+    constexprs = {"K": k, "BLOCK_M": ROWS, "BLOCK_N": block_n, "BLOCK_K": block_k, "SWIGLU": False, "ROUTED": False}
     source = triton.compiler.ASTSource(fn=mxfp4_kernels.transposed_matmul_kernel.fn, signature=signature,
                                        constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", ARCH, 32),

@@ -235,6 +235,68 @@ def test_the_decode_operator_refuses_inputs_not_laid_out_for_its_kernel():
     with pytest.raises(ValueError, match="only the 'transposed' kernel computes the SwiGLU"):
         mxfp4_experts.launch_dense(torch.zeros(4, 64, dtype=torch.float16), blocks, scales, bias, "blocked",
                                    swiglu=(7.0, 1.702))
+    with pytest.raises(ValueError, match="offsets"):  # each expert's routed rows: the 'transposed' kernel's
+        mxfp4_experts.launch_dense(torch.zeros(4, 64, dtype=torch.float16), blocks, scales, bias, "blocked",
+                                   offsets=torch.tensor([0, 2, 4], dtype=torch.int32))
+
+
+def random_experts(experts=8, hidden=64, inter=64, seed=0):
+    """An Mxfp4Experts of random packed weights and biases (fp32 biases: the reference path computes in fp32)."""
+    torch.manual_seed(seed)
+    module = mxfp4_experts.Mxfp4Experts(experts, hidden, inter, limit=7.0, alpha=1.702, dtype=torch.float32)
+    for (blocks, scales), shape in zip(module.matrices(), ((experts, 2 * inter, hidden), (experts, hidden, inter))):
+        packed, packed_scales = mxfp4.quantize_mxfp4(torch.randn(shape) * 0.1)
+        blocks.copy_(packed.reshape(blocks.shape))
+        scales.copy_(packed_scales)
+    module.gate_up_proj_bias.data.normal_(0, 0.1)
+    module.down_proj_bias.data.normal_(0, 0.1)
+    return module
+
+
+def test_routed_experts_multiply_each_expert_by_its_own_tokens_as_the_dense_path_does():
+    """A routed decode step (each expert given only the rows routed to it, grouped by expert) gives the dense path's
+    result, and its bookkeeping is what the 'transposed' kernel and the combine rely on: expert e's tokens, in
+    order, in rows offsets[e] .. offsets[e + 1]; rows[t, e] the row of a routed pair; a routing weight of 0 means
+    not routed."""
+    experts = random_experts()
+    tokens, top_k = 20, 2
+    h = torch.randn(tokens, 64)
+    top = torch.topk(torch.randn(tokens, 8), top_k, dim=-1)
+    routing = mxfp4_experts.routing_matrix(top.indices, torch.softmax(top.values, -1), 8)
+    token_of, rows, offsets = mxfp4_experts.routed_rows(routing, tokens * top_k)
+    routed = routing != 0
+    assert offsets.tolist() == [0] + routed.sum(0).cumsum(0).tolist() and offsets[-1] == tokens * top_k
+    for e in range(8):  # each expert's tokens in order, in its own rows
+        assert token_of[offsets[e]:offsets[e + 1]].tolist() == routed[:, e].nonzero()[:, 0].tolist()
+    for t, e in routed.nonzero().tolist():
+        assert token_of[rows[t, e]] == t and offsets[e] <= rows[t, e] < offsets[e + 1]
+    tensors = mxfp4_experts.dense_tensors(experts, cuda=False)
+    dense = mxfp4_experts.dense_experts(h, routing, tensors)
+    routed_out = mxfp4_experts.routed_experts(h, routing, tensors, top_k)
+    torch.testing.assert_close(routed_out, dense, atol=1e-5, rtol=1e-5)
+    # a token routed to one expert only (the other weight 0, as an underflowed softmax would give) leaves that
+    # expert out of the sum in both paths, and one row unused
+    routing[0, top.indices[0, 1]] = 0
+    torch.testing.assert_close(mxfp4_experts.routed_experts(h, routing, tensors, top_k),
+                               mxfp4_experts.dense_experts(h, routing, tensors), atol=1e-5, rtol=1e-5)
+
+
+def test_the_combine_reads_each_pairs_row_and_never_an_unused_one():
+    """combine_experts with rows (the routed layout): out[rows[t, e]] is token t's output of expert e; rows no pair
+    uses hold whatever the kernel left there (NaN here) and change nothing."""
+    torch.manual_seed(1)
+    experts, tokens, hidden = 4, 6, 16
+    top = torch.topk(torch.randn(tokens, experts), 2, dim=-1)
+    routing = mxfp4_experts.routing_matrix(top.indices, torch.softmax(top.values, -1), experts)
+    routing[0, top.indices[0, 1]] = 0  # one pair fewer: one unused row
+    token_of, rows, offsets = mxfp4_experts.routed_rows(routing, tokens * 2)
+    per_token = torch.randn(experts, tokens, hidden)  # expert e's output for token t, in token order
+    routed_layout = torch.full((tokens * 2, hidden), float("nan"))
+    for e in range(experts):
+        routed_layout[offsets[e]:offsets[e + 1]] = per_token[e, token_of[offsets[e]:offsets[e + 1]]]
+    expected = mxfp4_experts.combine_experts(per_token, routing, torch.float32)
+    torch.testing.assert_close(mxfp4_experts.combine_experts(routed_layout, routing, torch.float32, rows=rows),
+                               expected)
 
 
 def test_the_kept_copy_of_the_scales_follows_new_scales():
@@ -415,6 +477,19 @@ for tile_n, unroll in ((64, 2), (32, 4)):
         BLOCK_N=tile_n, UNROLL=unroll)
     expected = torch.bmm(x.half().float(), ref.transpose(1, 2)) + bias[:, None]
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+# the combine kernel, in token order and in the routed layout (rows), unrouted rows NaN
+import combine_experts_kernel, mxfp4_experts
+top = torch.topk(torch.randn(6, 4), 2, dim=-1)
+routing = mxfp4_experts.routing_matrix(top.indices, torch.softmax(top.values, -1), 4)
+token_of, rows, offsets = mxfp4_experts.routed_rows(routing, 12)
+per_token = torch.randn(4, 6, 300).masked_fill((routing.t() == 0)[:, :, None], float("nan"))
+routed_layout = torch.stack([per_token[e, token_of[r]] for e in range(4) for r in range(offsets[e], offsets[e + 1])])
+expected = mxfp4_experts.combine_experts(per_token.nan_to_num(), routing, torch.float32)
+for out, with_rows in ((per_token, False), (routed_layout, True)):
+    result = torch.full((6, 300), float("nan"))
+    combine_experts_kernel.combine_experts_kernel[(2, 6)](out, routing, rows, result, 6, 300, EXPERTS=4, BLOCK=256,
+                                                          ROWS=with_rows)
+    torch.testing.assert_close(result, expected)
 """
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)

@@ -148,6 +148,40 @@ def test_dense_forward_matches_the_grouped_reference(loaded):
     assert error <= BF16_TOLERANCE
 
 
+def test_a_routed_decode_step_equals_every_token_through_every_expert(loaded):
+    """mxfp4_experts.routed_experts (each expert multiplies only its own tokens, 16 rows a program, idle programs past
+    its rows) against dense_experts (all 32 tokens through all experts) at the 20b shape, both with the
+    'transposed' kernel and the combine kernel: the same products for every routed pair. Also with one expert given
+    17 tokens (a second row tile) and one given none."""
+    import mxfp4_experts
+
+    experts = loaded[0].model.layers[9].mlp.experts
+    tensors = mxfp4_experts.dense_tensors(experts)
+    assert tensors[8] == "transposed"
+    torch.manual_seed(0)
+    tokens = 32
+    h = torch.randn(tokens, experts.hidden_size, device="cuda").to(torch.bfloat16)
+    # experts 2.. at random; then expert 0 for the first 17 tokens, expert 1 for none
+    index = torch.stack([2 + torch.randperm(experts.num_experts - 2, device="cuda")[:4] for _ in range(tokens)])
+    index[:17, 0] = 0
+    scores = torch.softmax(torch.randn(tokens, 4, device="cuda"), -1).to(torch.bfloat16)
+    routing = mxfp4_experts.routing_matrix(index, scores, experts.num_experts)
+    offsets = mxfp4_experts.routed_rows(routing, tokens * 4)[2]
+    assert offsets[1] - offsets[0] == 17 > mxfp4_experts.ROUTED_ROW_TILE and offsets[2] == offsets[1]
+    with torch.no_grad():
+        routed = mxfp4_experts.routed_experts(h, routing, tensors, 4, combine_kernel=True)
+        mxfp4_experts.DECODE_ROUTED = False
+        try:
+            dense = mxfp4_experts.dense_experts(h, routing, tensors, combine_kernel=True)
+        finally:
+            mxfp4_experts.DECODE_ROUTED = True
+    equal = (routed == dense).float().mean().item()
+    print(f"\nrouted vs dense decode experts: {equal:.4%} of values equal, relative error "
+          f"{relative_error(routed, dense):.2e}")
+    assert equal > 0.999
+    assert relative_error(routed, dense) <= BF16_TOLERANCE
+
+
 def test_backward_gives_the_input_gradient_through_the_packed_weights(loaded):
     import mxfp4_experts
 
