@@ -18,7 +18,8 @@ How it is built, in the order a token goes through it:
   keys in range (up to its position; a sliding layer's window), softmax online, the sink as a last logit;
 - the experts: in a decode step (a few dozen tokens, which touch nearly every expert) every token through every
   expert as one batched matmul each way, routing weights applied after (on a GPU, bf16, triton: one kernel that
-  reads only the routed experts' rows, combine_experts_kernel.py); for longer inputs (a prefill) the model's
+  reads only the routed experts' rows, combine_experts_kernel.py); MXFP4 experts on a GPU multiply each expert
+  only by the tokens routed to it (mxfp4_experts.routed_experts); for longer inputs (a prefill) the model's
   own experts module (grouped_mm on a GPU). With expert LoRA (PEFT `target_parameters`) bf16 experts always take
   the batched path, with the low-rank factors as two small matmuls, so the adapter is never merged into (or
   rebuilt over) the 24 GiB of expert weights; MXFP4 experts (mxfp4_experts.py) add the factors themselves, in
@@ -452,8 +453,8 @@ def rms_norm(x, weight, eps):
 
 def project(x, weight, bias, lora_b=None):
     """x [tokens, in] through a Projection's tensors: bias + x W^T, plus the LoRA term (x A^T) B^T with the scale
-    in B, x A^T coming out of the same matmul as x W^T (A's rows stacked under W: one matmul a projection in a
-    decode step, where a separate x A^T was one more small kernel of ~4-5 us on an H200).
+    in B, x A^T coming out of the same matmul as x W^T (A's rows stacked under W: one matmul a projection, where a
+    separate x A^T was one more small kernel in every decode step).
 
     Rounded as PEFT's LoRA layer under the trainer's bf16 autocast rounds it: the base output, x A^T, the term,
     then their sum (the scale, alpha / r, is a power of two in the usual configurations, so folding it into B
