@@ -105,12 +105,12 @@ def main():
             kernel_ms[kernel] = graph_ms(lambda i: mxfp4_experts.dense_forward(layers[i % n], h, index, scores),
                                          REPEATS)
         if auto == "transposed":  # each expert multiplied by its own tokens only, as the engine's decode step does
-            routing = mxfp4_experts.routing_matrix(index, scores, cfg.num_local_experts)
+            matrix = mxfp4_experts.routing_matrix(index, scores, cfg.num_local_experts)
             for layer in layers:
                 layer.decode_kernel = auto
             tensors = [mxfp4_experts.dense_tensors(layer) for layer in layers]
             kernel_ms["transposed, routed"] = graph_ms(
-                lambda i: mxfp4_experts.routed_experts(h, routing, tensors[i % n], cfg.num_experts_per_tok,
+                lambda i: mxfp4_experts.routed_experts(h, matrix, tensors[i % n], cfg.num_experts_per_tok,
                                                        combine_kernel=True), REPEATS)
 
         def bf16_dense(i):
