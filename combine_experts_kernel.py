@@ -16,7 +16,7 @@ BLOCK = 256  # hidden columns a program sums (2880 / 256 -> 12 programs a token:
 
 @triton.jit
 def combine_experts_kernel(out_ptr, routing_ptr, rows_ptr, result_ptr, tokens, hidden, EXPERTS: tl.constexpr,
-                           BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                           EXPERTS_PADDED: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     """result[t] = sum over experts e of out[e, t] * routing[t, e], for out [EXPERTS, tokens, hidden] and routing
     [tokens, EXPERTS] in the same dtype, or with ROWS of out[rows[t, e]] for out [pairs, hidden] (rows: int32
     [tokens, EXPERTS], the routed layout of mxfp4_experts.routed_experts): each product rounded to that dtype, as an
@@ -24,8 +24,8 @@ def combine_experts_kernel(out_ptr, routing_ptr, rows_ptr, result_ptr, tokens, h
     k) adds nothing and its row is not read."""
     token = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    experts = tl.arange(0, EXPERTS)
-    weight = tl.load(routing_ptr + token * EXPERTS + experts)  # [EXPERTS]
+    experts = tl.arange(0, EXPERTS_PADDED)  # tl.arange's length is a power of two
+    weight = tl.load(routing_ptr + token * EXPERTS + experts, mask=experts < EXPERTS, other=0.0)
     routed = weight != 0
     if ROWS:
         row = tl.load(rows_ptr + token * EXPERTS + experts, mask=routed, other=0).to(tl.int64)

@@ -341,8 +341,8 @@ def routed_experts(h, routing, tensors, top_k, combine_kernel=False):
     rows gathered, grouped by expert (`routed_rows`: tokens x top_k rows), the 'transposed' kernel told where each
     expert's rows are (ROUTED_ROW_TILE rows a program, programs past an expert's rows idle), the outputs read back
     from each token's rows by combine_experts. Each weight byte is still read once where an expert has any token.
-    The same products as dense_experts for every routed pair; other kernels (a CPU's reference) compute every row
-    with its expert's weights. No expert LoRA (dense_experts adds those)."""
+    The same products as dense_experts for every routed pair; on a CPU the reference path computes every row with
+    its expert's weights. No expert LoRA (dense_experts adds those)."""
     (gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks, down_scales, down_bias, limit, alpha, kernel,
      (gate_up_laid_out, down_laid_out)) = tensors
     token_of, rows, offsets = routed_rows(routing, h.shape[0] * top_k)
@@ -416,7 +416,7 @@ def combine_experts_op(out: torch.Tensor, routing: torch.Tensor, rows: Optional[
     block = combine_experts_kernel.BLOCK
     combine_experts_kernel.combine_experts_kernel[(triton_cdiv(hidden, block), tokens)](
         out, routing, routing if rows is None else rows.to(torch.int32).contiguous(), result, tokens, hidden,
-        EXPERTS=experts, BLOCK=block, ROWS=rows is not None)
+        EXPERTS=experts, EXPERTS_PADDED=triton_next_power_of_2(experts), BLOCK=block, ROWS=rows is not None)
     return result
 
 

@@ -479,16 +479,16 @@ for tile_n, unroll in ((64, 2), (32, 4)):
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 # the combine kernel, in token order and in the routed layout (rows), unrouted rows NaN
 import combine_experts_kernel, mxfp4_experts
-top = torch.topk(torch.randn(6, 4), 2, dim=-1)
-routing = mxfp4_experts.routing_matrix(top.indices, torch.softmax(top.values, -1), 4)
+top = torch.topk(torch.randn(6, 5), 2, dim=-1)  # 5 experts: not a power of two
+routing = mxfp4_experts.routing_matrix(top.indices, torch.softmax(top.values, -1), 5)
 token_of, rows, offsets = mxfp4_experts.routed_rows(routing, 12)
-per_token = torch.randn(4, 6, 300).masked_fill((routing.t() == 0)[:, :, None], float("nan"))
-routed_layout = torch.stack([per_token[e, token_of[r]] for e in range(4) for r in range(offsets[e], offsets[e + 1])])
+per_token = torch.randn(5, 6, 300).masked_fill((routing.t() == 0)[:, :, None], float("nan"))
+routed_layout = torch.stack([per_token[e, token_of[r]] for e in range(5) for r in range(offsets[e], offsets[e + 1])])
 expected = mxfp4_experts.combine_experts(per_token.nan_to_num(), routing, torch.float32)
 for out, with_rows in ((per_token, False), (routed_layout, True)):
     result = torch.full((6, 300), float("nan"))
-    combine_experts_kernel.combine_experts_kernel[(2, 6)](out, routing, rows, result, 6, 300, EXPERTS=4, BLOCK=256,
-                                                          ROWS=with_rows)
+    combine_experts_kernel.combine_experts_kernel[(2, 6)](out, routing, rows, result, 6, 300, EXPERTS=5,
+                                                          EXPERTS_PADDED=8, BLOCK=256, ROWS=with_rows)
     torch.testing.assert_close(result, expected)
 """
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
