@@ -87,8 +87,15 @@ def run_row(name, flags, steps, model_dir, log, invocation, timeout=ROW_TIMEOUT,
     return {**measure(name, out, steps, wall), "max_gpu_memory_gib": max_gpu_memory_gib}
 
 
+def engine_fallbacks(log_text):
+    """The rollout engine's own lines saying it went on without its compiled code or Triton kernels
+    (rollout_engine.DecodeKernels.run_or_fall_back): such a row's generation ran the slow plain path."""
+    return [line.strip() for line in log_text.splitlines() if line.startswith("rollout engine: ") and " failed" in line]
+
+
 def measure(name, out, steps, wall):
-    """Means over the steps after the first, from the trainer's log history; peak memory from the run's summary."""
+    """Means over the steps after the first, from the trainer's log history; peak memory from the run's summary;
+    whether the engine fell back (from the row's log)."""
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     rows = [r for r in history if "step_time" in r][1:]
     summary = json.loads((out / "summary.json").read_text())
@@ -105,7 +112,8 @@ def measure(name, out, steps, wall):
             "generated_tokens_per_second": tokens / generation, "completions_per_step": tokens / 256,
             "peak_gib": summary["speed"].get("peak_gpu_memory_gib"), "card": summary["device"],
             "wall_seconds": wall, "generation_backend": summary.get("generation_backend"),
-            "validation_seconds": [entry["seconds"] for entry in scored]}
+            "validation_seconds": [entry["seconds"] for entry in scored],
+            "engine_fell_back": engine_fallbacks(log.read_text()) if (log := Path(f"{out}.log")).is_file() else []}
 
 
 def render(results, model_dir, tokenizer):
@@ -126,6 +134,9 @@ def render(results, model_dir, tokenizer):
         lines.append(f"| {r['backend']} | {r['steps']} ({r['measured_steps']}) | {r['seconds_per_step']:.2f} | "
                      f"{r['generation_seconds']:.2f} | {r['update_seconds']:.2f} | "
                      f"{r['generated_tokens_per_second']:.0f} | {r['peak_gib']:.1f} | {r['card']} |")
+    fell_back = [(r["backend"], r["engine_fell_back"][0]) for r in results if r.get("engine_fell_back")]
+    if fell_back:
+        lines += [""] + [f"**{name}: not the engine's fast path.** Its log says: `{line}`" for name, line in fell_back]
     by_name = {r["backend"]: r for r in results if "failed" not in r}
     if "generate" in by_name and DEFAULT_ROW in by_name:
         ratio = by_name["generate"]["seconds_per_step"] / by_name[DEFAULT_ROW]["seconds_per_step"]

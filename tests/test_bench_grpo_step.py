@@ -22,3 +22,22 @@ def test_each_invocation_runs_its_rows_in_a_directory_of_its_own(tmp_path, monke
     assert bench_grpo_step.row_directory(second, "engine, MXFP4 experts + expert LoRA") != row
     later = bench_grpo_step.invocation_directory(1_800_000_060)
     assert later not in (first, second)
+
+
+def test_a_row_whose_engine_fell_back_is_marked_in_the_table():
+    """A row whose rollout engine went on without its compiled code or Triton kernels ran the slow plain path: the
+    table says so under the figures, quoting the engine's line, so that the figures are not taken for the fast
+    path's."""
+    log = ("step 1/20 ...\n"
+           "rollout engine: torch.compile (inductor) or the Triton kernels (attention, experts' combine) failed, "
+           "decoding without them: ValueError: dense_matmul: ...\nstep 2/20 ...\n")
+    fell_back = bench_grpo_step.engine_fallbacks(log)
+    assert len(fell_back) == 1 and fell_back[0].startswith("rollout engine: torch.compile")
+    assert bench_grpo_step.engine_fallbacks("rollout engine: 2 graphs captured\n") == []
+    row = {"backend": "engine, MXFP4 experts", "steps": 20, "measured_steps": 19, "seconds_per_step": 5.34,
+           "generation_seconds": 3.42, "update_seconds": 1.92, "generated_tokens_per_second": 2390.0,
+           "peak_gib": 20.0, "card": "NVIDIA H200", "engine_fell_back": fell_back}
+    fast = dict(row, backend="engine (default)", engine_fell_back=[])
+    table = bench_grpo_step.render([row, fast], ROOT / "runs" / "model", "tok")
+    assert "**engine, MXFP4 experts: not the engine's fast path.**" in table and "ValueError: dense_matmul" in table
+    assert "engine (default): not" not in table
