@@ -298,13 +298,7 @@ def dense_experts(h, routing, tensors, factors=None, combine_kernel=False, top_k
             and x.shape[-2] > ROUTED_ROW_TILE):
         return routed_experts(h, routing, tensors, top_k, combine_kernel)
     if not factors and kernel_for_rows(kernel, x.shape[-2]) == "transposed":
-        # the SwiGLU in the gate_up kernel's last step, written as the down kernel reads its input: no gate_up matrix
-        # in memory, no activation kernel, no layout copy (an expert LoRA adds its term between the two instead)
-        act = torch.ops.gpt_oss_mxfp4.gate_up_swiglu(kernel_input(x, "transposed"), gate_up_blocks,
-                                                     laid_out_or_made(gate_up_scales, gate_up_laid_out),
-                                                     gate_up_bias, limit, alpha)
-        out = torch.ops.gpt_oss_mxfp4.dense_matmul(act, down_blocks, laid_out_or_made(down_scales, down_laid_out),
-                                                   down_bias, "transposed")
+        out = transposed_experts(kernel_input(x, "transposed"), tensors)
         return combine_experts(out, routing, h.dtype, combine_kernel)
     gate_up = matmul_laid_out(x, gate_up_blocks, gate_up_scales, gate_up_bias, kernel, gate_up_laid_out)
     if "gate_up_proj" in factors:  # [E, tokens, 2I]
@@ -314,6 +308,19 @@ def dense_experts(h, routing, tensors, factors=None, combine_kernel=False, top_k
     if "down_proj" in factors:
         out = add_lora(out, act, factors["down_proj"])
     return combine_experts(out, routing, h.dtype, combine_kernel)
+
+
+def transposed_experts(x, tensors, offsets=None, expert_rows=0):
+    """Both expert matmuls with the 'transposed' kernel, x laid out for it (`kernel_input`): the SwiGLU in the gate_up
+    kernel's last step, written as the down kernel reads its input (no gate_up matrix in memory, no activation
+    kernel, no layout copy; an expert LoRA needs its term between the two, so dense_experts takes the other path
+    then). offsets, expert_rows: each expert's routed rows (launch_dense; routed_experts)."""
+    (gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks, down_scales, down_bias, limit, alpha, _,
+     (gate_up_laid_out, down_laid_out)) = tensors
+    act = torch.ops.gpt_oss_mxfp4.gate_up_swiglu(x, gate_up_blocks, laid_out_or_made(gate_up_scales, gate_up_laid_out),
+                                                 gate_up_bias, limit, alpha, offsets, expert_rows)
+    return torch.ops.gpt_oss_mxfp4.dense_matmul(act, down_blocks, laid_out_or_made(down_scales, down_laid_out),
+                                                down_bias, "transposed", offsets, expert_rows)
 
 
 def routed_rows(routing, capacity):
@@ -348,12 +355,8 @@ def routed_experts(h, routing, tensors, top_k, combine_kernel=False):
     token_of, rows, offsets = routed_rows(routing, h.shape[0] * top_k)
     x = h.to(gate_up_bias.dtype)
     if kernel == "transposed":
-        routed = kernel_input(x, kernel)[token_of]  # [tokens x top_k, in]: compiled, one gather with the layout's copy
-        act = torch.ops.gpt_oss_mxfp4.gate_up_swiglu(routed, gate_up_blocks,
-                                                     laid_out_or_made(gate_up_scales, gate_up_laid_out), gate_up_bias,
-                                                     limit, alpha, offsets, h.shape[0])
-        out = torch.ops.gpt_oss_mxfp4.dense_matmul(act, down_blocks, laid_out_or_made(down_scales, down_laid_out),
-                                                   down_bias, kernel, offsets, h.shape[0])
+        # [tokens x top_k, in]: compiled, one gather with the layout's copy
+        out = transposed_experts(kernel_input(x, kernel)[token_of], tensors, offsets, h.shape[0])
     else:
         act = swiglu(launch_dense(kernel_input(x[token_of], kernel), gate_up_blocks, gate_up_scales, gate_up_bias,
                                   kernel, offsets=offsets), limit, alpha)
