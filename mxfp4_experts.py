@@ -42,7 +42,6 @@ DENSE_KERNEL = "auto"  # the decode kernel: 'auto' takes 'transposed' where it a
                        #   weights rebuilt in registers, the first and slowest): benchmarks/RESULTS.md has the figures
 KERNEL_MAX_BLOCK_M = 128  # rows a program of the dense kernel multiplies (more rows: more programs, each
                           #   dequantising its weights again)
-KERNEL_MIN_BLOCK_M = 16  # the fewest rows a program multiplies (tl.dot's smallest tile of the 'blocked' kernel)
 TRANSPOSED_MAX_ROWS = 64  # the 'transposed' kernel holds all rows in one tile (more rows: 'blocked')
 DECODE_ROUTED = True  # a GPU decode step of more than ROUTED_ROW_TILE tokens ('transposed' kernel, no expert LoRA)
                       #   multiplies each expert only by the rows routed to it (`routed_experts`); False: every
@@ -562,7 +561,7 @@ def launch_dense(x, blocks, scales, bias, kernel, swiglu=None, offsets=None, exp
     else:
         out = torch.empty(*rows_out, out_features // 2, dtype=torch.float16, device=x.device)
     # one row tile for up to KERNEL_MAX_BLOCK_M rows: each further tile dequantises every weight again
-    block_m = max(KERNEL_MIN_BLOCK_M, triton_next_power_of_2(min(tokens, KERNEL_MAX_BLOCK_M)))
+    block_m = max(16, triton_next_power_of_2(min(tokens, KERNEL_MAX_BLOCK_M)))
     if offsets is not None:
         block_m = ROUTED_ROW_TILE
 

@@ -53,7 +53,8 @@ def compile_kernel(block_n, block_k, warps, stages, k):
 
     signature = {"x_desc": f"tensordesc<fp16[{ROWS}, {block_k}]>",
                  "w_desc": f"tensordesc<u8[{block_n}, {block_k // 2}]>",
-                 "s_desc": f"tensordesc<u8[{block_k // 32}, {block_n}]>", "bias_ptr": "*bf16", "out_ptr": "*bf16", "offsets_ptr": "*i32",
+                 "s_desc": f"tensordesc<u8[{block_k // 32}, {block_n}]>", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+                 "offsets_ptr": "*i32",
                  "M": "i32", "N": "i32", "x_expert_rows": "i32", "limit": "fp32", "alpha": "fp32",
                  "K": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                  "SWIGLU": "constexpr", "ROUTED": "constexpr"}
