@@ -9,7 +9,8 @@
   names and shapes against the base model's modules, on the meta device), `check_run_tokenizer` (the run's saved
   tokenizer is the base's), `check_writable` (the reports can be written); after loading, `check_adapter_output`
   (the adapted model's logits are finite);
-- loading: `load_adapted_model` (the base through model_loader, MXFP4 experts dequantised, plus the PEFT adapter);
+- loading: `load_adapted_model` (the base through model_loader, its experts as EXPERTS_FORMAT says, plus the PEFT
+  adapter);
 - evaluation: `evaluate_base_and_adapter` (same prompts and sampling seeds; `model.disable_adapter()` for the base),
   `compare_scores`;
 - reports: `read_training_log`, `plot_training_curve`, `plot_action_counts`, `render_evaluation_summary`,
@@ -96,7 +97,7 @@ def check_settings(settings):
         raise InputError(f"--logit-tolerance must be a number of at least 0, got {settings['LOGIT_TOLERANCE']}")
 
 
-EXPERTS_FORMATS = ("bf16", "mxfp4")  # model_loader.EXPERTS_FORMATS, checked before torch is imported
+EXPERTS_FORMATS = ("auto", "bf16", "mxfp4")  # model_loader.EXPERTS_FORMAT_CHOICES, checked before torch is imported
 
 
 def check_writable(directory):
@@ -382,9 +383,10 @@ def load_run_tokenizer(adapter_dir, base_model_id):
     return model_loader.load_tokenizer(base_model_id)
 
 
-def load_adapted_model(adapter_dir, base_model_id, device=None, dtype=None, experts_format="bf16"):
-    """(PeftModel in eval mode, tokenizer): the base through model_loader (experts dequantised, or kept in MXFP4
-    with experts_format='mxfp4', an expert LoRA then added as low-rank terms) plus the adapter."""
+def load_adapted_model(adapter_dir, base_model_id, device=None, dtype=None, experts_format="auto"):
+    """(PeftModel in eval mode, tokenizer): the base through model_loader (experts kept in MXFP4 with
+    experts_format='mxfp4', the default on a GPU, an expert LoRA then added as low-rank terms; or dequantised with
+    'bf16', the default on a CPU) plus the adapter."""
     import expert_lora
     import model_loader
 

@@ -337,6 +337,9 @@ def memory_use(device):
 def export(settings, log=ae.log):
     """The whole export; returns the report. Inputs are checked first (InputError), nothing is written before."""
     ae.check_settings(settings)
+    if settings["EXPERTS_FORMAT"] not in ("bf16", "mxfp4"):
+        raise ae.InputError(f"--experts-format {settings['EXPERTS_FORMAT']!r}: an export writes its experts as "
+                            "'mxfp4' or 'bf16'; choose one")
     hub = hub_target(settings) if settings["PUSH_TO_HUB"] else None
     adapter_dir = ae.resolve_adapter_dir(settings["ADAPTER_PATH"])
     adapter_config = ae.read_adapter_config(adapter_dir)
@@ -368,7 +371,8 @@ def export(settings, log=ae.log):
     base_dir = local_checkpoint_dir(base)
     reader = CheckpointReader(base_dir)
     log(f"merging {adapter_dir} into {base} on {device} (bf16)")
-    model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device, dtype=torch.bfloat16)
+    model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device, dtype=torch.bfloat16,
+                                             experts_format="bf16")  # merge_and_unload needs the plain experts
     changed = lora_expert_parameters(model)
     model = model.merge_and_unload()
     seconds["load_and_merge"] = round(time.time() - start, 1)
@@ -427,7 +431,7 @@ def export(settings, log=ae.log):
         if experts_format == "mxfp4":
             check_mxfp4_checkpoint(str(tmp_dir))
         stored = compare_bytes(tmp_dir, reader, experts_format)
-        reloaded = model_loader.load_model(str(tmp_dir), device=device, dtype=torch.bfloat16)
+        reloaded = model_loader.load_model(str(tmp_dir), device=device, dtype=torch.bfloat16, experts_format="bf16")
         reloaded_logits = prompt_logits(reloaded, tokenizer, prompts, settings["VERIFY_POSITIONS"])
         del reloaded
         seconds["verify"] = round(time.time() - t, 1)

@@ -1,8 +1,9 @@
-"""The one way this project loads gpt-oss: MXFP4 checkpoint -> dequantised weights, sink-aware attention.
+"""The one way this project loads gpt-oss: MXFP4 checkpoint -> experts as the format below, sink-aware attention.
 
 Every script loads through `load_model` / `load_tokenizer` so that they all agree on:
-- MXFP4 experts dequantised on load (transformers' `Mxfp4Config(dequantize=True)`, plain torch, no Hub kernels):
-  bf16 on a GPU, fp32 on a CPU (CPUs have no fast bf16 matmul and fp32 keeps the tiny stand-in exact);
+- the experts' format (below): kept in MXFP4 on a GPU, or dequantised on load (transformers'
+  `Mxfp4Config(dequantize=True)`, plain torch, no Hub kernels): bf16 on a GPU, fp32 on a CPU (CPUs have no fast
+  bf16 matmul and fp32 keeps the tiny stand-in exact);
 - attention: gpt-oss has learnable attention sinks and FlashAttention has no backward for them
   (Dao-AILab/flash-attention#1797), so training through FA2/FA3 would give wrong gradients, and transformers has no
   SDPA path for gpt-oss. On a GPU, sink_attention.py's: the sinks as one more key of torch's fused attention, the
@@ -14,6 +15,9 @@ Every script loads through `load_model` / `load_tokenizer` so that they all agre
   fits instead (an out-of-memory error while loading gets the same message).
 
 The experts' format (EXPERTS_FORMAT / --experts-format in every script that loads a model):
+- 'auto' (the default): 'mxfp4' on a CUDA GPU when the checkpoint stores its experts in MXFP4 and Triton is
+  installed (less than half the memory and faster on an H200: benchmarks/RESULTS.md), otherwise 'bf16' (a CPU, a
+  checkpoint with plain experts); `experts_format_of(model)` says which one a loaded model has;
 - 'bf16': the MXFP4 experts dequantised on load, as above (fp32 on a CPU): 38 GB of experts at the 20b shape;
 - 'mxfp4': the experts stay in the checkpoint's own bytes (mxfp4_experts.Mxfp4Experts; 10.2 GB at the 20b shape),
   the rest loads as for 'bf16'. The model is built on the meta device and each checkpoint tensor is read once,
@@ -39,6 +43,7 @@ REPOSITORY = os.path.dirname(os.path.abspath(__file__))  # relative model paths 
 MAX_CPU_PARAMETERS = 2_000_000_000
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a model directory's tokenizer is in one of these
 EXPERTS_FORMATS = ("bf16", "mxfp4")  # how the experts are held: dequantised (bf16 / fp32 on a CPU), or as stored
+EXPERTS_FORMAT_CHOICES = ("auto", *EXPERTS_FORMATS)  # what --experts-format takes: 'auto' picks one per machine
 TRAINING_HEADROOM_GIB = 7.0  # GPU memory beyond the weights that a default GRPO step of the 20b shape takes on an
                              #   H200, rounded up: 44.9 GiB peak over 39 GiB of bf16 weights, 19.5 over 12.9 with
                              #   MXFP4 experts (benchmarks/RESULTS.md)
@@ -180,10 +185,10 @@ def pick_device(device=None):
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(model_id, device=None, dtype=None, experts_implementation=None, experts_format="bf16",
+def load_model(model_id, device=None, dtype=None, experts_implementation=None, experts_format="auto",
                headroom_gib=0.0):
     """Load a gpt-oss model for training or inference: the attention of `attention_implementation`, experts as
-    `experts_format` says.
+    `experts_format` says ('auto': choose_experts_format).
 
     Returns the model on `device` ('cuda' when available, else 'cpu') in `dtype` (bf16 on GPU, fp32 on CPU).
     On a GPU the card's free memory must hold the weights plus `headroom_gib` (what the caller will need beyond
@@ -191,8 +196,8 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None, e
     """
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
-    if experts_format not in EXPERTS_FORMATS:
-        raise ModelLoadError(f"experts format {experts_format!r} is not one of {', '.join(EXPERTS_FORMATS)}")
+    if experts_format not in EXPERTS_FORMAT_CHOICES:
+        raise ModelLoadError(f"experts format {experts_format!r} is not one of {', '.join(EXPERTS_FORMAT_CHOICES)}")
     model_id = resolve_model_id(model_id)
     config = load_config(model_id)
     device = pick_device(device)
@@ -211,6 +216,7 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None, e
             check_mxfp4_checkpoint(model_id)
         except CheckpointError as error:
             raise ModelLoadError(str(error)) from None
+    experts_format = choose_experts_format(experts_format, device, bool(quantized))
     if experts_format == "mxfp4" and not quantized:
         raise ModelLoadError(f"{model_id}: its experts are not stored in MXFP4 (no quantization_config in its "
                              "config.json), so they cannot stay in MXFP4; use --experts-format bf16")
@@ -253,6 +259,24 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None, e
         # fails in its own experts (fp32 activations against bf16 weights); norms stay as transformers keeps them
         layer.mlp.experts.to(dtype)
     return model
+
+
+def choose_experts_format(experts_format, device, quantized):
+    """The format 'auto' stands for: 'mxfp4' on a CUDA device for a checkpoint with MXFP4 experts (`quantized`) when
+    Triton, which multiplies them, is installed; 'bf16' otherwise. A format asked for by name is returned as it is."""
+    if experts_format != "auto":
+        return experts_format
+    import importlib.util
+
+    on_gpu = str(device).startswith("cuda")
+    return "mxfp4" if on_gpu and quantized and importlib.util.find_spec("triton") is not None else "bf16"
+
+
+def experts_format_of(model):
+    """'mxfp4' when the model's experts are mxfp4_experts.Mxfp4Experts (PEFT's wrappers looked through), else 'bf16'."""
+    from mxfp4_experts import is_mxfp4_experts
+
+    return "mxfp4" if any(is_mxfp4_experts(module) for module in model.modules()) else "bf16"
 
 
 def weight_bytes(config, experts_format):

@@ -4,8 +4,8 @@
     python run_exported_model.py --model-path runs/export/tiny --max-prompts 10 --seed 1
     python run_exported_model.py --model-path you/gpt-oss-tes      # the pushed export (needs Hub access)
 
-Loads MODEL_PATH through model_loader (MXFP4 experts dequantised, as everywhere in this project), renders nothing
-itself: the prompts of PROMPT_PATH are already Harmony. For each prompt it prints the situation, the model's
+Loads MODEL_PATH through model_loader (EXPERTS_FORMAT: an MXFP4 export's experts kept as stored on a GPU,
+dequantised on a CPU), renders nothing itself: the prompts of PROMPT_PATH are already Harmony. For each prompt it prints the situation, the model's
 analysis and final message, the action parsed from the final message exactly as the training reward parses it
 (harmony.parse_final_action; 'invalid' when there is none) and the best action by Q; then how many answers were
 valid and optimal. Reads MODEL_PATH and PROMPT_PATH, writes nothing. Bad input (a missing export directory, a
@@ -20,7 +20,8 @@ from export_quantized_model import EXPORT_DIR
 
 # -----------------------------------------------------------------------------
 MODEL_PATH = EXPORT_DIR  # export directory (export_quantized_model.py's default output) or a Hub id
-EXPERTS_FORMAT = "bf16"  # bf16: the experts dequantised on load; mxfp4: kept as exported (a 24 GB card)
+EXPERTS_FORMAT = "auto"  # mxfp4: the experts kept as exported (a 24 GB card); bf16: dequantised on load; auto: mxfp4
+                         #   on a GPU for an MXFP4 export, else bf16 (fp32 on a CPU)
 PROMPT_PATH = "data/dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"  # Harmony CSV with Q/rewards
 SPLIT = "eval"  # prompts come from this `split` ('' = every row): the held-out split by default
 MAX_PROMPTS = 5  # prompts answered, spread evenly over the split (0 = all)

@@ -118,7 +118,8 @@ def render_summary(summary):
     else:
         steps = (f"{done} steps; this launch continued from {summary['resumed_from']} and ran steps "
                  f"{done - ran + 1}-{done} ({ran} steps) in {summary['train_seconds']:.0f} s on {summary['device']}")
-    steps += f" (generation: {summary.get('generation_backend', 'n/a')})."
+    experts = f", experts: {summary['experts_format']}" if summary.get("experts_format") else ""
+    steps += f" (generation: {summary.get('generation_backend', 'n/a')}{experts})."
     if "processes" in summary:
         processes, prompts = summary["processes"], summary["prompts_per_step"]
         steps += f" {describe_batch(processes, prompts // processes, summary['completions_per_step'] // prompts)}."

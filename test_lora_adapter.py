@@ -4,8 +4,8 @@
     python test_lora_adapter.py --adapter-path runs/grpo-tiny --samples 8 --max-prompts 100
     python test_lora_adapter.py --base-model-id /models/gpt-oss-20b   # another copy of the base it was trained on
 
-Loads the base model through model_loader (MXFP4 experts dequantised: bf16 on a GPU, fp32 on a CPU) with the
-PEFT adapter on top, samples SAMPLES answers per prompt, parses them exactly as the training reward does
+Loads the base model through model_loader (EXPERTS_FORMAT: MXFP4 experts kept as stored on a GPU, dequantised to
+fp32 on a CPU) with the PEFT adapter on top, samples SAMPLES answers per prompt, parses them exactly as the training reward does
 (harmony.parse_final_action via evaluation.py) and scores them; then the same for the base model alone
 (`model.disable_adapter()`), on the same prompts with the same sampling seeds. Reported per model: valid-answer
 rate, accuracy against argmax Q, mean Boltzmann reward, mean regret in Q units, the action distribution and a
@@ -27,8 +27,8 @@ import adapter_evaluation as ae
 # -----------------------------------------------------------------------------
 ADAPTER_PATH = ""  # run directory holding adapter_config.json; '' = the newest under runs/
 BASE_MODEL_ID = ""  # '' = the adapter's base_model_name_or_path; or a Hub id, a local model directory, 'tiny'
-EXPERTS_FORMAT = "bf16"  # bf16: the base's experts dequantised; mxfp4: kept as stored (a 24 GB card; an expert
-                         #   LoRA runs beside them as low-rank terms)
+EXPERTS_FORMAT = "auto"  # mxfp4: the base's experts kept as stored (a 24 GB card; an expert LoRA runs beside them as
+                         #   low-rank terms); bf16: dequantised; auto: mxfp4 on a GPU, bf16 (fp32) on a CPU
 PROMPT_PATH = "data/dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"  # Harmony CSV with Q/rewards
 SPLIT = "eval"  # rows of this `split` are evaluated ('' = every row): the held-out split by default
 MAX_PROMPTS = 0  # evaluate N of those rows, spread evenly over them (0 = all)
@@ -96,7 +96,7 @@ def main(argv=None):
         "answers_file": f"{PREFIX}_answers.csv",
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "experts_format": settings["EXPERTS_FORMAT"],
+        "experts_format": model_loader.experts_format_of(model),
         "seconds": round(time.time() - start, 1),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "peft": __import__("peft").__version__},

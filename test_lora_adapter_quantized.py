@@ -118,7 +118,7 @@ def main(argv=None):
 
     ae.log(f"1/3 reference: {adapter_dir} on the dequantised base {base} ({device})")
     try:
-        model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device)
+        model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device, experts_format="bf16")
         ae.check_adapter_output(model, tokenizer, prompts[0], adapter_dir)
     except (ae.InputError, model_loader.ModelLoadError) as error:
         ae.fail(error)
@@ -160,7 +160,7 @@ def main(argv=None):
     mxfp4_logits["adapter"] = prompt_logits(mx_model, tokenizer, prompts)
     del mx_model, mx_base  # both hold the MXFP4 model: the reference is loaded again next
     release_memory()
-    model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device)
+    model, tokenizer = ae.load_adapted_model(adapter_dir, base, device=device, experts_format="bf16")  # to merge
     reader = CheckpointReader(local_checkpoint_dir(base))
     ae.log("3/3 export: adapter merged, experts re-quantised to MXFP4 as export_quantized_model.py writes them")
     changed = set(lora_expert_parameters(model))

@@ -1,7 +1,7 @@
 """Fine-tune gpt-oss with GRPO and LoRA to choose thermal-storage actions whose Q-values are best.
 
     python train_grpo.py --tiny                          # the main job on any machine: embedded stand-in, CPU, < 10 min
-    python train_grpo.py                                 # openai/gpt-oss-20b on one 80 GB GPU
+    python train_grpo.py                                 # openai/gpt-oss-20b on one GPU (24 GB and up: MXFP4 experts)
     python train_grpo.py --total-steps 50 --out runs/my-run --learning-rate 2e-5
     python train_grpo.py --resume --out runs/my-run      # continue a killed or stopped run at its last checkpoint
     accelerate launch --config_file accelerate_2gpu.yaml train_grpo.py   # 2 GPUs of one host (README: 4, 8, hosts)
@@ -13,8 +13,8 @@ in the embedded stand-in (tiny_gpt_oss.py) and the CPU-sized settings of TINY_SE
 What it does, in order:
 1. checks every setting and validates the data files (data_reward.validate_data_files) before any model is loaded:
    every problem is listed as file:row, and the prompts must be Harmony (run convert_to_harmony.py first);
-2. loads MODEL_ID through model_loader (MXFP4 experts dequantised to bf16 on GPU / fp32 on CPU, or kept in
-   MXFP4; sink-aware fused attention on GPU, eager on CPU)
+2. loads MODEL_ID through model_loader (MXFP4 experts kept in MXFP4 on a GPU, dequantised to fp32 on a CPU, or to
+   bf16 on a GPU with --experts-format bf16; sink-aware fused attention on GPU, eager on CPU)
    and wraps it with a PEFT LoRA adapter (`all-linear` = attention q/k/v/o on gpt-oss; LORA_EXPERTS adds the
    experts' gate_up_proj/down_proj through `target_parameters`);
 3. feeds TRL's GRPOTrainer from StepStream (step_stream.py) with two rewards (rewards.py): the Boltzmann
@@ -68,9 +68,9 @@ ROOT = Path(__file__).resolve().parent
 # -----------------------------------------------------------------------------
 # Model and data
 MODEL_ID = "openai/gpt-oss-20b"  # Hub id, local model directory, or 'tiny' (the embedded stand-in)
-EXPERTS_FORMAT = "bf16"  # bf16: experts dequantised on load (needs an 80 GB card at 20b); mxfp4: kept as stored,
-                         #   multiplied by mxfp4_experts.py's kernels (~13 GiB of weights: a 24 GB card; an expert
-                         #   LoRA runs beside them as low-rank terms)
+EXPERTS_FORMAT = "auto"  # mxfp4: experts kept as stored, multiplied by mxfp4_experts.py's kernels (~13 GiB of
+                         #   weights: a 24 GB card; an expert LoRA runs beside them as low-rank terms); bf16:
+                         #   dequantised on load (an 80 GB card at 20b); auto: mxfp4 on a GPU, bf16 (fp32) on a CPU
 MAX_GPU_MEMORY_GIB = 0.0  # cap this process's GPU memory (0 = the whole card): e.g. 23 shows on a big card whether
                           #   a run fits a 24 GB one
 DATA_FILES = ["data/dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"]  # Harmony CSVs with rewards
@@ -260,8 +260,8 @@ def check_settings(s):
                          f"{', '.join(BACKENDS)}")
 
 
-EXPERTS_FORMATS = ("bf16", "mxfp4")  # model_loader.EXPERTS_FORMATS, named here so that settings are checked before
-                                     #   torch is imported
+EXPERTS_FORMATS = ("auto", "bf16", "mxfp4")  # model_loader.EXPERTS_FORMAT_CHOICES, named here so that settings
+                                             #   are checked before torch is imported
 # Said whenever generation runs out of memory: the settings that shrink it, most effective first.
 MEMORY_ADVICE = (
     "Reduce memory with --train-batch-size (and raise --gradient-accumulation to keep the batch), "
@@ -348,7 +348,7 @@ def load_for_training(settings, train_frames, device, log):
             cap_gpu_memory(settings["MAX_GPU_MEMORY_GIB"], log)
         model = model_loader.load_model(settings["MODEL_ID"], device=device, experts_format=settings["EXPERTS_FORMAT"],
                                         headroom_gib=model_loader.TRAINING_HEADROOM_GIB if device == "cuda" else 0)
-        log(f"model loaded in {time.time() - start:.0f} s")
+        log(f"model loaded in {time.time() - start:.0f} s (experts: {model_loader.experts_format_of(model)})")
     except model_loader.ModelLoadError as error:
         raise SystemExit(f"error: {error}") from None
 
@@ -586,6 +586,7 @@ def train(args, processes):
     run_directory.save_final_atomically(trainer, tokenizer, out, model_loader.portable_model_id(settings["MODEL_ID"]))
 
     summary = {"out": str(out), "device": device_name(device), "generation_backend": backend,
+               "experts_format": model_loader.experts_format_of(trainer.model),
                "processes": processes.num_processes,
                "prompts_per_step": processes.num_processes * settings["PROMPTS_PER_STEP"],
                "completions_per_step": completions_per_step, "steps_done": trainer.state.global_step,

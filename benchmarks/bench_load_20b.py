@@ -40,7 +40,7 @@ def main():
     result["checkpoint_gib"] = round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**30, 2)
     torch.cuda.reset_peak_memory_stats()
     start = time.time()
-    model = model_loader.load_model(str(model_dir))
+    model = model_loader.load_model(str(model_dir), experts_format="bf16")
     torch.cuda.synchronize()
     result["load_seconds"] = round(time.time() - start, 1)
     result["parameters_billion"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 2)

@@ -115,6 +115,15 @@ def test_summary_and_report_lead_with_what_survives(attention_export, capsys):
     assert report["fidelity"]["vs_merged_bf16"]["argmax_agreement"] == 1.0
 
 
+def test_an_export_names_the_format_it_writes(attention_run, prompt_file, tmp_path, capsys):
+    """'auto' chooses how a model is held while it runs; an export must say which format it writes."""
+    out = tmp_path / "exports" / "auto"
+    code, message, _ = run_main(["--adapter-path", str(attention_run), "--out", str(out), "--prompt-path",
+                                 str(prompt_file), "--experts-format", "auto"], capsys)
+    assert code != 0 and "--experts-format 'auto'" in message and "'mxfp4' or 'bf16'" in message
+    assert not out.exists()
+
+
 def test_an_export_that_would_lose_the_expert_update_is_refused_naming_both_ways_on(tiny_dir, prompt_file, tmp_path,
                                                                                     capsys):
     """An expert update far below half an MXFP4 step (LoRA B scaled to 1e-6) rounds away entirely: the export stops

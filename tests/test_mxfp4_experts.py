@@ -504,8 +504,31 @@ def test_a_checkpoint_without_mxfp4_experts_is_refused(models, tmp_path):
 
 
 def test_an_unknown_experts_format_is_refused():
-    with pytest.raises(model_loader.ModelLoadError, match="not one of bf16, mxfp4"):
+    with pytest.raises(model_loader.ModelLoadError, match="not one of auto, bf16, mxfp4"):
         model_loader.load_model("tiny", experts_format="fp8")
+
+
+def test_auto_keeps_mxfp4_experts_on_a_gpu_and_dequantises_them_on_a_cpu(models, monkeypatch):
+    """'auto' (every script's default) is 'mxfp4' only where its kernels run: a CUDA device, an MXFP4 checkpoint and
+    Triton installed; a name asked for is kept; a loaded model says which format it holds."""
+    import importlib.util
+
+    choose = model_loader.choose_experts_format
+    assert choose("auto", "cpu", quantized=True) == "bf16"
+    assert choose("auto", "cuda", quantized=False) == "bf16"  # plain experts (a bf16 export) stay plain
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else
+                        real_find_spec(name, *a))
+    assert choose("auto", "cuda", quantized=True) == choose("auto", "cuda:1", quantized=True) == "mxfp4"
+    assert choose("bf16", "cuda", quantized=True) == "bf16" and choose("mxfp4", "cpu", quantized=True) == "mxfp4"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else
+                        real_find_spec(name, *a))
+    assert choose("auto", "cuda", quantized=True) == "bf16"
+    dequantised, packed = models
+    assert model_loader.experts_format_of(dequantised) == "bf16"
+    assert model_loader.experts_format_of(packed) == "mxfp4"
+    monkeypatch.undo()
+    assert model_loader.experts_format_of(model_loader.load_model("tiny")) == "bf16"  # auto on this CPU
 
 
 def test_a_card_too_small_is_told_what_fits(monkeypatch):

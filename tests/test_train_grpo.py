@@ -325,7 +325,7 @@ def test_a_reasoning_effort_other_than_the_prompts_is_refused(tmp_path):
     (["--warmup-steps", "-1"], "--warmup-steps must be at least 0"),
     (["--max-grad-norm=-1"], "--max-grad-norm must be a number at least 0"),
     (["--validation-samples", "0"], "--validation-samples must be at least 1"),
-    (["--experts-format", "fp8"], "--experts-format 'fp8' is not one of bf16, mxfp4"),
+    (["--experts-format", "fp8"], "--experts-format 'fp8' is not one of auto, bf16, mxfp4"),
     (["--max-gpu-memory-gib=-1"], "--max-gpu-memory-gib must be 0 (no cap) or a number of GiB"),
 ])
 def test_settings_that_cannot_work_are_refused_before_anything_is_written(tmp_path, flags, message):
@@ -348,6 +348,8 @@ def test_expert_lora_on_mxfp4_experts_trains_as_on_dequantised_experts(tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         adapters[experts_format] = load_file(str(out / "adapter_model.safetensors"))
         logs[experts_format] = [row["completion"] for row in read_log(out / "completions.csv")]
+        assert json.loads((out / "summary.json").read_text())["experts_format"] == experts_format
+        assert f"experts: {experts_format})" in (out / "summary.md").read_text()
     assert logs["mxfp4"] == logs["bf16"]
     expert_b = [name for name in adapters["bf16"] if ".mlp.experts." in name and "lora_B" in name]
     assert len(expert_b) == 2 * 2 and all(adapters["mxfp4"][name].abs().max() > 0 for name in expert_b)  # trained
