@@ -6,8 +6,9 @@
 Workload W is train_grpo.py's defaults: 4 prompts x 8 completions x up to 256 tokens, LoRA r16 on attention,
 gradient checkpointing, the model directory's tokenizer (the real one gives 242-273-token prompts). Each row is one
 `python train_grpo.py` process (its own CUDA context, so its peak memory is its own), 1 warm-up step and then the
-measured steps; the default row runs DEFAULT_STEPS steps with no flag but the model, to show the defaults hold, and
-so does the MXFP4 row with `--experts-format mxfp4` alone. `--max-gpu-memory-gib 23` runs every row under a 23 GiB
+measured steps; the default row runs DEFAULT_STEPS steps with no flag but the model, to show the defaults hold (on a
+GPU the experts stay MXFP4: train_grpo.py's EXPERTS_FORMAT 'auto'), and so do the two rows that name the experts'
+format alone (`--experts-format mxfp4`, `--experts-format bf16`). `--max-gpu-memory-gib 23` runs every row under a 23 GiB
 cap (torch.cuda.set_per_process_memory_fraction): what fits a 24 GB card is shown, not assumed.
 The stand-in's random weights never write a stop token, so every completion runs the full 256 tokens.
 
@@ -32,12 +33,15 @@ MEASURED_STEPS = 3  # steps timed after the warm-up step, per back end
 DEFAULT_STEPS = 20  # steps of the run with default settings (the first is the warm-up)
 DEFAULT_ROW = "engine (default)"
 MXFP4_ROW = "engine, MXFP4 experts"
-ROWS = {  # name -> (extra train_grpo.py flags, steps incl. warm-up or None for MEASURED_STEPS + 1)
+BF16_ROW = "engine, bf16 experts"
+ROWS = {  # name -> (extra train_grpo.py flags, steps incl. warm-up or None for MEASURED_STEPS + 1); rows that name no
+          #   experts format take the default ('auto': MXFP4 on a GPU)
     DEFAULT_ROW: ([], DEFAULT_STEPS),
     MXFP4_ROW: (["--experts-format", "mxfp4"], DEFAULT_STEPS),
+    BF16_ROW: (["--experts-format", "bf16"], DEFAULT_STEPS),
     "engine, MXFP4 experts + expert LoRA": (["--experts-format", "mxfp4", "--lora-experts", "true"], None),
+    "engine, bf16 experts + expert LoRA": (["--experts-format", "bf16", "--lora-experts", "true"], None),
     "generate": (["--generation-backend", "generate"], None),
-    "engine + expert LoRA": (["--generation-backend", "engine", "--lora-experts", "true"], None),
     "continuous-batching": (["--generation-backend", "continuous-batching"], None),
     "engine, micro-batches of 16": (["--train-batch-size", "16", "--gradient-accumulation", "2"], None),
     "engine, one micro-batch of 32": (["--train-batch-size", "32", "--gradient-accumulation", "1"], None),
@@ -68,7 +72,7 @@ def run_row(name, flags, steps, model_dir, log, invocation, timeout=ROW_TIMEOUT,
                "--report-to", "none", "--eval-samples", "0", "--out", str(out), *flags]
     if max_gpu_memory_gib:
         command += ["--max-gpu-memory-gib", str(max_gpu_memory_gib)]
-    if name not in (DEFAULT_ROW, MXFP4_ROW):  # the other rows time steps only: no checkpoint, no final scoring
+    if name not in (DEFAULT_ROW, MXFP4_ROW, BF16_ROW):  # the other rows time steps only: no checkpoint, no final scoring
         command += ["--save-steps", str(10 * steps), "--validation-prompts", "0"]
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -112,6 +116,7 @@ def measure(name, out, steps, wall):
             "generated_tokens_per_second": tokens / generation, "completions_per_step": tokens / 256,
             "peak_gib": summary["speed"].get("peak_gpu_memory_gib"), "card": summary["device"],
             "wall_seconds": wall, "generation_backend": summary.get("generation_backend"),
+            "experts_format": summary.get("experts_format"),
             "validation_seconds": [entry["seconds"] for entry in scored],
             "engine_fell_back": engine_fallbacks(log.read_text()) if (log := Path(f"{out}.log")).is_file() else []}
 
@@ -125,13 +130,15 @@ def render(results, model_dir, tokenizer):
              f"Model: {model_dir} (tokenizer: {tokenizer}). Command: `python benchmarks/bench_grpo_step.py`"
              + (f" `--max-gpu-memory-gib {cap:g}` (every row capped at {cap:g} GiB, as on a smaller card)." if cap
                 else "."), "",
-             "| back end | steps (measured) | s / step | generation s | update s | generated tokens / s | peak GiB | card |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| back end | experts | steps (measured) | s / step | generation s | update s | generated tokens / s | "
+             "peak GiB | card |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "failed" in r:
-            lines.append(f"| {r['backend']} | {r['steps']} | failed: {r['failed']} | | | | | |")
+            lines.append(f"| {r['backend']} | | {r['steps']} | failed: {r['failed']} | | | | | |")
             continue
-        lines.append(f"| {r['backend']} | {r['steps']} ({r['measured_steps']}) | {r['seconds_per_step']:.2f} | "
+        lines.append(f"| {r['backend']} | {r.get('experts_format') or 'n/a'} | {r['steps']} ({r['measured_steps']}) | "
+                     f"{r['seconds_per_step']:.2f} | "
                      f"{r['generation_seconds']:.2f} | {r['update_seconds']:.2f} | "
                      f"{r['generated_tokens_per_second']:.0f} | {r['peak_gib']:.1f} | {r['card']} |")
     fell_back = [(r["backend"], r["engine_fell_back"][0]) for r in results if r.get("engine_fell_back")]

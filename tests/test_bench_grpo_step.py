@@ -36,8 +36,9 @@ def test_a_row_whose_engine_fell_back_is_marked_in_the_table():
     assert bench_grpo_step.engine_fallbacks("rollout engine: 2 graphs captured\n") == []
     row = {"backend": "engine, MXFP4 experts", "steps": 20, "measured_steps": 19, "seconds_per_step": 5.34,
            "generation_seconds": 3.42, "update_seconds": 1.92, "generated_tokens_per_second": 2390.0,
-           "peak_gib": 20.0, "card": "NVIDIA H200", "engine_fell_back": fell_back}
+           "peak_gib": 20.0, "card": "NVIDIA H200", "engine_fell_back": fell_back, "experts_format": "mxfp4"}
     fast = dict(row, backend="engine (default)", engine_fell_back=[])
     table = bench_grpo_step.render([row, fast], ROOT / "runs" / "model", "tok")
     assert "**engine, MXFP4 experts: not the engine's fast path.**" in table and "ValueError: dense_matmul" in table
     assert "engine (default): not" not in table
+    assert "| engine, MXFP4 experts | mxfp4 | 20 (19) | 5.34 |" in table  # which format a row ran is in the table
