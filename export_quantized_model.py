@@ -337,7 +337,7 @@ def memory_use(device):
 def export(settings, log=ae.log):
     """The whole export; returns the report. Inputs are checked first (InputError), nothing is written before."""
     ae.check_settings(settings)
-    if settings["EXPERTS_FORMAT"] not in ("bf16", "mxfp4"):
+    if settings["EXPERTS_FORMAT"] == "auto":  # check_settings took it: it chooses how a model runs, not is written
         raise ae.InputError(f"--experts-format {settings['EXPERTS_FORMAT']!r}: an export writes its experts as "
                             "'mxfp4' or 'bf16'; choose one")
     hub = hub_target(settings) if settings["PUSH_TO_HUB"] else None

@@ -5,11 +5,11 @@
     python run_exported_model.py --model-path you/gpt-oss-tes      # the pushed export (needs Hub access)
 
 Loads MODEL_PATH through model_loader (EXPERTS_FORMAT: an MXFP4 export's experts kept as stored on a GPU,
-dequantised on a CPU), renders nothing itself: the prompts of PROMPT_PATH are already Harmony. For each prompt it prints the situation, the model's
-analysis and final message, the action parsed from the final message exactly as the training reward parses it
-(harmony.parse_final_action; 'invalid' when there is none) and the best action by Q; then how many answers were
-valid and optimal. Reads MODEL_PATH and PROMPT_PATH, writes nothing. Bad input (a missing export directory, a
-prompt file without the needed columns) ends with a one-line reason on stderr and exit code 2.
+dequantised on a CPU), renders nothing itself: the prompts of PROMPT_PATH are already Harmony. For each prompt it
+prints the situation, the model's analysis and final message, the action parsed from the final message exactly as
+the training reward parses it (harmony.parse_final_action; 'invalid' when there is none) and the best action by Q;
+then how many answers were valid and optimal. Reads MODEL_PATH and PROMPT_PATH, writes nothing. Bad input (a missing
+export directory, a prompt file without the needed columns) ends with a one-line reason on stderr and exit code 2.
 """
 
 import re

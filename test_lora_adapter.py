@@ -5,8 +5,8 @@
     python test_lora_adapter.py --base-model-id /models/gpt-oss-20b   # another copy of the base it was trained on
 
 Loads the base model through model_loader (EXPERTS_FORMAT: MXFP4 experts kept as stored on a GPU, dequantised to
-fp32 on a CPU) with the PEFT adapter on top, samples SAMPLES answers per prompt, parses them exactly as the training reward does
-(harmony.parse_final_action via evaluation.py) and scores them; then the same for the base model alone
+fp32 on a CPU) with the PEFT adapter on top, samples SAMPLES answers per prompt, parses them exactly as the training
+reward does (harmony.parse_final_action via evaluation.py) and scores them; then the same for the base model alone
 (`model.disable_adapter()`), on the same prompts with the same sampling seeds. Reported per model: valid-answer
 rate, accuracy against argmax Q, mean Boltzmann reward, mean regret in Q units, the action distribution and a
 predicted-versus-optimal count table, beside uniform guessing, the best constant action and the optimal policy.

@@ -8,8 +8,8 @@ gradient checkpointing, the model directory's tokenizer (the real one gives 242-
 `python train_grpo.py` process (its own CUDA context, so its peak memory is its own), 1 warm-up step and then the
 measured steps; the default row runs DEFAULT_STEPS steps with no flag but the model, to show the defaults hold (on a
 GPU the experts stay MXFP4: train_grpo.py's EXPERTS_FORMAT 'auto'), and so do the two rows that name the experts'
-format alone (`--experts-format mxfp4`, `--experts-format bf16`). `--max-gpu-memory-gib 23` runs every row under a 23 GiB
-cap (torch.cuda.set_per_process_memory_fraction): what fits a 24 GB card is shown, not assumed.
+format alone (`--experts-format mxfp4`, `--experts-format bf16`). `--max-gpu-memory-gib 23` runs every row under a
+23 GiB cap (torch.cuda.set_per_process_memory_fraction): what fits a 24 GB card is shown, not assumed.
 The stand-in's random weights never write a stop token, so every completion runs the full 256 tokens.
 
 Writes a Markdown table (s/step, generation s, update s, generated tokens/s, peak GiB, card) and a JSON beside it;
@@ -72,7 +72,7 @@ def run_row(name, flags, steps, model_dir, log, invocation, timeout=ROW_TIMEOUT,
                "--report-to", "none", "--eval-samples", "0", "--out", str(out), *flags]
     if max_gpu_memory_gib:
         command += ["--max-gpu-memory-gib", str(max_gpu_memory_gib)]
-    if name not in (DEFAULT_ROW, MXFP4_ROW, BF16_ROW):  # the other rows time steps only: no checkpoint, no final scoring
+    if name not in (DEFAULT_ROW, MXFP4_ROW, BF16_ROW):  # the other rows time steps only: no checkpoint, no scoring
         command += ["--save-steps", str(10 * steps), "--validation-prompts", "0"]
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
