@@ -346,6 +346,7 @@ def load_mxfp4_resident(model_id, config, device, dtype):
 
     from mxfp4_experts import LORA_TARGETS, Mxfp4Experts
 
+    device = indexed_device(device)
     plain = copy.deepcopy(config)
     del plain.quantization_config  # what the model holds is said by its modules, not by a quantizer
     silence_known_notices()
@@ -389,6 +390,14 @@ def load_mxfp4_resident(model_id, config, device, dtype):
     if os.path.isfile(os.path.join(directory, "generation_config.json")):
         model.generation_config = GenerationConfig.from_pretrained(directory)
     return model
+
+
+def indexed_device(device):
+    """'cuda' as this process's GPU ('cuda:N', N the current device, which accelerate sets per process): safetensors
+    reads a bare 'cuda' as GPU 0, so each process of a multi-GPU run would stage every tensor on the first card."""
+    if str(device) == "cuda":
+        return f"cuda:{torch.cuda.current_device()}"
+    return device
 
 
 def local_directory(model_id):

@@ -531,6 +531,14 @@ def test_auto_keeps_mxfp4_experts_on_a_gpu_and_dequantises_them_on_a_cpu(models,
     assert model_loader.experts_format_of(model_loader.load_model("tiny")) == "bf16"  # auto on this CPU
 
 
+def test_each_process_reads_the_checkpoint_onto_its_own_gpu(monkeypatch):
+    """safetensors takes a bare 'cuda' for GPU 0: the MXFP4 loader names the process's current GPU (accelerate sets
+    it per process), so the second process of a two-GPU run stages no tensor on the first card."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert model_loader.indexed_device("cuda") == "cuda:1"
+    assert model_loader.indexed_device("cuda:0") == "cuda:0" and model_loader.indexed_device("cpu") == "cpu"
+
+
 def test_a_card_too_small_is_told_what_fits(monkeypatch):
     """A 24 GB card's user loading the 20b shape in bf16 hears, before anything loads, that MXFP4 fits."""
     from transformers import GptOssConfig
