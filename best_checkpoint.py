@@ -58,13 +58,19 @@ def read_history(out, up_to_step=None):
     return [entry for entry in history if up_to_step is None or entry["step"] <= up_to_step]
 
 
-def make_validation_callback(tokenizer, frame, settings, backend, out, history, log):
-    """A TrainerCallback that scores each saved checkpoint on `frame` and writes OUT/validation.json."""
+def make_validation_callback(tokenizer, frame, settings, backend, out, history, log, batch_size=64,
+                             memory_phases=None):
+    """A TrainerCallback that scores each saved checkpoint on `frame` and writes OUT/validation.json; `batch_size`
+    answers a pass (memory_plan.Plan.evaluation_rows on a GPU), its GPU memory the 'validation' phase of
+    `memory_phases` (memory_plan.PhasePeaks)."""
+    from memory_plan import PhasePeaks
     import torch
     from transformers import TrainerCallback
 
     from output_files import strict_json, write_text_atomically
     from evaluation import evaluate_model
+
+    phases = memory_phases or PhasePeaks("cpu")
 
     class ValidationScorer(TrainerCallback):
         def __init__(self):
@@ -76,11 +82,12 @@ def make_validation_callback(tokenizer, frame, settings, backend, out, history, 
             start = time.time()
             # evaluate_model seeds torch for its own sampling; training continues with the random state it had, so
             # scoring changes nothing in the run (the completion log is the same with and without it)
-            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices), phases.phase("validation"):
                 scores, _, _ = evaluate_model(model, tokenizer, frame, samples=self.samples,
                                               temperature=settings["TEMPERATURE"], top_p=settings["TOP_P"],
                                               max_new_tokens=settings["MAX_COMPLETION_LEN"], seed=settings["SEED"],
-                                              backend=backend)
+                                              batch_size=batch_size, backend=backend)
             entry = {"step": state.global_step, "score": scores["mean_reward"], "valid_rate": scores["valid_rate"],
                      "accuracy": scores["accuracy"], "seconds": round(time.time() - start, 1)}
             self.history.append(entry)

@@ -37,6 +37,7 @@ def generate_answers(model, tokenizer, prompts, samples=4, temperature=1.0, top_
     answers = [[] for _ in prompts]
     was_training = model.training
     model.eval()
+    generation.release(model)  # training's caches go before this phase's are made, and this phase's after it
     start = last_log = time.time()
     for b, first in enumerate(range(0, len(jobs), batch_size)):
         batch = jobs[first:first + batch_size]
@@ -49,6 +50,7 @@ def generate_answers(model, tokenizer, prompts, samples=4, temperature=1.0, top_
         if log and (time.time() - last_log > 15 or done == len(jobs)):  # a line every 15 s, whatever the model
             last_log = time.time()
             log(f"  generated {done}/{len(jobs)} answers ({last_log - start:.0f} s)")
+    generation.release(model)
     model.train(was_training)
     return answers
 
@@ -142,15 +144,17 @@ def evaluate_model(model, tokenizer, frame, samples=4, temperature=1.0, top_p=1.
     return score_actions(frame, actions), answers, actions
 
 
-def evaluate_held_out(model, tokenizer, held_out, samples, max_new_tokens, seed, backend, log, max_prompts=0):
+def evaluate_held_out(model, tokenizer, held_out, samples, max_new_tokens, seed, backend, log, max_prompts=0,
+                      batch_size=64):
     """Untrained (adapter disabled) and trained policy on the held-out split (frames by file), same prompts and
-    seeds, at temperature 1.0: the end of a training run (train_grpo.py)."""
+    seeds, at temperature 1.0, `batch_size` answers a pass: the end of a training run (train_grpo.py)."""
     import pandas as pd
 
     frame = pd.concat(list(held_out.values()), ignore_index=True)
     if max_prompts:
         frame = frame.iloc[:max_prompts]
-    kwargs = dict(samples=samples, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed, backend=backend, log=log)
+    kwargs = dict(samples=samples, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+                  backend=backend, log=log)
     log(f"held-out evaluation: {len(frame)} prompts x {samples} answers, untrained policy")
     with model.disable_adapter():
         untrained, _, untrained_actions = evaluate_model(model, tokenizer, frame, **kwargs)

@@ -262,17 +262,13 @@ def compare_bytes(export_dir, base_reader, experts_format="mxfp4"):
     return result
 
 
-def save_bf16_checkpoint(model, out_dir, max_shard_bytes):
-    """The merged model as transformers writes a plain gpt-oss (bf16 experts `gate_up_proj` / `down_proj`, no
-    quantization_config), config.json with the converters' keys added; returns the shard names."""
-    from adapter_merge import add_converter_config_keys
+def save_bf16_checkpoint(model, config, out_dir, max_shard_bytes):
+    """The merged model as a plain gpt-oss checkpoint (bf16 experts `gate_up_proj` / `down_proj`, no
+    quantization_config), written by mxfp4.save_checkpoint rather than save_pretrained (see there why); `config` is
+    the base's config.json with the converters' keys; returns the shard names."""
+    from mxfp4 import save_checkpoint
 
-    model.save_pretrained(str(out_dir), max_shard_size=max_shard_bytes)  # (model_loader silenced its notices)
-    config_path = Path(out_dir) / "config.json"
-    config = add_converter_config_keys(json.loads(config_path.read_text()))
-    config.pop("quantization_config", None)
-    ae.write_json(config, config_path)
-    return sorted(p.name for p in Path(out_dir).glob("*.safetensors"))
+    return save_checkpoint(model.state_dict(), config, str(out_dir), max_shard_bytes, experts_format="bf16")
 
 
 def measure_fidelity(experts_format, changed, quantization, vs_merged):
@@ -407,12 +403,12 @@ def export(settings, log=ae.log):
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         t = time.time()
+        config = add_converter_config_keys(json.loads((base_dir / "config.json").read_text()))
         if experts_format == "mxfp4":
-            config = add_converter_config_keys(json.loads((base_dir / "config.json").read_text()))
             files = save_mxfp4_checkpoint(export_state_dict(model, packed), config, str(tmp_dir),
                                           max_shard_bytes=settings["MAX_SHARD_BYTES"])
         else:
-            files = save_bf16_checkpoint(model, tmp_dir, settings["MAX_SHARD_BYTES"])
+            files = save_bf16_checkpoint(model, config, tmp_dir, settings["MAX_SHARD_BYTES"])
         if (base_dir / "generation_config.json").is_file():
             shutil.copy2(base_dir / "generation_config.json", tmp_dir / "generation_config.json")
         else:

@@ -4,6 +4,7 @@ tokenisation.
     backend = generation.resolve("auto", model, "cuda")        # 'engine' for a model the engine runs, else 'generate'
     rollout_func = generation.training_rollout_func(backend, tokenizer)    # GRPOTrainer's rollout_func, or None
     completions = generation.sample(backend, model, tokenizer, prompts, temperature, top_p, max_new_tokens, stop_ids)
+    generation.release(model)         # let go of the engine's caches and graphs before a phase of other sizes
 
 Back ends (BACKENDS): `engine` (rollout_engine.py: CUDA graphs on a GPU, eager on a CPU; in training plugged in as
 TRL's rollout_func), `generate` (TRL's own generation in training, transformers' `generate` in evaluation) and
@@ -85,3 +86,14 @@ def sample(name, model, tokenizer, prompts, temperature, top_p, max_new_tokens, 
         out = model.generate(**encoded, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                              max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     return out[:, encoded["input_ids"].shape[1]:].tolist()
+
+
+def release(model):
+    """Let go of what the engine keeps between calls for `model` (captured graphs, their KV caches, weight copies);
+    the next call rebuilds them. Validation and evaluation sample at other sizes than training's rollouts: releasing
+    before and after them keeps either phase from holding the other's memory (memory_plan.py)."""
+    from rollout_engine import engine_of
+
+    engine = engine_of(model)
+    if engine is not None:
+        engine.release()

@@ -13,6 +13,8 @@ What it changes (each by overriding the method the documented way, never by assi
   `.checkpoint-partial-*` directory in OUT and renamed into place when done, its adapter naming a base that another
   checkout finds again (run_directory.record_base); under `accelerate launch` every process writes its part there
   and the main process renames it once all are done;
+- `_load_optimizer_and_scheduler`: a run of several CPU processes (gloo) resumes under transformers 5.17 too, whose
+  Trainer asks torch.load for the indexed device 'cpu:0', which it cannot restore;
 - `log`: a metric with no value in the window (a reward no completion earned: TRL would log None, which
   TensorBoard refuses with a warning per step) is left out; the mean reward of such a step is absent, not zero.
 `save_checkpoint_now()` is the public way to save one (train_grpo.py on Ctrl-C).
@@ -34,6 +36,7 @@ from trl import GRPOTrainer
 
 import completion_scoring
 import library_internals
+import memory_plan
 import run_directory
 from library_internals import LibraryMismatch  # noqa: F401  (what a failed check raises)
 
@@ -50,10 +53,12 @@ class GenerationFailed(RuntimeError):
 class TesGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer with this project's changes (see the module docstring)."""
 
-    def __init__(self, *args, generation_backend, base_model_id, **kwargs):
+    def __init__(self, *args, generation_backend, base_model_id, memory_phases=None, **kwargs):
         check_internals()
         self.generation_backend = generation_backend
         self.base_model_id = base_model_id  # what saved adapters record as their base (model_loader.portable_model_id)
+        # memory_plan.PhasePeaks: generation is the 'rollout' phase, the rest of a step the phase current around it
+        self.memory_phases = memory_phases or memory_plan.PhasePeaks("cpu")
         self.staging_dir = None  # the hidden directory a checkpoint is being written into
         super().__init__(*args, **kwargs)
 
@@ -76,7 +81,8 @@ class TesGRPOTrainer(GRPOTrainer):
 
         start = time.perf_counter()
         try:
-            result = super()._generate(prompts, *args, **kwargs)
+            with self.memory_phases.phase("rollout"):
+                result = super()._generate(prompts, *args, **kwargs)
         except (IndexError, RuntimeError) as error:
             if self.generation_backend != "continuous-batching" or isinstance(error, torch.OutOfMemoryError):
                 raise
@@ -109,6 +115,19 @@ class TesGRPOTrainer(GRPOTrainer):
         run_directory.record_base(staging / name, self.base_model_id)
         run_directory.replace_path(staging / name, out / name, staging)
         shutil.rmtree(staging)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        args = self.args
+        if checkpoint is None or args.world_size == 1 or args.device.type != "cpu" or args.device.index is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        # several CPU processes: transformers 5.17 maps the optimiser's state to the process's indexed device ('cpu:0'),
+        # which torch.load cannot restore; later releases map it to 'cpu', as done here
+        import torch
+        from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+        self.optimizer.load_state_dict(torch.load(os.path.join(checkpoint, OPTIMIZER_NAME), map_location="cpu",
+                                                  weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def save_checkpoint_now(self):
         """A checkpoint of the current step (complete or absent, like every other)."""

@@ -8,7 +8,8 @@
 A release that renames or changes one of them would otherwise change this project's behaviour silently (a CPU
 scoring path no longer taken, a checkpoint written half). The check stops with one message naming the internal,
 the installed versions and the tested ones. Two kinds of entry:
-- (module, dotted attribute, parameters): a function or method that must exist and take those parameters;
+- (module, dotted attribute, parameters): a function or method that must exist and take those parameters (no
+  parameters: a module constant that must exist);
 - (module, None, name): an instance attribute, which must still appear in the module's source (it is set on
   objects the module builds, so only the source can be asked before one exists).
 """
@@ -25,6 +26,9 @@ TRAINER = (  # grpo_trainer.TesGRPOTrainer overrides or calls these
     ("trl", "GRPOTrainer._log_metric", ("name", "value")),
     ("transformers", "Trainer._save_checkpoint", ("model", "trial")),
     ("transformers", "Trainer._get_output_dir", ("trial",)),
+    ("transformers", "Trainer._load_optimizer_and_scheduler", ("checkpoint",)),
+    ("transformers.trainer", "OPTIMIZER_NAME", ()),  # the checkpoint's file names, read on a CPU resume
+    ("transformers.trainer", "SCHEDULER_NAME", ()),
     ("trl.trainer.utils", "selective_log_softmax_and_entropy", ("logits", "index", "temperature")),
     ("trl.trainer.grpo_trainer", None, "_metrics"),  # {"train" | "eval": {metric: [values]}}, read by its `log`
 )
@@ -77,6 +81,8 @@ def problem_with(module_name, path, expected):
     obj = find(module_name, path)
     if obj is None:
         return "is missing"
+    if not expected:  # a constant: it must exist
+        return None
     missing = [p for p in expected if p not in inspect.signature(obj).parameters]
     return f"no longer takes {', '.join(missing)}" if missing else None
 

@@ -44,9 +44,7 @@ MAX_CPU_PARAMETERS = 2_000_000_000
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a model directory's tokenizer is in one of these
 EXPERTS_FORMATS = ("bf16", "mxfp4")  # how the experts are held: dequantised (bf16 / fp32 on a CPU), or as stored
 EXPERTS_FORMAT_CHOICES = ("auto", *EXPERTS_FORMATS)  # what --experts-format takes: 'auto' picks one per machine
-TRAINING_HEADROOM_GIB = 7.0  # GPU memory beyond the weights that a default GRPO step of the 20b shape takes on an
-                             #   H200, rounded up: 44.9 GiB peak over 39 GiB of bf16 weights, 19.5 over 12.9 with
-                             #   MXFP4 experts (benchmarks/RESULTS.md)
+MIN_GPU_CAPABILITY = (8, 0)  # bf16 tensor cores, and what the Triton kernels are built for: Ampere or newer
 
 
 class ModelLoadError(RuntimeError):
@@ -192,7 +190,8 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None, e
 
     Returns the model on `device` ('cuda' when available, else 'cpu') in `dtype` (bf16 on GPU, fp32 on CPU).
     On a GPU the card's free memory must hold the weights plus `headroom_gib` (what the caller will need beyond
-    them, e.g. TRAINING_HEADROOM_GIB), or a ModelLoadError says what fits.
+    them: train_grpo.py passes its memory plan's, memory_plan.py), or a ModelLoadError says what fits; and the card
+    must be of MIN_GPU_CAPABILITY or newer.
     """
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
@@ -222,6 +221,7 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None, e
                              "config.json), so they cannot stay in MXFP4; use --experts-format bf16")
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     if device.startswith("cuda"):
+        check_gpu_generation(device)
         check_gpu_memory(model_id, config, experts_format, headroom_gib)
     if experts_format == "mxfp4":
         try:
@@ -302,7 +302,7 @@ def memory_message(model_id, config, experts_format, headroom_gib):
     """What the chosen format needs, what this card has, and what fits."""
     usable = usable_gpu_bytes() / 2**30
     needs = {fmt: weight_bytes(config, fmt) / 2**30 + headroom_gib for fmt in EXPERTS_FORMATS}
-    what = "weights" + (f" + {headroom_gib:.0f} GiB to train" if headroom_gib else "")
+    what = "weights" + (f" + {headroom_gib:.1f} GiB to train" if headroom_gib else "")
     fits = [fmt for fmt in EXPERTS_FORMATS if needs[fmt] <= usable]
     if experts_format != "mxfp4" and "mxfp4" in fits:
         advice = (f"--experts-format mxfp4 needs ~{needs['mxfp4']:.0f} GiB and fits: use it (the experts stay in "
@@ -315,6 +315,20 @@ def memory_message(model_id, config, experts_format, headroom_gib):
                   "--max-completion-len)")
     return (f"{model_id}: with --experts-format {experts_format} this needs ~{needs[experts_format]:.0f} GiB of GPU "
             f"memory ({what}), and this card has {usable:.1f} GiB usable; {advice}.")
+
+
+def check_gpu_generation(device="cuda"):
+    """ModelLoadError before loading on a card older than MIN_GPU_CAPABILITY (a T4, a V100), which has no bf16
+    tensor cores and runs none of the project's Triton kernels."""
+    from mxfp4_experts import gpu_capability
+
+    capability = gpu_capability(device)
+    if capability < MIN_GPU_CAPABILITY:
+        raise ModelLoadError(
+            f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}; this "
+            f"project needs {MIN_GPU_CAPABILITY[0]}.{MIN_GPU_CAPABILITY[1]} or newer (Ampere: A100, A10, RTX 30xx; "
+            "Ada: L4, RTX 40xx; Hopper: H100, H200; Blackwell: RTX 50xx) for bf16 and its Triton kernels. On an "
+            "older card use a newer one, or run the embedded stand-in on the CPU (--tiny)")
 
 
 def check_gpu_memory(model_id, config, experts_format, headroom_gib):

@@ -333,23 +333,27 @@ def group_checkpoint_units(names: list[str]) -> list[list[str]]:
     return units
 
 
-def convert_for_checkpoint(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Return the checkpoint tensor(s) for one state-dict entry: MXFP4 for expert weights, bf16 for other floats."""
-    if EXPERT_PARAM_RE.match(name):
+def convert_for_checkpoint(name: str, tensor: torch.Tensor, experts_format: str = "mxfp4") -> dict[str, torch.Tensor]:
+    """Return the checkpoint tensor(s) for one state-dict entry: MXFP4 for expert weights (bf16 with
+    experts_format="bf16"), bf16 for other floats."""
+    if EXPERT_PARAM_RE.match(name) and experts_format == "mxfp4":
         return {k: v.cpu() for k, v in quantize_expert_weights(name, tensor).items()}
     if tensor.dtype == torch.uint8 or not tensor.is_floating_point():
         return {name: tensor.detach().cpu().contiguous()}
     return {name: tensor.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()}
 
 
-def build_checkpoint_config(config) -> dict:
-    """Return the `config.json` dict for an MXFP4 checkpoint from a GptOssConfig or a plain dict."""
+def build_checkpoint_config(config, experts_format: str = "mxfp4") -> dict:
+    """Return the `config.json` dict for a checkpoint with MXFP4 (or bf16) experts from a GptOssConfig or a dict."""
     config_dict = dict(config.to_dict() if hasattr(config, "to_dict") else config)
     if config_dict.get("model_type") != "gpt_oss":
         raise ValueError(
-            f"save_mxfp4_checkpoint needs a gpt-oss config, got model_type={config_dict.get('model_type')!r}"
+            f"save_checkpoint needs a gpt-oss config, got model_type={config_dict.get('model_type')!r}"
         )
-    config_dict["quantization_config"] = mxfp4_quantization_config()
+    if experts_format == "mxfp4":
+        config_dict["quantization_config"] = mxfp4_quantization_config()
+    else:
+        config_dict.pop("quantization_config", None)  # plain bf16 experts: nothing to dequantise
     config_dict["architectures"] = config_dict.get("architectures") or ["GptOssForCausalLM"]
     # The non-expert tensors are written in bf16, so loading with dtype="auto" gives bf16 like the real model.
     config_dict["dtype"] = "bfloat16"
@@ -361,7 +365,21 @@ def build_checkpoint_config(config) -> dict:
 def save_mxfp4_checkpoint(
     state_dict: dict[str, torch.Tensor], config, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 ) -> list[str]:
-    """Write a gpt-oss state dict as an MXFP4 checkpoint into `out_dir`; return the weight file names.
+    """Write a gpt-oss state dict as an MXFP4 checkpoint into `out_dir` (save_checkpoint); return the file names."""
+    return save_checkpoint(state_dict, config, out_dir, max_shard_bytes, experts_format="mxfp4")
+
+
+def save_checkpoint(
+    state_dict: dict[str, torch.Tensor], config, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    experts_format: str = "mxfp4",
+) -> list[str]:
+    """Write a gpt-oss state dict as a checkpoint into `out_dir`; return the weight file names.
+
+    experts_format="bf16" writes the expert weights as they are named in the model (`gate_up_proj`,
+    `down_proj`), in bf16, and a config.json without quantization_config: a plain gpt-oss checkpoint,
+    written here rather than by `save_pretrained` (transformers 5.17 saves a model whose MXFP4 experts
+    were dequantised on load under the literal names `gate_up_proj$` / `down_proj$`, which no reader
+    finds). What follows describes the default, MXFP4.
 
     Expert weights (`...mlp.experts.gate_up_proj` / `down_proj`, any float dtype, any device) are
     quantised with `quantize_expert_weights`; `_blocks` / `_scales` pairs already in the state dict
@@ -385,7 +403,9 @@ def save_mxfp4_checkpoint(
     stale = [f for f in os.listdir(out_dir) if f.endswith(".safetensors") or f in (INDEX_FILE, CONFIG_FILE)]
     if stale:
         raise FileExistsError(f"{out_dir} already holds {sorted(stale)}; write the checkpoint into an empty directory")
-    config_dict = build_checkpoint_config(config)
+    if experts_format not in ("mxfp4", "bf16"):
+        raise ValueError(f"experts_format must be 'mxfp4' or 'bf16', got {experts_format!r}")
+    config_dict = build_checkpoint_config(config, experts_format)
     shards, current, current_bytes = [], {}, 0  # shards: [(temporary file name, tensor names, tensor bytes)]
 
     def flush(tensors: dict[str, torch.Tensor], nbytes: int) -> None:
@@ -396,7 +416,7 @@ def save_mxfp4_checkpoint(
     for unit in group_checkpoint_units(list(state_dict.keys())):
         tensors = {}
         for name in unit:
-            tensors.update(convert_for_checkpoint(name, state_dict[name]))
+            tensors.update(convert_for_checkpoint(name, state_dict[name], experts_format))
         unit_bytes = sum(t.nbytes for t in tensors.values())
         if current and current_bytes + unit_bytes > max_shard_bytes:
             flush(current, current_bytes)

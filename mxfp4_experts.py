@@ -53,6 +53,7 @@ TRANSPOSED_SCALE_BYTES = (99, 128)  # scale bytes for which 'transposed' is exac
                                     #   lie well inside
 DEQUANT_BLOCKS = 64  # MXFP4 blocks (32 values each) dequantised per program of the dequantisation kernel
 LORA_TARGETS = ("gate_up_proj", "down_proj")  # GptOssExperts' weights, the names an expert LoRA targets
+GPU_CAPABILITY_VARIABLE = "GPT_OSS_GPU_CAPABILITY"  # e.g. 8.6: run a newer card's GPU code as that card's (gpu_capability)
 # -----------------------------------------------------------------------------
 
 
@@ -213,17 +214,22 @@ class Mxfp4GroupedMatmul(torch.autograd.Function):
 
 
 def grouped_matmul(x, counts, blocks, scales, transpose):
-    """x [rows, in] @ W_e^T per group (transpose=False), or x [rows, out] @ W_e (transpose=True, the backward)."""
-    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch.nn.functional, "grouped_mm"):  # its CUDA dtype
-        weight = dequantize(blocks, scales, x.dtype)  # [E, out, in], freed when this returns
+    """x [rows, in] @ W_e^T per group (transpose=False), or x [rows, out] @ W_e (transpose=True, the backward).
+
+    On a GPU the layer's matrix is dequantised once ([E, out, in] bf16, freed when this returns), then multiplied by
+    torch's grouped_mm where it is one fused kernel (`grouped_mm_fused`), else one matmul per expert (what torch's
+    own grouped_mm does there too, after copying the offsets to the host). On a CPU each expert is dequantised in
+    turn (exact in any float dtype)."""
+    weights = dequantize(blocks, scales, x.dtype) if x.is_cuda else None
+    if x.is_cuda and x.dtype == torch.bfloat16 and grouped_mm_fused(x.device):  # its CUDA dtype
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        return torch.nn.functional.grouped_mm(x, weight if transpose else weight.transpose(-2, -1), offs=offsets)
+        return torch.nn.functional.grouped_mm(x, weights if transpose else weights.transpose(-2, -1), offs=offsets)
     out_features = blocks.shape[-3] if not transpose else blocks.shape[-2] * mxfp4.BLOCK_SIZE
     out = x.new_empty(x.shape[0], out_features)
     start = 0
     for e, count in enumerate(counts.tolist()):
         if count:
-            weight = mxfp4.dequantize_mxfp4(blocks[e], scales[e], x.dtype)  # [out, in], exact in any float dtype
+            weight = weights[e] if weights is not None else mxfp4.dequantize_mxfp4(blocks[e], scales[e], x.dtype)
             rows = x[start:start + count]
             out[start:start + count] = rows @ weight if transpose else rows @ weight.t()
         start += count
@@ -235,7 +241,7 @@ def grouped_lora(x, counts, a, b, scale):
     small matmuls per expert (A [E, in, r], B [E, r, out]), never A_e B_e; differentiable in x, A and B."""
     a, b = a.to(x.dtype), b.to(x.dtype)
     rank = a.shape[-1]
-    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch.nn.functional, "grouped_mm") and rank % 8 == 0:
+    if x.is_cuda and x.dtype == torch.bfloat16 and grouped_mm_fused(x.device) and rank % 8 == 0:
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # grouped_mm wants 16-byte rows: rank % 8 in bf16
         low = torch.nn.functional.grouped_mm(x, a.contiguous(), offs=offsets)
         return torch.nn.functional.grouped_mm(low, b.contiguous(), offs=offsets) * scale
@@ -626,8 +632,33 @@ def choose_dense_kernel(*scales):
         return DENSE_KERNEL
     low, high = TRANSPOSED_SCALE_BYTES
     fits = all(low <= s.min().item() and s.max().item() <= high for s in scales)
-    hopper = torch.cuda.get_device_capability(scales[0].device)[0] >= 9
+    hopper = gpu_capability(scales[0].device)[0] == 9  # where it has run; it compiles for sm_89 and sm_120 too
     return "transposed" if hopper and fits else "blocked"
+
+
+def gpu_capability(device=None):
+    """The compute capability (major, minor) the GPU code plans for: the card's, or a lower one named in the
+    environment variable GPU_CAPABILITY_VARIABLE (e.g. 8.6), with which a Hopper card takes the paths an Ampere or
+    Ada card takes (no 'transposed' kernel, no TMA, grouped matmuls as a loop): tests and benchmarks of those paths."""
+    import os
+
+    actual = torch.cuda.get_device_capability(device)
+    forced = os.environ.get(GPU_CAPABILITY_VARIABLE, "").strip()
+    if not forced:
+        return actual
+    try:
+        major, minor = (int(part) for part in forced.split("."))
+    except ValueError:
+        raise ValueError(f"{GPU_CAPABILITY_VARIABLE}={forced!r} is not a compute capability like 8.0 or 8.6; unset it "
+                         "to use the card's own") from None
+    return min((major, minor), actual)
+
+
+def grouped_mm_fused(device):
+    """Whether torch's grouped_mm is one fused kernel on `device`: its CUTLASS kernel, for compute capability 9 and
+    10 (torch >= 2.10, aten/src/ATen/native/cuda/GroupedBlas.cpp). Elsewhere torch copies the offsets to the host and
+    loops over the groups (a host sync, which a CUDA graph cannot hold); this module then loops itself."""
+    return hasattr(torch.nn.functional, "grouped_mm") and gpu_capability(device)[0] in (9, 10)
 
 
 # -- the Triton kernels (mxfp4_kernels.py; triton is a GPU extra) -----------------------------------------------

@@ -58,9 +58,9 @@ import harmony
 import library_internals
 import sink_attention
 from expert_lora import expert_lora_factors
-from mxfp4_experts import (add_lora, combine_experts, routing_matrix, dense_experts as mxfp4_dense_experts,
-                           dense_forward as mxfp4_dense_forward, dense_tensors as mxfp4_dense_tensors,
-                           is_mxfp4_experts, swiglu)
+from mxfp4_experts import (add_lora, combine_experts, grouped_mm_fused, routing_matrix,
+                           dense_experts as mxfp4_dense_experts, dense_forward as mxfp4_dense_forward,
+                           dense_tensors as mxfp4_dense_tensors, is_mxfp4_experts, swiglu)
 
 LENGTH_BUCKET = 128  # cache positions are rounded up to a multiple of this, so nearby prompt lengths share a graph
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # rows are padded up to one of these
@@ -107,9 +107,11 @@ class RolloutEngine:
         self.window = self.config.sliding_window
         self.sliding = [t == "sliding_attention" for t in self.config.layer_types]
         library_internals.check(library_internals.ENGINE)
-        # transformers' grouped_mm experts are graph-safe (bf16); its eager loop and fp32 fallback sync the host
-        graph_safe = getattr(self.config, "_experts_implementation", None) == "grouped_mm" and \
-            self.lm.model.layers[0].mlp.router.weight.dtype == torch.bfloat16
+        # transformers' grouped_mm experts are graph-safe (bf16, where torch's grouped_mm is one fused kernel); its
+        # eager loop, its fp32 fallback and torch's grouped_mm below Hopper sync the host
+        graph_safe = (getattr(self.config, "_experts_implementation", None) == "grouped_mm"
+                      and self.lm.model.layers[0].mlp.router.weight.dtype == torch.bfloat16
+                      and self.device.type == "cuda" and grouped_mm_fused(self.device))
         self.experts = "dense" if self.use_cuda_graphs and not graph_safe else experts
         if compile_backend == "auto":
             compile_backend = "inductor" if self.use_cuda_graphs and has_triton() else None
@@ -163,11 +165,13 @@ class RolloutEngine:
         return cut_at_stop(tokens, logprobs, self.stop_ids)
 
     def release(self):
-        """Drop the captured graphs and their caches (they are rebuilt on the next `generate`)."""
+        """Drop the captured graphs, their caches and the weight copies (all rebuilt on the next `generate`), and give
+        the freed memory back to the card."""
         self.graphs.clear()
         self.weight_sets.clear()
         self.weights = None
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # a graph's pool is freed once its last replay is done
             torch.cuda.empty_cache()
 
     def _refresh_weights(self, signature):
@@ -888,9 +892,14 @@ def cut_at_stop(tokens, logprobs, stop_ids):
     return completions, completion_logprobs
 
 
+def engine_of(model):
+    """The engine engine_for made for `model`, or None."""
+    return getattr(model, "_rollout_engine", None)
+
+
 def engine_for(model, tokenizer):
     """The model's engine, made on first use and kept on the model object (graphs survive between calls)."""
-    engine = getattr(model, "_rollout_engine", None)
+    engine = engine_of(model)
     if engine is None:
         engine = RolloutEngine(model, tokenizer)
         object.__setattr__(model, "_rollout_engine", engine)

@@ -61,9 +61,10 @@ def make_progress_printer(total_steps, every):
     return ProgressPrinter()
 
 
-def summarize_speed(log_history, device, first_step=0, completions_per_step=None):
+def summarize_speed(log_history, device, first_step=0, completions_per_step=None, peak_gib=None):
     """Seconds per step (generation and the rest), generated tokens per second, completions per second, peak GPU
-    memory (of the fullest card; every card's too when there are several).
+    memory (of the fullest card; every card's too when there are several): this process's `peak_gib` (the largest
+    phase of memory_plan.PhasePeaks), or torch's peak counter when none is given.
 
     Only steps after `first_step` count: a resumed run's history holds the steps of earlier starts too. With several
     processes the generation figures are one process's (TRL averages them over the processes), and every process
@@ -80,7 +81,8 @@ def summarize_speed(log_history, device, first_step=0, completions_per_step=None
              "generated_tokens_per_second": tokens / generation if tokens and generation else None,
              "completions_per_second": completions_per_step / step if completions_per_step and step else None}
     if device == "cuda":
-        peaks = gather_object([torch.cuda.max_memory_allocated() / 2**30])  # one per process, in process order
+        peak = peak_gib if peak_gib is not None else torch.cuda.max_memory_allocated() / 2**30
+        peaks = gather_object([peak])  # one per process, in process order
         speed["peak_gpu_memory_gib"] = max(peaks)
         if len(peaks) > 1:
             speed["peak_gpu_memory_gib_per_process"] = peaks
@@ -123,6 +125,12 @@ def render_summary(summary):
     if "processes" in summary:
         processes, prompts = summary["processes"], summary["prompts_per_step"]
         steps += f" {describe_batch(processes, prompts // processes, summary['completions_per_step'] // prompts)}."
+    memory = summary.get("gpu_memory_gib")
+    if memory:
+        planned = summary.get("planned_gpu_memory_gib") or {}
+        steps += (" Peak GPU memory allocated, by phase (planned in brackets): " + ", ".join(
+            f"{phase} {gib:.1f}" + (f" ({planned[phase]:.1f})" if phase in planned else "") + " GiB"
+            for phase, gib in memory.items()) + ".")
     kept = summary.get("kept")
     if kept:
         steps += (f" Adapter kept: step {kept['step']} of {done}, by its score on {kept['validation_prompts']} "

@@ -326,13 +326,16 @@ def read_data(settings):
     return {p: f for p, f in train.items() if len(f)}, held_out
 
 
-def load_for_training(settings, train_frames, device, log):
-    """(LoRA-wrapped model, tokenizer, prompt pool): everything that can fail on the settings, before any write."""
+def load_for_training(settings, train_frames, device, log, phases, fixed=(), processes=None):
+    """(LoRA-wrapped model, tokenizer, prompt pool, memory plan or None): everything that can fail on the settings,
+    before any write. On a GPU the memory plan comes first: it may choose smaller micro-batches (TRAIN_BATCH_SIZE and
+    GRADIENT_ACCUMULATION, in `settings`, unless they are among the `fixed` names the user set), or refuse the
+    settings with a message naming ones that fit; `phases` (memory_plan.PhasePeaks) measures the loading."""
     import model_loader
     from step_stream import make_pool
 
     try:
-        model_loader.load_config(model_loader.resolve_model_id(settings["MODEL_ID"]))  # a bad model id fails here
+        config = model_loader.load_config(model_loader.resolve_model_id(settings["MODEL_ID"]))  # a bad id fails here
         tokenizer = model_loader.load_tokenizer(settings["MODEL_ID"])
         pool, too_long = make_pool(train_frames, tokenizer, settings["MAX_PROMPT_LEN"])
         if not pool:
@@ -343,11 +346,16 @@ def load_for_training(settings, train_frames, device, log):
             log(f"warning: {len(too_long)} prompts are longer than MAX_PROMPT_LEN={settings['MAX_PROMPT_LEN']} "
                 f"tokens and are left out (first: {too_long[0]}); raise --max-prompt-len to keep them")
         log(f"{len(pool)} training prompts from {len(train_frames)} file(s); loading {settings['MODEL_ID']} on {device}")
-        start = time.time()
-        if device == "cuda" and settings["MAX_GPU_MEMORY_GIB"]:
-            cap_gpu_memory(settings["MAX_GPU_MEMORY_GIB"], log)
-        model = model_loader.load_model(settings["MODEL_ID"], device=device, experts_format=settings["EXPERTS_FORMAT"],
-                                        headroom_gib=model_loader.TRAINING_HEADROOM_GIB if device == "cuda" else 0)
+        start, plan, headroom = time.time(), None, 0.0
+        if device == "cuda":
+            if settings["MAX_GPU_MEMORY_GIB"]:
+                cap_gpu_memory(settings["MAX_GPU_MEMORY_GIB"], log)
+            lengths = [len(ids) for ids in tokenizer([r["prompt"] for r in pool], add_special_tokens=False)["input_ids"]]
+            plan = plan_gpu_memory(settings, config, lengths, fixed, processes, log)
+            headroom = plan.needed_gib() - plan.parts["weights"]
+        with phases.phase("loading"):
+            model = model_loader.load_model(settings["MODEL_ID"], device=device,
+                                            experts_format=settings["EXPERTS_FORMAT"], headroom_gib=headroom)
         log(f"model loaded in {time.time() - start:.0f} s (experts: {model_loader.experts_format_of(model)})")
     except model_loader.ModelLoadError as error:
         raise SystemExit(f"error: {error}") from None
@@ -360,7 +368,35 @@ def load_for_training(settings, train_frames, device, log):
     model = get_peft_model(model, lora_config(settings))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"LoRA: {trainable:,} trainable parameters")
-    return model, tokenizer, pool
+    return model, tokenizer, pool, plan
+
+
+def plan_gpu_memory(settings, config, prompt_lengths, fixed, processes, log):
+    """The memory plan of this run on this card (memory_plan.fit_to_card, the card's usable memory the smallest of
+    every process's): adopts the micro-batches it chose into `settings`, or exits with its message."""
+    import memory_plan
+    import model_loader
+
+    model_loader.check_gpu_generation("cuda")  # an older card hears why before any plan
+    usable = model_loader.usable_gpu_bytes() / 2**30
+    if processes is not None and processes.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        usable = min(gather_object([usable]))  # every process must choose the same micro-batches
+    quantized = bool(getattr(config, "quantization_config", None))
+    experts_format = model_loader.choose_experts_format(settings["EXPERTS_FORMAT"], "cuda", quantized)
+    backend = "engine" if settings["GENERATION_BACKEND"] in ("auto", "engine") else settings["GENERATION_BACKEND"]
+    fit = memory_plan.fit_to_card(config, experts_format, settings, prompt_lengths, usable, fixed, backend,
+                                  other_format="mxfp4" if experts_format == "bf16" and quantized else None)
+    if not fit.fits:
+        raise SystemExit(f"error: {settings['MODEL_ID']} with --experts-format {experts_format}: {fit.note}")
+    if fit.note:
+        log(f"memory plan: {fit.note}")
+    settings.update(fit.settings)
+    peaks = fit.plan.peaks_gib()
+    log(f"memory plan: {', '.join(f'{phase} ~{gib:.1f}' for phase, gib in peaks.items())} GiB of {usable:.1f} usable; "
+        f"validation and evaluation in passes of {fit.plan.evaluation_rows} answers")
+    return fit.plan
 
 
 def cap_gpu_memory(gib, log):
@@ -387,7 +423,8 @@ def check_lora_targets(model, targets):
                          "all-linear")
 
 
-def make_trainer(model, tokenizer, pool, completion_log, settings, device, backend, log, callbacks=()):
+def make_trainer(model, tokenizer, pool, completion_log, settings, device, backend, log, callbacks=(),
+                 memory_phases=None):
     import model_loader
     from rewards import make_reward_functions
     from grpo_trainer import TesGRPOTrainer, grpo_config
@@ -410,6 +447,7 @@ def make_trainer(model, tokenizer, pool, completion_log, settings, device, backe
         callbacks=[make_progress_printer(settings["TOTAL_STEPS"], max(1, settings["TOTAL_STEPS"] // 20)),
                    *callbacks],
         generation_backend=backend,
+        memory_phases=memory_phases,
         # saved adapters name a base that another checkout finds again
         base_model_id=model_loader.portable_model_id(settings["MODEL_ID"]),
     )
@@ -497,6 +535,7 @@ def train(args, processes):
         import grpo_trainer
         import model_loader
         from completion_log import CompletionLog
+        from memory_plan import MAX_EVALUATION_ROWS, PhasePeaks
         from output_files import write_text_atomically
 
         device = "cuda" if processes.device.type == "cuda" else "cpu"  # model_loader.pick_device, as accelerate chose
@@ -505,8 +544,11 @@ def train(args, processes):
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
         torch.manual_seed(settings["SEED"])
-        model, tokenizer, pool = load_for_training(settings, train_frames, device, log)
+        phases = PhasePeaks(device)
+        model, tokenizer, pool, plan = load_for_training(settings, train_frames, device, log, phases,
+                                                         script_settings.given_flags(args, settings), processes)
         backend = generation.resolve(settings["GENERATION_BACKEND"], model, device)
+        evaluation_rows = plan.evaluation_rows if plan else MAX_EVALUATION_ROWS
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted before training started; nothing was written") from None
 
@@ -547,11 +589,14 @@ def train(args, processes):
             scorer = best_checkpoint.make_validation_callback(
                 tokenizer, best_checkpoint.pick_validation_rows(train_frames, pool, settings["VALIDATION_PROMPTS"],
                                                                 settings["SEED"]),
-                settings, backend, out, best_checkpoint.read_history(out, start_step) if checkpoint else [], log)
+                settings, backend, out, best_checkpoint.read_history(out, start_step) if checkpoint else [], log,
+                batch_size=evaluation_rows, memory_phases=phases)
         trainer = make_trainer(model, tokenizer, pool, completion_log, settings, device, backend, log,
-                               [scorer] if scorer else [])
+                               [scorer] if scorer else [], memory_phases=phases)
         start = time.time()
+        phases.enter("update")  # a step is an update, but for its rollout (TesGRPOTrainer._generate)
         trainer.train(resume_from_checkpoint=str(checkpoint[1]) if checkpoint else None)
+        phases.enter(None)
     except KeyboardInterrupt:
         if forget_if_nothing_done():
             raise SystemExit(f"\ninterrupted before the first step ended; nothing was kept in {out}: run the same "
@@ -579,7 +624,9 @@ def train(args, processes):
         raise
     train_seconds = time.time() - start
     completions_per_step = processes.num_processes * settings["PROMPTS_PER_STEP"] * settings["NUM_GENERATIONS"]
-    speed = summarize_speed(trainer.state.log_history, device, start_step, completions_per_step)
+    memory = phases.gib()
+    speed = summarize_speed(trainer.state.log_history, device, start_step, completions_per_step,
+                            max(memory.values()) if memory else None)
     if not main_process:
         return  # the main process keeps the adapter, evaluates it and writes the summary
     kept = best_checkpoint.keep_best_adapter(trainer.model, scorer, out, log) if scorer and scorer.history else None
@@ -593,13 +640,23 @@ def train(args, processes):
                "steps_this_process": steps_done(), "resumed_from": checkpoint[1].name if checkpoint else None,
                "train_seconds": train_seconds, "training": summarize_log(trainer.state.log_history),
                "speed": speed, "kept": kept}
+    if plan:
+        summary["gpu_memory_gib"] = memory
+        summary["planned_gpu_memory_gib"] = {phase: round(gib, 2) for phase, gib in plan.peaks_gib().items()}
+        summary["memory_plan"] = {"parts_gib": {part: round(gib, 3) for part, gib in plan.parts.items()},
+                                  "update_tokens": plan.update_tokens, "evaluation_rows": plan.evaluation_rows,
+                                  "micro_batches": [settings["TRAIN_BATCH_SIZE"], settings["GRADIENT_ACCUMULATION"]]}
     if settings["EVAL_SAMPLES"] > 0:
         try:
             from evaluation import evaluate_held_out
 
-            summary["held_out"] = evaluate_held_out(trainer.model, tokenizer, held_out, settings["EVAL_SAMPLES"],
-                                                    settings["MAX_COMPLETION_LEN"], settings["SEED"], backend, log,
-                                                    max_prompts=settings["EVAL_MAX_PROMPTS"])
+            with phases.phase("evaluation"):
+                summary["held_out"] = evaluate_held_out(trainer.model, tokenizer, held_out, settings["EVAL_SAMPLES"],
+                                                        settings["MAX_COMPLETION_LEN"], settings["SEED"], backend,
+                                                        log, max_prompts=settings["EVAL_MAX_PROMPTS"],
+                                                        batch_size=evaluation_rows)
+            if plan:
+                summary["gpu_memory_gib"] = phases.gib()
         except KeyboardInterrupt:
             summary["held_out_interrupted"] = True
             write_summary(out, summary)

@@ -20,6 +20,7 @@ the benchmark again never meets the previous invocation's runs.
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -34,11 +35,13 @@ DEFAULT_STEPS = 20  # steps of the run with default settings (the first is the w
 DEFAULT_ROW = "engine (default)"
 MXFP4_ROW = "engine, MXFP4 experts"
 BF16_ROW = "engine, bf16 experts"
+SM80_ROW = "engine, an Ampere card's path (forced)"
 ROWS = {  # name -> (extra train_grpo.py flags, steps incl. warm-up or None for MEASURED_STEPS + 1); rows that name no
           #   experts format take the default ('auto': MXFP4 on a GPU)
     DEFAULT_ROW: ([], DEFAULT_STEPS),
     MXFP4_ROW: (["--experts-format", "mxfp4"], DEFAULT_STEPS),
     BF16_ROW: (["--experts-format", "bf16"], DEFAULT_STEPS),
+    SM80_ROW: ([], DEFAULT_STEPS),
     "engine, MXFP4 experts + expert LoRA": (["--experts-format", "mxfp4", "--lora-experts", "true"], None),
     "engine, bf16 experts + expert LoRA": (["--experts-format", "bf16", "--lora-experts", "true"], None),
     "generate": (["--generation-backend", "generate"], None),
@@ -46,6 +49,10 @@ ROWS = {  # name -> (extra train_grpo.py flags, steps incl. warm-up or None for 
     "engine, micro-batches of 16": (["--train-batch-size", "16", "--gradient-accumulation", "2"], None),
     "engine, one micro-batch of 32": (["--train-batch-size", "32", "--gradient-accumulation", "1"], None),
 }
+ROW_ENVIRONMENT = {  # name -> variables set for that row's process
+    SM80_ROW: {"GPT_OSS_GPU_CAPABILITY": "8.0"},  # the code an A100 / RTX 3090 runs: no 'transposed' kernel, no TMA,
+}                                             #   grouped matmuls as a loop over the experts (mxfp4_experts.py)
+FULL_ROWS = (DEFAULT_ROW, MXFP4_ROW, BF16_ROW, SM80_ROW)  # rows that keep the defaults' checkpoints and scoring
 ROW_TIMEOUT = 420  # seconds a row may run (model loading included) before it is stopped and reported as such
 RUN_DIR = ROOT / "runs" / "bench-grpo-step"  # one directory per invocation, in it one run directory per row
 # -----------------------------------------------------------------------------
@@ -72,13 +79,14 @@ def run_row(name, flags, steps, model_dir, log, invocation, timeout=ROW_TIMEOUT,
                "--report-to", "none", "--eval-samples", "0", "--out", str(out), *flags]
     if max_gpu_memory_gib:
         command += ["--max-gpu-memory-gib", str(max_gpu_memory_gib)]
-    if name not in (DEFAULT_ROW, MXFP4_ROW, BF16_ROW):  # the other rows time steps only: no checkpoint, no scoring
+    if name not in FULL_ROWS:  # the other rows time steps only: no checkpoint, no scoring
         command += ["--save-steps", str(10 * steps), "--validation-prompts", "0"]
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(f"{out}.log", "w") as log_file:
         try:
-            done = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout)
+            done = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout,
+                                  env={**os.environ, **ROW_ENVIRONMENT.get(name, {})})
         except subprocess.TimeoutExpired:
             message = f"stopped after {timeout} s before its {steps} steps ended"
             log(f"{name}: {message}")

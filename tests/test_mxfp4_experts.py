@@ -549,14 +549,14 @@ def test_a_card_too_small_is_told_what_fits(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(model_loader, "usable_gpu_bytes", lambda: 23 * 2**30)
     with pytest.raises(model_loader.ModelLoadError) as error:
-        model_loader.check_gpu_memory("gpt-oss-20b", config, "bf16", model_loader.TRAINING_HEADROOM_GIB)
+        model_loader.check_gpu_memory("gpt-oss-20b", config, "bf16", 7.0)
     message = str(error.value)
     assert "--experts-format bf16" in message and "23.0 GiB usable" in message
     assert "--experts-format mxfp4 needs ~" in message and "fits" in message
-    model_loader.check_gpu_memory("gpt-oss-20b", config, "mxfp4", model_loader.TRAINING_HEADROOM_GIB)  # no error
+    model_loader.check_gpu_memory("gpt-oss-20b", config, "mxfp4", 7.0)  # no error
     monkeypatch.setattr(model_loader, "usable_gpu_bytes", lambda: 12 * 2**30)
     with pytest.raises(model_loader.ModelLoadError, match="even --experts-format mxfp4 needs"):
-        model_loader.check_gpu_memory("gpt-oss-20b", config, "mxfp4", model_loader.TRAINING_HEADROOM_GIB)
+        model_loader.check_gpu_memory("gpt-oss-20b", config, "mxfp4", 7.0)
 
 
 def test_weight_bytes_of_the_20b_shape():
@@ -574,6 +574,7 @@ def test_running_out_of_memory_while_loading_gets_the_same_message(monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 38.96 GiB")
 
     monkeypatch.setattr(model_loader, "check_gpu_memory", lambda *args: None)  # the estimate said it fits
+    monkeypatch.setattr(model_loader, "check_gpu_generation", lambda *args: None)  # a card new enough
     monkeypatch.setattr(model_loader, "load_mxfp4_resident", out_of_memory)
     monkeypatch.setattr(model_loader, "usable_gpu_bytes", lambda: 10 * 2**30)
     with pytest.raises(model_loader.ModelLoadError, match=r"needs ~\d+ GiB of GPU memory .* 10.0 GiB usable"):
@@ -597,3 +598,39 @@ def test_two_active_expert_adapters_are_refused_not_half_run(models, tokenizer):
             wrapped(input_ids=torch.tensor(prompt_ids(tokenizer, 1)))
     finally:
         wrapped.unload()
+
+def test_the_transposed_kernel_is_chosen_on_hopper_alone(monkeypatch):
+    import torch
+
+    import mxfp4_experts
+
+    scales = torch.full((2, 4, 3), 120, dtype=torch.uint8)
+    for capability, kernel in (((8, 0), "blocked"), ((8, 6), "blocked"), ((8, 9), "blocked"), ((9, 0), "transposed"),
+                               ((12, 0), "blocked")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert mxfp4_experts.choose_dense_kernel(scales) == kernel, capability
+
+
+def test_a_capability_in_the_environment_makes_a_card_take_an_older_cards_paths(monkeypatch):
+    import mxfp4_experts
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert mxfp4_experts.gpu_capability() == (9, 0) and mxfp4_experts.grouped_mm_fused("cuda")
+    monkeypatch.setenv(mxfp4_experts.GPU_CAPABILITY_VARIABLE, "8.6")
+    assert mxfp4_experts.gpu_capability() == (8, 6) and not mxfp4_experts.grouped_mm_fused("cuda")
+    assert mxfp4_experts.choose_dense_kernel(torch.full((2, 4, 3), 120, dtype=torch.uint8)) == "blocked"
+    monkeypatch.setenv(mxfp4_experts.GPU_CAPABILITY_VARIABLE, "10.0")  # never above the card's own
+    assert mxfp4_experts.gpu_capability() == (9, 0)
+    monkeypatch.setenv(mxfp4_experts.GPU_CAPABILITY_VARIABLE, "ampere")
+    with pytest.raises(ValueError, match="GPT_OSS_GPU_CAPABILITY='ampere' is not a compute capability"):
+        mxfp4_experts.gpu_capability()
+
+
+def test_a_card_older_than_ampere_is_refused_before_loading(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(model_loader.ModelLoadError, match=r"Tesla T4 has compute capability 7\.5; this project needs "
+                                                           r"8\.0 or newer"):
+        model_loader.check_gpu_generation("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    model_loader.check_gpu_generation("cuda")  # an RTX 3090: no error
