@@ -10,7 +10,8 @@ A run on one card passes through phases that hold different things at once:
 - kept for the whole run: the weights (model_loader.weight_bytes), the adapter with its AdamW state (an fp32 weight,
   its gradient and two moments: 16 bytes a trainable value), and what the rollout engine keeps between steps: its
   copies of the attention weights (q/k/v and o stacked with the LoRA's A rows, bf16), the MXFP4 experts' scales laid
-  out for the decode kernel, and the static KV cache of each recent cache size (up to MAX_CACHED_GRAPHS);
+  out for the decode kernel, and its static KV cache (one, of the longest length met, where its attention kernel
+  runs; else one per recent cache size, up to MAX_CACHED_GRAPHS);
 - rollout: the engine's prefill beside that, which dequantises one layer's expert matrix to bf16 at a time;
 - update: one micro-batch's forward, recompute and backward: a part per token of the micro-batch (TRAIN_BATCH_SIZE
   rows of the longest prompt plus MAX_COMPLETION_LEN), larger with an expert LoRA and far larger without gradient
@@ -42,12 +43,12 @@ ENGINE_CACHED_STATES = 2  # rollout_engine.MAX_CACHED_GRAPHS: caches of recent s
 MAX_EVALUATION_ROWS = 64  # rows of one validation or evaluation pass at most (evaluation.generate_answers)
 # Measured (benchmarks/measure_memory_plan.py, benchmarks/RESULTS.md, one H100 80GB, MXFP4 experts, real prompts):
 UPDATE_GIB_PER_TOKEN = {  # (expert LoRA?, gradient checkpointing?) -> GiB a micro-batch token adds to an update
-    (False, True): 0.48 / 1024,
-    (True, True): 0.80 / 1024,
-    (False, False): 6.5 / 1024,
-    (True, False): 7.0 / 1024,
+    (False, True): 0.46 / 1024,
+    (True, True): 0.46 / 1024,  # the expert LoRA's own weights and AdamW state are counted apart (`adapter`)
+    (False, False): 6.5 / 1024,  # without checkpointing: from the bf16 measurement (99 GiB vs 45.4 at W)
+    (True, False): 6.5 / 1024,
 }
-UPDATE_FIXED_GIB = 1.2  # an update's transient beyond its tokens' (a dequantised expert matrix, the LM head's chunk)
+UPDATE_FIXED_GIB = 0.6  # an update's transient beyond its tokens' (a dequantised expert matrix, the LM head's chunk)
 ROLLOUT_TRANSIENT_GIB = 1.3  # a prefill pass's transient beside the caches (a dequantised expert matrix, activations)
 SAFETY_GIB = 0.5  # kept free of the plan: the allocator's fragmentation between phases
 # -----------------------------------------------------------------------------
@@ -73,11 +74,13 @@ class Plan(NamedTuple):
         return max(self.peaks_gib().values()) + SAFETY_GIB
 
     def describe(self):
-        """'~21.3 GiB: weights 12.9, adapter and optimiser 0.1, engine 4.2, update at micro-batches of 16 4.0'."""
+        """'~20.6 GiB: weights 12.8, adapter and optimiser 0.1, rollout caches and copies 2.8, prefill 1.3, update of
+        micro-batches of 16 4.4' (the needs beside the weights overlap in time: each phase holds some of them)."""
         p = self.parts
         return (f"~{self.needed_gib():.1f} GiB: weights {p['weights']:.1f}, adapter and optimiser {p['adapter']:.1f}, "
-                f"rollout caches and copies {p['engine_weights'] + p['rollout_cache']:.1f}, update of micro-batches of "
-                f"{self.settings['TRAIN_BATCH_SIZE']} {p['update']:.1f}")
+                f"rollout caches and copies {p['engine_weights'] + p['rollout_cache']:.1f}, prefill "
+                f"{p['rollout_transient']:.1f}, update of micro-batches of {self.settings['TRAIN_BATCH_SIZE']} "
+                f"{p['update']:.1f}")
 
 
 def bucket(n, sizes):
@@ -112,12 +115,24 @@ def engine_weight_bytes(config, experts_format, settings):
     o = (h + rank) * (q + 1) + h * rank
     attention = 2 * (qkv + o)
     scales = 0
-    if experts_format == "mxfp4":
+    if experts_format == "mxfp4" and takes_transposed_kernel():
         scales = config.num_local_experts * 3 * config.hidden_size * config.intermediate_size // 32
     expert_lora = 0
     if settings["LORA_EXPERTS"]:
         expert_lora = 2 * (adapter_values(config, settings) - adapter_values(config, {**settings, "LORA_EXPERTS": False}))
     return config.num_hidden_layers * (attention + scales) + expert_lora
+
+
+def takes_transposed_kernel():
+    """Whether this machine's GPU decodes MXFP4 experts with the 'transposed' kernel, whose scales the engine keeps
+    laid out apart (mxfp4_experts.choose_dense_kernel: Hopper); True where no GPU tells (the larger plan)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return True
+    from mxfp4_experts import gpu_capability
+
+    return gpu_capability()[0] == 9
 
 
 def cache_bytes(config, rows, length):
@@ -129,7 +144,13 @@ def cache_bytes(config, rows, length):
 
 
 def cache_states(prompt_lengths, max_new_tokens):
-    """How many cache sizes training's rollouts meet (one per length bucket the prompts span), up to the kept ones."""
+    """How many caches training's rollouts leave with the engine: one, of the longest length, where its attention
+    kernel runs (triton installed: RolloutEngine._longest_fitting), else one per length bucket the prompts span, up
+    to the kept ones."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        return 1
     sizes = {round_up(n + max_new_tokens, ENGINE_LENGTH_BUCKET) for n in (min(prompt_lengths), max(prompt_lengths))}
     spanned = (max(sizes) - min(sizes)) // ENGINE_LENGTH_BUCKET + 1
     return min(ENGINE_CACHED_STATES, spanned)
@@ -230,10 +251,14 @@ def alternatives(settings):
 
 
 def smallest(settings):
-    """The run's smallest form: one prompt a step, micro-batches of one, gradient checkpointing, attention LoRA only."""
+    """The run's smallest form: one prompt a step, micro-batches of one, gradient checkpointing, attention LoRA only;
+    and the flags that make it of `settings`."""
     generations = settings["NUM_GENERATIONS"]
-    return {**settings, "PROMPTS_PER_STEP": 1, "TRAIN_BATCH_SIZE": 1, "GRADIENT_ACCUMULATION": generations,
-            "GRADIENT_CHECKPOINTING": True, "LORA_EXPERTS": False}
+    least = {**settings, "PROMPTS_PER_STEP": 1, "TRAIN_BATCH_SIZE": 1, "GRADIENT_ACCUMULATION": generations,
+             "GRADIENT_CHECKPOINTING": True, "LORA_EXPERTS": False}
+    flags = " ".join(f"{flag(name)} {str(value).lower() if isinstance(value, bool) else value}"
+                     for name, value in least.items() if value != settings[name])
+    return least, flags
 
 
 def fit_to_card(config, experts_format, settings, prompt_lengths, usable_gib, fixed=(), backend="engine",
@@ -241,10 +266,11 @@ def fit_to_card(config, experts_format, settings, prompt_lengths, usable_gib, fi
     """Fit: the run's settings (micro-batches chosen here when TRAIN_BATCH_SIZE and GRADIENT_ACCUMULATION are not in
     `fixed`, the names the user set) and their plan, with evaluation rows that fit; or, when they do not fit, a
     message that names single changes that do (each checked here; `other_format`: an experts format the checkpoint
-    also allows, offered as one), or says what is missing when none does."""
-    def plan_for(s, fmt=experts_format):
-        rows = choose_evaluation_rows(config, fmt, s, prompt_lengths, usable_gib, backend)
-        return plan_run(config, fmt, s, prompt_lengths, backend, evaluation_rows=rows)
+    also allows, offered as one; TRL's generate where the engine would run), else the smallest form of the run that
+    fits, else what is missing."""
+    def plan_for(s, fmt=experts_format, generation=backend):
+        rows = choose_evaluation_rows(config, fmt, s, prompt_lengths, usable_gib, generation)
+        return plan_run(config, fmt, s, prompt_lengths, generation, evaluation_rows=rows)
 
     plan = plan_for(settings)
     if plan.needed_gib() <= usable_gib:
@@ -258,23 +284,35 @@ def fit_to_card(config, experts_format, settings, prompt_lengths, usable_gib, fi
                            f"micro-batches of {size} x {steps} instead of {settings['TRAIN_BATCH_SIZE']} x "
                            f"{settings['GRADIENT_ACCUMULATION']} ({plan.needed_gib():.1f} GiB planned, "
                            f"{usable_gib:.1f} usable): the same optimiser step in more, smaller micro-batches")
-    options = [(description, changed, experts_format) for description, changed in alternatives(settings)]
+    options = [(description, changed, experts_format, backend) for description, changed in alternatives(settings)]
     if other_format:
-        options.insert(0, (f"--experts-format {other_format}", settings, other_format))
+        options.insert(0, (f"--experts-format {other_format}", settings, other_format, backend))
+    if backend == "engine":
+        options.append(("--generation-backend generate", settings, experts_format, "generate"))
     fitting = []
-    for description, changed, fmt in options:
-        option = plan_for(changed, fmt)
+    for description, changed, fmt, generation in options:
+        option = plan_for(changed, fmt, generation)
         if option.needed_gib() <= usable_gib:
             fitting.append(f"`{description}` (~{option.needed_gib():.1f} GiB)")
     message = f"this run needs {plan.describe()}; the card has {usable_gib:.1f} GiB usable"
     if fitting:
         return Fit(False, settings, plan, f"{message}. These fit: " + "; ".join(fitting[:4]))
-    least = plan_for(smallest(settings), other_format or experts_format)
-    short = least.needed_gib() - usable_gib
-    return Fit(False, settings, plan, f"{message}. Nothing fits: even one prompt a step in micro-batches of one, "
-               f"attention LoRA only{', MXFP4 experts' if other_format else ''}, needs {least.describe()}, "
-               f"{short:.1f} GiB more than the card has; use a card with more memory (or free what other processes "
-               "hold on it)")
+    least, flags = smallest(settings)
+    fmt = other_format or experts_format
+    if other_format:
+        flags += f" --experts-format {other_format}"
+    tried = [(plan_for(least, fmt), flags)]
+    if backend == "engine":  # TRL's generate keeps no engine copies of the attention weights
+        tried.append((plan_for(least, fmt, "generate"), flags + " --generation-backend generate"))
+    for option, option_flags in tried:
+        if option.needed_gib() <= usable_gib:
+            return Fit(False, settings, plan, f"{message}. Only the run's smallest form fits: `{option_flags}` "
+                                              f"({option.describe()})")
+    option, option_flags = min(tried, key=lambda pair: pair[0].needed_gib())
+    short = option.needed_gib() - usable_gib
+    return Fit(False, settings, plan, f"{message}. Nothing fits: even the run's smallest form, `{option_flags}`, "
+               f"needs {option.describe()}, {short:.1f} GiB more than the card has; use a card with more memory (or "
+               "free what other processes hold on it)")
 
 
 # -- measured: the peak of each phase ------------------------------------------------------------------------------

@@ -195,9 +195,14 @@ class RolloutEngine:
 
     # -- state and graphs ---------------------------------------------------------------------------------------
     def _state_for(self, key):
+        if self.kernels.triton_kernels:
+            key = self._longest_fitting(key)
         if key in self.graphs:
             self.graphs[key] = self.graphs.pop(key)  # most recently used last
             return self.graphs[key]
+        if self.kernels.triton_kernels:  # a longer cache of the same kind replaces the shorter ones
+            for kept in [k for k in self.graphs if k[:1] + k[2:] == key[:1] + key[2:]]:
+                del self.graphs[kept]
         while len(self.graphs) >= MAX_CACHED_GRAPHS:
             self.graphs.pop(next(iter(self.graphs)))
         rows, length, max_new, mode, _ = key
@@ -209,6 +214,14 @@ class RolloutEngine:
             state.capture_seconds = time.perf_counter() - start
         self.graphs[key] = state
         return state
+
+    def _longest_fitting(self, key):
+        """The key of a kept state like `key` (rows, new tokens, sampling, adapters) whose cache is at least as long,
+        or `key` itself. With the attention kernel, which reads only each row's keys in range, a longer cache costs
+        nothing but its memory: one cache of the longest length a run has met serves every shorter step, where one
+        per length bucket would hold the card's memory twice (memory_plan.py counts one)."""
+        longer = [k for k in self.graphs if k[:1] + k[2:] == key[:1] + key[2:] and k[1] >= key[1]]
+        return min(longer, key=lambda k: k[1]) if longer else key
 
     def _ensure_rope(self, length):
         """cos/sin tables for positions 0..length-1 from the model's own rotary embedding (yarn scaling included),

@@ -364,3 +364,39 @@ def test_an_empty_prompt_is_refused(tokenizer):
     engine = RolloutEngine(make_model(expert_lora=False, device="cpu"), tokenizer)
     with pytest.raises(ValueError, match="prompt 1 of 2 has no tokens: an empty prompt was passed"):
         engine.generate([[1, 2, 3], []], 4)
+
+
+def test_where_the_attention_kernel_runs_one_cache_of_the_longest_length_serves_shorter_steps(tokenizer):
+    """With the decode attention kernel (which reads only each row's keys in range) a step of a shorter length
+    bucket reuses the kept longer cache of the same rows, new tokens, sampling and adapters, and a longer one replaces
+    it: the engine holds one cache, as memory_plan.py counts; without the kernel each bucket keeps its own."""
+    engine = RolloutEngine(make_model(False, "cpu"), tokenizer)
+    long_key, short_key = (32, 640, 256, "sample", 1), (32, 512, 256, "sample", 1)
+    other = (32, 512, 256, "greedy", 1)
+    engine.kernels.triton_kernels = True  # as on a GPU with triton (no step runs here)
+    long_state = engine._state_for(long_key)
+    assert engine._state_for(short_key) is long_state and list(engine.graphs) == [long_key]
+    engine._state_for(other)
+    assert set(engine.graphs) == {long_key, other}
+    longer = engine._state_for((32, 768, 256, "sample", 1))
+    assert set(engine.graphs) == {other, (32, 768, 256, "sample", 1)} and longer.length == 768
+    engine.release()
+    engine.kernels.triton_kernels = False
+    assert engine._state_for(short_key) is not engine._state_for(long_key) and len(engine.graphs) == 2
+
+
+def test_validation_and_evaluation_let_go_of_the_engines_caches_before_and_after(tokenizer, prompt_ids, monkeypatch):
+    """evaluation.generate_answers (checkpoint validation, the held-out evaluation) starts with training's caches
+    released and leaves none of its own: neither phase holds memory the other needs (memory_plan.py)."""
+    import evaluation
+
+    model = make_model(False, "cpu")
+    engine = rollout_engine.engine_for(model, tokenizer)
+    engine.generate(prompt_ids[:2], 4)  # a training rollout's cache
+    seen = []
+    real_generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: (seen.append(len(engine.graphs)), real_generate(*a, **k))[1])
+    prompts = [tokenizer.decode(ids) for ids in prompt_ids[:3]]
+    evaluation.generate_answers(model, tokenizer, prompts, samples=2, max_new_tokens=4, batch_size=4,
+                                backend="engine")
+    assert seen == [0, 1] and not engine.graphs and not engine.weight_sets
