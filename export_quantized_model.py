@@ -6,9 +6,11 @@ experts in MXFP4 as gpt-oss ships them, or in bf16.
     python export_quantized_model.py --experts-format bf16         # expert LoRA kept exactly, 3x the size
     HF_TOKEN=hf_... HF_REPO_ID=me/gpt-oss-tes python export_quantized_model.py --push-to-hub true
 
-Steps: check the inputs (adapter directory, adapter weights all finite, adapter against base, output directory, Hub
-token) before any model is loaded; remove what killed exports to the same target left beside it (`.NAME.partial-*`,
-model-sized); load the base through model_loader in bf16 (MXFP4 experts dequantised exactly) and the PEFT adapter;
+Steps: finish what an export killed while publishing left beside the target (its complete export goes into place,
+or the previous one back) and remove the rest killed exports left there (`.NAME.partial-*`, `.NAME.old-*`,
+model-sized), saying what was done, at the start of every export, refused or not; check the inputs (adapter
+directory, adapter weights all finite, adapter against base, output directory, Hub token) before any model is loaded;
+load the base through model_loader in bf16 (MXFP4 experts dequantised exactly) and the PEFT adapter;
 merge (`merge_and_unload`, in place); bring the experts back to MXFP4 with mxfp4.py: experts the adapter did not
 touch are the base checkpoint's own `_blocks` / `_scales` bytes, experts changed by expert LoRA are quantised with the
 base's scales as `like_scales`; write safetensors shards (each expert's blocks and scales in one shard, blocks first),
@@ -342,6 +344,7 @@ def export(settings, log=ae.log):
     base = ae.resolve_base_model(adapter_config, settings["BASE_MODEL_ID"], adapter_dir)
     out = ae.resolve_path(settings["EXPORT_DIR"])
     recover_interrupted_publish(out, log)  # a killed swap: `out` holds a complete export again, old or new
+    remove_stale_partials(out, log)  # what killed exports left beside it goes, whether or not this one is refused
     check_output_dir(out, settings["OVERWRITE"])
     import model_loader
 
@@ -361,7 +364,6 @@ def export(settings, log=ae.log):
                                lora_expert_parameters, prompt_logits, quantize_experts)
     from mxfp4 import check_mxfp4_checkpoint, save_mxfp4_checkpoint
 
-    remove_stale_partials(out, log)  # after recover_interrupted_publish (in the input checks) kept what is complete
     start, seconds = time.time(), {}
     device = model_loader.pick_device()
     base_dir = local_checkpoint_dir(base)

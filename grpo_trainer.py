@@ -113,6 +113,7 @@ class TesGRPOTrainer(GRPOTrainer):
             return
         name = f"checkpoint-{self.state.global_step}"
         run_directory.record_base(staging / name, self.base_model_id)
+        run_directory.follow_umask(staging / name)  # the safetensors writer's 0600, mkdtemp's 0700
         run_directory.replace_path(staging / name, out / name, staging)
         shutil.rmtree(staging)
 

@@ -149,10 +149,19 @@ def check_local_model_id(model_id, need_config=True):
 
 
 def load_config(model_id):
-    """AutoConfig for a gpt-oss model, with errors that say what to do."""
+    """AutoConfig for a gpt-oss model, with errors that say what to do; a local model directory's weight files are
+    checked too (index, safetensors headers: mxfp4.check_weight_files), so every script that loads a model, or an
+    adapter's base, names a broken file instead of failing inside a library."""
     from transformers import AutoConfig
 
+    from mxfp4 import CheckpointError, check_weight_files
+
     check_local_model_id(model_id)
+    if os.path.isdir(model_id):
+        try:
+            check_weight_files(model_id)  # a broken index or safetensors file, named before anything reads it
+        except (CheckpointError, OSError) as error:
+            raise ModelLoadError(str(error)) from None
     try:
         config = AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as error:

@@ -461,23 +461,47 @@ def read_safetensors_header(path: str) -> dict[str, dict]:
         raw = f.read(8)
         size = int.from_bytes(raw, "little") if len(raw) == 8 else -1
         if not 0 < size <= 100_000_000:
-            raise CheckpointError(f"{path}: not a safetensors file (bad header length); re-export the checkpoint")
+            raise CheckpointError(f"{path}: not a safetensors file (bad header length); copy or write it again")
         try:
             header = json.loads(f.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{path}: unreadable safetensors header ({err}); re-export the checkpoint") from err
+            raise CheckpointError(f"{path}: unreadable safetensors header ({err}); copy or write it again") from err
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: unreadable safetensors header (not a JSON object); re-export the checkpoint")
+        raise CheckpointError(f"{path}: unreadable safetensors header (not a JSON object); copy or write it again")
     header.pop("__metadata__", None)
     try:
         data_end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
     except (TypeError, KeyError, IndexError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable safetensors header (bad data_offsets); re-export the "
-                              "checkpoint") from err
+        raise CheckpointError(f"{path}: unreadable safetensors header (bad data_offsets); copy or write it "
+                              "again") from err
     if os.path.getsize(path) < 8 + size + data_end:
         raise CheckpointError(f"{path}: truncated: its header describes {8 + size + data_end} bytes, the file has "
                               f"{os.path.getsize(path)} (an interrupted copy or write?); copy or write it again")
     return header
+
+
+def check_weight_files(model_dir: str) -> None:
+    """Raise CheckpointError naming the file when a model directory's weights cannot be read: an index that is not
+    JSON or names a shard that is missing, a safetensors file whose header is unreadable or that is shorter than its
+    header says. Reads the index and the headers only; a directory with no weight file passes (the loader says what
+    it lacks)."""
+    index_path = os.path.join(model_dir, INDEX_FILE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index_path}: corrupt, not a readable safetensors index ({type(err).__name__}: "
+                                  f"{err}); copy the model directory again") from None
+        for file in files:
+            if not os.path.isfile(os.path.join(model_dir, file)):
+                raise CheckpointError(f"{os.path.join(model_dir, file)}: shard named in {index_path} is missing; "
+                                      "copy the model directory again")
+    else:
+        files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    for file in files:
+        read_safetensors_header(os.path.join(model_dir, file))
 
 
 def check_expert_tensor(file: str, name: str, entry: dict, shape: tuple[int, ...]) -> None:
@@ -533,16 +557,12 @@ def check_mxfp4_checkpoint(model_dir: str) -> None:
         if value % BLOCK_SIZE:
             raise CheckpointError(f"{config_path}: {key}={value} is not a multiple of {BLOCK_SIZE}, which MXFP4 needs")
 
+    check_weight_files(model_dir)
     index_path = os.path.join(model_dir, INDEX_FILE)
     if os.path.isfile(index_path):
         with open(index_path) as f:
             weight_map = json.load(f).get("weight_map") or {}
         files = sorted(set(weight_map.values()))
-        for file in files:
-            if not os.path.isfile(os.path.join(model_dir, file)):
-                raise CheckpointError(
-                    f"{os.path.join(model_dir, file)}: shard named in {index_path} is missing; re-export"
-                )
     elif os.path.isfile(os.path.join(model_dir, SINGLE_FILE)):
         weight_map, files = None, [SINGLE_FILE]
     else:

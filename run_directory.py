@@ -12,7 +12,13 @@ What train_grpo.py writes into OUT and what it and adapter_evaluation.py read ba
   it skipped the others;
 - the final adapter is written the same way (`save_final_atomically`): beside OUT, then moved in file by file,
   adapter_config.json last (it marks a directory holding an adapter);
-- `check_run_dir`: a run is never overwritten; --resume picks the checkpoint, `finished_message` a run that is done;
+- `check_run_dir`: a run writes only into a new or empty directory or one of its own runs (marked by
+  run_config.json); anything else is refused by name before a model loads, and a run is never overwritten;
+  --resume picks the checkpoint, and refuses to start a run that has trained again from step 0;
+  `finished_message` (and `finish_run`) a run that is done;
+- `checkpoint_problem`: one check of a checkpoint's files (sizes, safetensors headers, JSON, the optimiser's and
+  RNG states' archives) before it counts, for --resume and for keeping the best checkpoint's adapter;
+- every file a run writes follows the umask (`follow_umask`), as other programs' files do;
 - `read_run_config`: the settings a run was started with (run_config.json), for --resume;
 - `run_files_present` / `forget_failed_start`: a start that failed before its first optimiser step leaves OUT as
   it found it, so that the same command can simply be run again.
@@ -23,10 +29,11 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 # -----------------------------------------------------------------------------
-RUN_CONFIG = "run_config.json"  # the resolved settings of a run
+RUN_CONFIG = "run_config.json"  # the resolved settings of a run; it marks a directory as a run of this project
 RUN_FILES = (RUN_CONFIG, "adapter_config.json", "completions.csv")  # any of these marks a directory as a run
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # checkpoint directory names; the number is the optimiser step
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json", "optimizer.pt",
@@ -34,6 +41,8 @@ CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "adapter_
 PARTIAL = ".checkpoint-partial-"  # prefix of the hidden directories checkpoints are written into
 FINAL_PARTIAL = ".final-partial-"  # prefix of the hidden directory the final adapter is written into
 STARTED_FILES = (RUN_CONFIG, "completions.csv", "logs", "README.md")  # written by a start before its first step
+TRAINED_FILES = ("adapter_model.safetensors", "summary.json")  # written by a run that trained to its end
+FOREIGN_SHOWN = 5  # entries of a foreign directory named in the refusal
 # -----------------------------------------------------------------------------
 
 
@@ -42,11 +51,14 @@ class RunDirectoryError(RuntimeError):
 
 
 def check_run_dir(out, resume, log, tidy=True):
-    """A run directory is never overwritten: continue it with --resume or pick another --out.
+    """Where a run may write: a new or empty directory, or one of its own runs (run_config.json, or the files of a
+    run from before that marker); a run is never overwritten: continue it with --resume or pick another --out.
 
-    Returns the (step, path) of the last complete checkpoint to resume from, or None (a new run; or a resumed
-    run that stopped before its first complete checkpoint, which starts again from step 0). With --resume, `tidy`
-    removes what interrupted saves left; of several processes only the main one tidies, the others only look.
+    Returns the (step, path) of the last complete checkpoint to resume from, or None (a new run; or a resumed run
+    that stopped before it saved anything, which starts again from step 0). A resumed run that has trained (a
+    checkpoint directory, its final adapter or summary) but has no checkpoint that passes `checkpoint_problem` is
+    refused rather than trained again from step 0 over what it holds. With --resume, `tidy` removes what interrupted
+    saves left; of several processes only the main one tidies, the others only look.
     """
     from output_files import why_not_writable
 
@@ -54,7 +66,15 @@ def check_run_dir(out, resume, log, tidy=True):
     reason = why_not_writable(out, directory=True)
     if reason:
         raise RunDirectoryError(f"--out: {reason}")
-    holds_run = any((out / name).exists() for name in RUN_FILES) or bool(list_checkpoints(out)[0])
+    complete, skipped = list_checkpoints(out)
+    holds_run = any((out / name).exists() for name in RUN_FILES) or bool(complete or skipped)
+    if not holds_run and out.is_dir() and any(out.iterdir()):
+        entries = sorted(entry.name for entry in out.iterdir())
+        shown = ", ".join(entries[:FOREIGN_SHOWN]) + (f" and {len(entries) - FOREIGN_SHOWN} more"
+                                                     if len(entries) > FOREIGN_SHOWN else "")
+        raise RunDirectoryError(f"--out {out} holds files that are not a run of this project ({shown}); a run "
+                                f"writes only into a new or empty directory or one of its own runs (they hold "
+                                f"{RUN_CONFIG}), so nothing there is touched: choose another --out")
     if holds_run and not resume:
         raise RunDirectoryError(f"{out} already holds a run; continue it with --resume, or choose another --out")
     if not resume:
@@ -63,24 +83,66 @@ def check_run_dir(out, resume, log, tidy=True):
         remove_partial_checkpoints(out, log)
     checkpoint = last_complete_checkpoint(out, log)
     if checkpoint is None:
+        trained = [name for name in TRAINED_FILES if (out / name).is_file()] + [path.name for path, _ in skipped]
+        if trained:
+            raise RunDirectoryError(
+                f"--resume: {out} has trained ({', '.join(trained)}) but holds no checkpoint that can be continued"
+                + "".join(f"; {path.name}: {why}" for path, why in skipped)
+                + f". It is not started again from step 0, which would write over its results: start a new run "
+                  "with another --out")
         log(f"{out} has no complete checkpoint: the run starts again from step 0, with its settings")
     return checkpoint
 
 
-def finished_message(out, step, total_steps):
-    """What --resume says about a run whose last checkpoint is `step` if that is all of it (else None)."""
+def finish_if_done(out, step, total_steps, log, write=True):
+    """For --resume of a run whose last checkpoint is `step`: False while steps remain. Else it says the run is
+    finished, and a final adapter that was never saved (a kill during that save) is put in place from the checkpoint
+    the run would have kept (best_checkpoint.choose_kept over its scored, complete checkpoints; the last one without
+    scores), copied as the run saves it (by the process that may `write`: the main one); True."""
     if step < total_steps:
-        return None
+        return False
     out = Path(out)
-    lines = [f"{out} is finished: its last checkpoint is step {step} of TOTAL_STEPS={total_steps}; nothing to do "
-             "(to train it further, pass a larger --total-steps with --resume)."]
-    if not (out / "adapter_model.safetensors").is_file():
-        lines.append(f"Its final adapter was not saved; the adapter of step {step} is in "
-                     f"{out / f'checkpoint-{step}'} (pass it as --adapter-path).")
+    log(f"{out} is finished: its last checkpoint is step {step} of TOTAL_STEPS={total_steps}; nothing to train "
+        "(to train it further, pass a larger --total-steps with --resume).")
+    if not (out / "adapter_config.json").is_file() and write:
+        kept, reason = kept_checkpoint(out, step)
+        install_adapter(out / f"checkpoint-{kept}", out / f"checkpoint-{step}", out)
+        log(f"Its final adapter had not been saved: it is now, from checkpoint-{kept} ({reason}).")
     if not (out / "summary.json").is_file():
-        lines.append("It has no summary (the final evaluation was interrupted); evaluate it with: "
-                     f"python test_lora_adapter.py --adapter-path {out}")
-    return "\n".join(lines)
+        log("It has no summary (the run was stopped before it wrote one); evaluate its adapter with: "
+            f"python test_lora_adapter.py --adapter-path {out}")
+    return True
+
+
+def kept_checkpoint(out, last_step):
+    """(step, why) of the checkpoint whose adapter a finished run keeps: the best-scoring complete one of
+    validation.json (ties to the later step), else the last."""
+    from best_checkpoint import choose_kept, read_history
+
+    complete = {step for step, _ in list_checkpoints(out)[0]}
+    history = [entry for entry in read_history(out, last_step) if entry["step"] in complete]
+    if not history:
+        return last_step, "the last step; no checkpoint was scored"
+    kept, reason = choose_kept(history)
+    return kept["step"], reason
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # what makes a directory an adapter
+RUN_STATE_FILES = ("optimizer.pt", "scheduler.pt", "training_args.bin", "trainer_state.json")  # not an adapter's
+
+
+def install_adapter(checkpoint, last_checkpoint, out):
+    """A checkpoint's adapter (weights, config, tokenizer, nested adapters such as TRL's `ref/`) into OUT as the run's
+    final adapter, with the last checkpoint's trainer_state.json, as save_final_atomically lays them out: staged
+    beside, then moved in (adapter_config.json last)."""
+    out = Path(out)
+    staging = Path(tempfile.mkdtemp(prefix=FINAL_PARTIAL, dir=out))
+    for entry in Path(checkpoint).iterdir():
+        if entry.name in RUN_STATE_FILES or entry.name.startswith("rng_state"):
+            continue
+        (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, staging / entry.name)
+    shutil.copy2(Path(last_checkpoint) / "trainer_state.json", staging / "trainer_state.json")
+    move_into(staging, out)
 
 
 def list_checkpoints(out):
@@ -91,22 +153,52 @@ def list_checkpoints(out):
         if not match or not path.is_dir():
             skipped.append((path, "not a checkpoint directory"))
             continue
-        missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
-        if missing:
-            skipped.append((path, "empty (an interrupted save?)" if not any(path.iterdir()) else
-                            f"incomplete, no {', '.join(missing)} (an interrupted save?)"))
+        if not any(path.iterdir()):
+            skipped.append((path, "empty (an interrupted save?)"))
             continue
-        try:
-            step = json.loads((path / "trainer_state.json").read_text())["global_step"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            skipped.append((path, f"incomplete, trainer_state.json unreadable ({type(error).__name__}; an "
-                                  "interrupted save?)"))
+        problem = checkpoint_problem(path)
+        if problem:
+            skipped.append((path, problem))
             continue
+        step = json.loads((path / "trainer_state.json").read_text())["global_step"]
         if step != int(match[1]):
             skipped.append((path, f"its trainer_state.json is of step {step}"))
             continue
         complete.append((step, path))
     return sorted(complete), skipped
+
+
+def checkpoint_problem(path):
+    """Why the checkpoint directory `path` cannot be resumed from or its adapter used, or None: every file of
+    CHECKPOINT_FILES present and not empty, trainer_state.json a JSON object with a global_step, adapter_config.json
+    JSON, each safetensors file's header readable and its data all there, each .pt / .pth file (torch's zip
+    archives: optimiser, scheduler, RNG states) an archive whose every member matches its checksum (a read of the
+    file: ~1 s for a 20b expert LoRA's 3 GB optimiser state)."""
+    from mxfp4 import CheckpointError, read_safetensors_header
+
+    path = Path(path)
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    if missing:
+        return f"incomplete, no {', '.join(missing)} (an interrupted save?)"
+    for file in sorted(path.iterdir()):
+        if not file.is_file():
+            continue
+        if file.stat().st_size == 0:
+            return f"{file.name} is empty (an interrupted save?)"
+        try:
+            if file.suffix == ".json":
+                data = json.loads(file.read_text(encoding="utf-8"))
+                if file.name == "trainer_state.json" and not isinstance(data.get("global_step"), int):
+                    return "trainer_state.json holds no global_step"
+            elif file.suffix == ".safetensors":
+                read_safetensors_header(str(file))
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(file) as archive:
+                    if archive.testzip() is not None:  # every member's checksum (torch stores them uncompressed)
+                        raise zipfile.BadZipFile("a member's checksum does not match")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError, zipfile.BadZipFile, CheckpointError) as error:
+            return f"{file.name} is unreadable ({type(error).__name__}; an interrupted save or a broken copy?)"
+    return None
 
 
 def last_complete_checkpoint(out, log=None):
@@ -159,11 +251,39 @@ def save_final_atomically(trainer, tokenizer, out, base_model_id):
     tokenizer.save_pretrained(str(staging))
     trainer.state.save_to_json(str(staging / "trainer_state.json"))
     record_base(staging, base_model_id)
-    for name in sorted(os.listdir(staging), key=lambda name: name == "adapter_config.json"):
-        if (out / name).is_dir() and not (out / name).is_symlink():
-            shutil.rmtree(out / name)
-        os.replace(staging / name, out / name)
+    move_into(staging, out)
+
+
+def move_into(staging, out):
+    """Move every file under `staging` to the same place under `out` (adapter_config.json files last, so a directory
+    holding one holds a whole adapter), give what was written the umask's modes, and remove `staging`. A file of the
+    same name is replaced; nothing else under `out` is touched: files a person put into a nested directory (`ref/`)
+    stay."""
+    staging, out = Path(staging), Path(out)
+    follow_umask(staging)
+    files = sorted((path for path in staging.rglob("*") if path.is_file()),
+                   key=lambda path: (path.name == "adapter_config.json", str(path)))
+    for path in files:
+        target = out / path.relative_to(staging)
+        for parent in reversed(target.relative_to(out).parents[:-1]):
+            if not (out / parent).is_dir():
+                (out / parent).mkdir()
+                follow_umask(out / parent)
+        os.replace(path, target)
     shutil.rmtree(staging)
+
+
+def follow_umask(path):
+    """Give `path` and everything under it the modes the umask gives new files and directories (0644 / 0755 with the
+    usual 022): tempfile.mkdtemp makes directories 0700, and some writers make files 0600, which would keep a
+    colleague in the same group from reading a run's adapter."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path = Path(path)
+    for entry in [path, *path.rglob("*")]:
+        if entry.is_symlink():
+            continue
+        os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
 def read_run_config(out):

@@ -52,9 +52,11 @@ batch (on-policy; steps_per_generation = gradient accumulation), no prompt trunc
 out of the stream and reported).
 """
 
+import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -216,6 +218,8 @@ def check_settings(s):
         if s[name] < least:
             why = " (GRPO compares completions within a group)" if name == "NUM_GENERATIONS" else ""
             raise SystemExit(f"error: --{flag(name)} must be at least {least}{why}, got {s[name]}")
+    if s["SEED"] > MAX_SEED:
+        raise SystemExit(f"error: --seed must be at most {MAX_SEED} (numpy and TRL take 32-bit seeds), got {s['SEED']}")
     for name, low, high, closed_low in (("LEARNING_RATE", 0, math.inf, False), ("TEMPERATURE", 0, math.inf, False),
                                         ("LORA_ALPHA", 0, math.inf, False), ("BETA", 0, math.inf, True),
                                         ("FORMAT_PENALTY", 0, math.inf, True), ("TOP_P", 0, 1, False),
@@ -260,6 +264,7 @@ def check_settings(s):
                          f"{', '.join(BACKENDS)}")
 
 
+MAX_SEED = 2**32 - 1  # the largest seed numpy's legacy seeding (TRL's set_seed) accepts
 EXPERTS_FORMATS = ("auto", "bf16", "mxfp4")  # model_loader.EXPERTS_FORMAT_CHOICES, named here so that settings
                                              #   are checked before torch is imported
 # Said whenever generation runs out of memory: the settings that shrink it, most effective first.
@@ -423,6 +428,29 @@ def check_lora_targets(model, targets):
                          "all-linear")
 
 
+def use_writable_caches(log):
+    """The datasets library caches the stream's generator under HF_DATASETS_CACHE (~/.cache/huggingface/datasets):
+    where that cannot be written (a service account's read-only HOME), a temporary directory of this process takes
+    its place, removed at exit, and the log says so and which variable chooses another."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import datasets.config
+
+    from output_files import why_not_writable
+
+    reason = why_not_writable(Path(datasets.config.HF_DATASETS_CACHE), directory=True)
+    if reason is None:
+        return
+    temporary = tempfile.mkdtemp(prefix="grpo-datasets-cache-")
+    atexit.register(shutil.rmtree, temporary, ignore_errors=True)
+    os.environ["HF_DATASETS_CACHE"] = temporary
+    datasets.config.HF_DATASETS_CACHE = Path(temporary)  # read at import: the variable alone comes too late
+    log(f"the datasets cache cannot be written ({reason}): using {temporary} for this run (set HF_DATASETS_CACHE to "
+        "a writable directory to choose one)")
+
+
 def make_trainer(model, tokenizer, pool, completion_log, settings, device, backend, log, callbacks=(),
                  memory_phases=None):
     import model_loader
@@ -430,6 +458,7 @@ def make_trainer(model, tokenizer, pool, completion_log, settings, device, backe
     from grpo_trainer import TesGRPOTrainer, grpo_config
     from step_stream import StepStream
 
+    use_writable_caches(log)
     stream = StepStream(pool, seed=settings["SEED"])
     import generation
 
@@ -523,9 +552,8 @@ def train(args, processes):
         except run_directory.RunDirectoryError as error:
             raise SystemExit(f"error: {error}") from None
         start_step = checkpoint[0] if checkpoint else 0
-        finished = run_directory.finished_message(out, start_step, settings["TOTAL_STEPS"]) if checkpoint else None
-        if finished:
-            log(finished)
+        if checkpoint and run_directory.finish_if_done(out, start_step, settings["TOTAL_STEPS"], log,
+                                                       write=main_process):
             return
         train_frames, held_out = read_data(settings)  # before any model is loaded
 
@@ -536,7 +564,6 @@ def train(args, processes):
         import model_loader
         from completion_log import CompletionLog
         from memory_plan import MAX_EVALUATION_ROWS, PhasePeaks
-        from output_files import write_text_atomically
 
         device = "cuda" if processes.device.type == "cuda" else "cpu"  # model_loader.pick_device, as accelerate chose
         try:
@@ -570,9 +597,9 @@ def train(args, processes):
         processes.wait_for_everyone()  # every process has looked at OUT before the main one writes into it
         settings["MODEL_PATH"] = model_loader.resolve_model_id(settings["MODEL_ID"])
         settings["PROCESSES"] = processes.num_processes  # a resumed run must be launched with as many
-        if main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            write_text_atomically(json.dumps(settings, indent=2) + "\n", out / run_directory.RUN_CONFIG)
+        record = make_settings_record(settings, out, main_process)
+        if not args.resume:
+            record.write()  # the marker of a run directory, before anything else is written into it
         completion_log = None
         if os.environ.get("GRPO_LOG_COMPLETIONS", "1") != "0":
             steps_per_generation = int(os.environ.get("GRPO_STEPS_PER_GENERATION", settings["GRADIENT_ACCUMULATION"]))
@@ -592,7 +619,7 @@ def train(args, processes):
                 settings, backend, out, best_checkpoint.read_history(out, start_step) if checkpoint else [], log,
                 batch_size=evaluation_rows, memory_phases=phases)
         trainer = make_trainer(model, tokenizer, pool, completion_log, settings, device, backend, log,
-                               [scorer] if scorer else [], memory_phases=phases)
+                               [record] + ([scorer] if scorer else []), memory_phases=phases)
         start = time.time()
         phases.enter("update")  # a step is an update, but for its rollout (TesGRPOTrainer._generate)
         trainer.train(resume_from_checkpoint=str(checkpoint[1]) if checkpoint else None)
@@ -610,7 +637,8 @@ def train(args, processes):
                              f"saves no checkpoint: {out} continues from its last one with: "
                              f"{resume_command(out, processes.num_processes)}") from None
         if not (out / f"checkpoint-{trainer.state.global_step}").is_dir():
-            trainer.save_checkpoint_now()
+            with deferred_interrupts("the checkpoint is saved", then_stop=False):  # a second Ctrl-C or SIGTERM
+                trainer.save_checkpoint_now()
         raise SystemExit(f"\ninterrupted at step {trainer.state.global_step}: checkpoint saved in {out}; "
                          f"continue with: {resume_command(out, processes.num_processes)}") from None
     except torch.OutOfMemoryError:
@@ -629,9 +657,6 @@ def train(args, processes):
                             max(memory.values()) if memory else None)
     if not main_process:
         return  # the main process keeps the adapter, evaluates it and writes the summary
-    kept = best_checkpoint.keep_best_adapter(trainer.model, scorer, out, log) if scorer and scorer.history else None
-    run_directory.save_final_atomically(trainer, tokenizer, out, model_loader.portable_model_id(settings["MODEL_ID"]))
-
     summary = {"out": str(out), "device": device_name(device), "generation_backend": backend,
                "experts_format": model_loader.experts_format_of(trainer.model),
                "processes": processes.num_processes,
@@ -639,32 +664,91 @@ def train(args, processes):
                "completions_per_step": completions_per_step, "steps_done": trainer.state.global_step,
                "steps_this_process": steps_done(), "resumed_from": checkpoint[1].name if checkpoint else None,
                "train_seconds": train_seconds, "training": summarize_log(trainer.state.log_history),
-               "speed": speed, "kept": kept}
+               "speed": speed, "kept": None}
     if plan:
-        summary["gpu_memory_gib"] = memory
         summary["planned_gpu_memory_gib"] = {phase: round(gib, 2) for phase, gib in plan.peaks_gib().items()}
         summary["memory_plan"] = {"parts_gib": {part: round(gib, 3) for part, gib in plan.parts.items()},
                                   "update_tokens": plan.update_tokens, "evaluation_rows": plan.evaluation_rows,
                                   "micro_batches": [settings["TRAIN_BATCH_SIZE"], settings["GRADIENT_ACCUMULATION"]]}
-    if settings["EVAL_SAMPLES"] > 0:
-        try:
+    stage = "saving the final adapter"
+    try:
+        with deferred_interrupts("the final adapter is saved"):  # never half a final adapter
+            if scorer and scorer.history:
+                summary["kept"] = best_checkpoint.keep_best_adapter(trainer.model, scorer, out, log)
+            run_directory.save_final_atomically(trainer, tokenizer, out,
+                                                model_loader.portable_model_id(settings["MODEL_ID"]))
+        if settings["EVAL_SAMPLES"] > 0:
             from evaluation import evaluate_held_out
 
+            stage = "the final evaluation"
             with phases.phase("evaluation"):
                 summary["held_out"] = evaluate_held_out(trainer.model, tokenizer, held_out, settings["EVAL_SAMPLES"],
                                                         settings["MAX_COMPLETION_LEN"], settings["SEED"], backend,
                                                         log, max_prompts=settings["EVAL_MAX_PROMPTS"],
                                                         batch_size=evaluation_rows)
-            if plan:
-                summary["gpu_memory_gib"] = phases.gib()
-        except KeyboardInterrupt:
-            summary["held_out_interrupted"] = True
+    except KeyboardInterrupt:
+        summary["held_out_interrupted"] = settings["EVAL_SAMPLES"] > 0
+        if plan:
+            summary["gpu_memory_gib"] = phases.gib()
+        with deferred_interrupts("the summary is written", then_stop=False):
             write_summary(out, summary)
-            raise SystemExit(f"\ninterrupted during the final evaluation: the adapter is saved in {out} and "
-                             "summary.md written without the held-out evaluation; evaluate the adapter with: "
-                             f"python test_lora_adapter.py --adapter-path {out}") from None
-    write_summary(out, summary)
+        held_out = (" without the held-out evaluation; evaluate the adapter with: python test_lora_adapter.py "
+                    f"--adapter-path {out}") if settings["EVAL_SAMPLES"] > 0 else ""
+        raise SystemExit(f"\ninterrupted during {stage}: the adapter is saved in {out} and summary.md written"
+                         + held_out) from None
+    if plan:
+        summary["gpu_memory_gib"] = phases.gib()
+    with deferred_interrupts("the summary is written"):
+        write_summary(out, summary)
     print(render_summary(summary))
+
+
+def make_settings_record(settings, out, main_process):
+    """A TrainerCallback that writes the run's settings into OUT/run_config.json (the main process) when training
+    begins, once a resumed run's checkpoint has loaded (a resume that fails leaves the run's settings as they were);
+    `write()` writes them at once (a new run: the file marks the directory as a run)."""
+    from transformers import TrainerCallback
+
+    from output_files import write_text_atomically
+
+    class SettingsRecord(TrainerCallback):
+        def write(self):
+            if main_process:
+                Path(out).mkdir(parents=True, exist_ok=True)
+                write_text_atomically(json.dumps(settings, indent=2) + "\n", Path(out) / run_directory.RUN_CONFIG)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.write()
+
+    return SettingsRecord()
+
+
+@contextlib.contextmanager
+def deferred_interrupts(what, then_stop=True):
+    """Ctrl-C and SIGTERM wait until the block ends, so that what it writes is finished, never cut (a final adapter,
+    the interrupt's own checkpoint, the summary); then they stop the run as they would have (`then_stop`), or are
+    dropped where the run stops anyway. The first one says what it waits for."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        yield
+        return
+    received = []
+
+    def wait(signum, frame):
+        if not received:
+            print(f"\nstopping once {what}", file=sys.stderr, flush=True)
+        received.append(signum)
+
+    previous = {number: signal.signal(number, wait) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if received and then_stop:
+        raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@ gradient checkpointing, the model directory's tokenizer (the real one gives 242-
 `python train_grpo.py` process (its own CUDA context, so its peak memory is its own), 1 warm-up step and then the
 measured steps; the default row runs DEFAULT_STEPS steps with no flag but the model, to show the defaults hold (on a
 GPU the experts stay MXFP4: train_grpo.py's EXPERTS_FORMAT 'auto'), and so do the two rows that name the experts'
-format alone (`--experts-format mxfp4`, `--experts-format bf16`). `--max-gpu-memory-gib 23` runs every row under a
+format alone (`--experts-format mxfp4`, `--experts-format bf16`), and the default run with GPT_OSS_GPU_CAPABILITY=8.0:
+what an A100 or an RTX 3090 / 4090 executes (no 'transposed' kernel, no TMA, grouped matmuls as a loop over the
+experts; mxfp4_experts.gpu_capability), here on a Hopper card. `--max-gpu-memory-gib 23` runs every row under a
 23 GiB cap (torch.cuda.set_per_process_memory_fraction): what fits a 24 GB card is shown, not assumed.
 The stand-in's random weights never write a stop token, so every completion runs the full 256 tokens.
 
-Writes a Markdown table (s/step, generation s, update s, generated tokens/s, peak GiB, card) and a JSON beside it;
+Writes a Markdown table (s/step, generation s, update s, generated tokens/s, peak GiB, card) and a JSON beside it,
+and exits with status 1 when a row failed (its run's log says why); bad arguments are refused before any row runs;
 each row's run directory and log stay under runs/bench-grpo-step/<when the invocation started>/, so that running
 the benchmark again never meets the previous invocation's runs.
 """
@@ -169,6 +172,9 @@ def main():
                         help="cap every row's GPU memory at this many GiB (train_grpo.py's MAX_GPU_MEMORY_GIB), e.g. "
                              "23 to show that a row fits a 24 GB card")
     args = parser.parse_args()
+    problem = check_arguments(args)
+    if problem:
+        parser.error(problem)
     recipe = Path(args.model_dir) / "recipe.json"
     tokenizer = json.loads(recipe.read_text()).get("tokenizer", "unknown") if recipe.is_file() else "unknown"
     results, invocation = [], invocation_directory(time.time())
@@ -184,6 +190,24 @@ def main():
         write_text_atomically(table, Path(args.out))
         write_text_atomically(json.dumps(results, indent=2) + "\n", Path(args.out).with_suffix(".json"))
     print(table)
+    failed = [r["backend"] for r in results if "failed" in r]
+    if failed:
+        raise SystemExit(f"error: {len(failed)} of {len(results)} rows failed ({', '.join(failed)}); their logs are "
+                         f"beside their run directories under {invocation}")
+
+
+def check_arguments(args):
+    """Why the arguments cannot make a benchmark (one line naming the flag), or None: checked before any row runs."""
+    from output_files import why_not_writable
+
+    if not (Path(args.model_dir) / "config.json").is_file():
+        return (f"--model-dir {args.model_dir}: no model directory there (no config.json); build the stand-in with "
+                "python tiny_gpt_oss.py --shape 20b --tokenizer path/to/o200k_harmony")
+    if not (math.isfinite(args.max_gpu_memory_gib) and args.max_gpu_memory_gib >= 0):
+        return f"--max-gpu-memory-gib must be 0 (no cap) or a number of GiB, got {args.max_gpu_memory_gib}"
+    if args.row_timeout <= 0:
+        return f"--row-timeout must be a number of seconds above 0, got {args.row_timeout}"
+    return why_not_writable(Path(args.out))
 
 
 if __name__ == "__main__":

@@ -327,6 +327,8 @@ def test_a_reasoning_effort_other_than_the_prompts_is_refused(tmp_path):
     (["--validation-samples", "0"], "--validation-samples must be at least 1"),
     (["--experts-format", "fp8"], "--experts-format 'fp8' is not one of auto, bf16, mxfp4"),
     (["--max-gpu-memory-gib=-1"], "--max-gpu-memory-gib must be 0 (no cap) or a number of GiB"),
+    (["--seed", "4294967296"], "--seed must be at most 4294967295 (numpy and TRL take 32-bit seeds)"),
+    (["--seed", "18446744073709551616"], "--seed must be at most 4294967295"),
 ])
 def test_settings_that_cannot_work_are_refused_before_anything_is_written(tmp_path, flags, message):
     out = tmp_path / "run"
@@ -567,3 +569,190 @@ def test_runs_of_one_seed_give_identical_adapters_and_logs_even_when_one_builds_
         if name == "builds-the-stand-in":
             assert "building the tiny stand-in" in done.stderr
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+# -- a user's files, broken runs, odd environments -----------------------------------------------------------------
+def tree(path):
+    """{relative path: (bytes, or None for a directory)} of everything under `path`."""
+    return {str(p.relative_to(path)): None if p.is_dir() else p.read_bytes() for p in sorted(Path(path).rglob("*"))}
+
+
+def test_a_folder_of_the_users_own_is_refused_by_name_and_left_untouched(tmp_path):
+    out = tmp_path / "my-notes"
+    for name, text in (("README.md", "# my notes"), ("notes.txt", "todo"), ("logs/a.log", "x"),
+                       ("results/r.csv", "1"), ("ref/papers.bib", "@article{x}")):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = tree(out)
+    message = run_main(FAST + ["--out", str(out)])
+    assert "holds files that are not a run of this project (README.md, logs, notes.txt, ref, results)" in message
+    assert "choose another --out" in message and tree(out) == before
+
+
+def test_an_empty_folder_is_a_new_runs_directory(tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    import run_directory
+
+    assert run_directory.check_run_dir(out, resume=False, log=print) is None
+
+
+def test_a_finished_run_whose_checkpoints_cannot_be_read_is_never_trained_again(short_run, tmp_path):
+    out = tmp_path / "broken"
+    shutil.copytree(short_run[0], out)
+    for state in out.glob("checkpoint-*/trainer_state.json"):
+        state.write_text("{not json")
+    before = tree(out)
+    message = run_main(["--resume", "--out", str(out)])
+    assert "has trained (adapter_model.safetensors, summary.json, checkpoint-2, checkpoint-3)" in message
+    assert "trainer_state.json is unreadable" in message and "not started again from step 0" in message
+    assert tree(out) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated adapter", "empty adapter", "corrupt optimizer", "corrupt rng state"])
+def test_a_checkpoint_with_a_damaged_file_does_not_count(short_run, tmp_path, damage):
+    import run_directory
+
+    out = tmp_path / "damaged"
+    shutil.copytree(short_run[0], out)
+    checkpoint = out / "checkpoint-3"
+    name = {"truncated adapter": "adapter_model.safetensors", "empty adapter": "adapter_model.safetensors",
+            "corrupt optimizer": "optimizer.pt", "corrupt rng state": "rng_state.pth"}[damage]
+    data = bytearray((checkpoint / name).read_bytes())
+    if damage == "empty adapter":
+        data = b""
+    elif damage in ("truncated adapter", "corrupt optimizer"):
+        data = data[:len(data) // 2]  # a copy or a write cut off
+    else:
+        data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle
+    (checkpoint / name).write_bytes(bytes(data))
+    complete, skipped = run_directory.list_checkpoints(out)
+    assert [step for step, _ in complete] == [2]
+    assert skipped[0][0].name == "checkpoint-3" and name in skipped[0][1]
+    assert run_directory.checkpoint_problem(out / "checkpoint-2") is None
+
+
+def test_resume_continues_from_the_last_sound_checkpoint_and_records_its_settings_once_training_begins(short_run,
+                                                                                                      tmp_path):
+    out = tmp_path / "resumed-past-damage"
+    shutil.copytree(short_run[0], out)
+    optimizer = out / "checkpoint-3" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])  # cut off
+    for name in ("adapter_model.safetensors", "adapter_config.json", "summary.json"):
+        (out / name).unlink()  # as a kill before the final save left it
+    result = run_train("--resume", "--out", str(out), "--total-steps", "4")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "skipping checkpoint-3: optimizer.pt is unreadable" in result.stdout
+    assert "resuming from checkpoint-2 (step 2)" in result.stdout
+    assert json.loads((out / "run_config.json").read_text())["TOTAL_STEPS"] == 4
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_a_refused_resume_leaves_the_runs_settings_as_they_were(short_run, tmp_path):
+    out = tmp_path / "refused"
+    shutil.copytree(short_run[0], out)
+    for checkpoint in out.glob("checkpoint-*"):
+        (checkpoint / "adapter_model.safetensors").write_bytes(b"")
+    before = (out / "run_config.json").read_bytes()
+    assert "not started again from step 0" in run_main(["--resume", "--out", str(out), "--total-steps", "6",
+                                                        "--save-steps", "1"])
+    assert (out / "run_config.json").read_bytes() == before
+
+
+def test_every_file_and_directory_a_run_writes_follows_the_umask(short_run):
+    umask = os.umask(0)
+    os.umask(umask)
+    out = short_run[0]
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != ((0o777 if (out / name).is_dir() else 0o666) & ~umask)}
+    assert "checkpoint-3/adapter_model.safetensors" in modes and not wrong
+
+
+# Runs train_grpo.main with a signal sent to itself at a chosen point (STOP_AT):
+#   final:SIGNAL       as the final adapter's save begins (run_directory.save_final_atomically);
+#   checkpoint:SIGNAL  a second SIGTERM while the interrupt's own checkpoint is being saved (after a first one).
+SIGNALLED_RUN = """
+import os, signal, sys
+import run_directory, train_grpo
+where, name = os.environ["STOP_AT"].split(":")
+number = getattr(signal, name)
+if where == "final":
+    save = run_directory.save_final_atomically
+    def signalled_save(*args, **kwargs):
+        os.kill(os.getpid(), number)
+        if number == signal.SIGKILL:
+            return
+        save(*args, **kwargs)
+    run_directory.save_final_atomically = signalled_save
+else:
+    import grpo_trainer
+    save = grpo_trainer.TesGRPOTrainer.save_checkpoint_now
+    def signalled_checkpoint(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        save(self)
+    grpo_trainer.TesGRPOTrainer.save_checkpoint_now = signalled_checkpoint
+    import transformers
+    def first_signal(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    transformers.TrainerCallback.on_step_end = first_signal
+train_grpo.main(sys.argv[1:])
+"""
+
+
+def run_signalled(stop_at, *args):
+    return subprocess.run([sys.executable, "-c", SIGNALLED_RUN, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={**ENV, "STOP_AT": stop_at})
+
+
+def test_sigterm_while_the_final_adapter_is_saved_waits_for_it_and_writes_the_summary(tmp_path):
+    out = tmp_path / "terminated-at-the-end"
+    result = run_signalled("final:SIGTERM", *FAST, "--out", str(out))
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "stopping once the final adapter is saved" in result.stderr
+    assert "interrupted during saving the final adapter: the adapter is saved" in result.stderr
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert json.loads((out / "summary.json").read_text())["steps_done"] == 3
+    again = run_train("--resume", "--out", str(out))
+    assert again.returncode == 0 and "is finished" in again.stdout
+
+
+def test_a_kill_during_the_final_save_is_finished_by_resume_with_the_kept_checkpoint(tmp_path):
+    out = tmp_path / "killed-at-the-end"
+    killed = run_signalled("final:SIGKILL", *FAST, "--validation-prompts", "4", "--out", str(out))
+    assert killed.returncode == -signal.SIGKILL and not (out / "adapter_config.json").exists()
+    history = json.loads((out / "validation.json").read_text())["checkpoints"]
+    best = max(reversed(history), key=lambda entry: entry["score"])["step"]
+    result = run_train("--resume", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Its final adapter had not been saved: it is now, from checkpoint-{best}" in result.stdout
+    assert (out / "adapter_model.safetensors").read_bytes() == \
+        (out / f"checkpoint-{best}" / "adapter_model.safetensors").read_bytes()
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+
+
+def test_a_second_sigterm_during_the_interrupts_own_checkpoint_leaves_it_whole(tmp_path):
+    out = tmp_path / "terminated-twice"
+    result = run_signalled("checkpoint:SIGTERM", "--tiny", "--total-steps", "50", "--save-steps", "1000",
+                           "--eval-samples", "0", "--validation-prompts", "0", "--out", str(out))
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "stopping once the checkpoint is saved" in result.stderr and "checkpoint saved" in result.stderr
+    import run_directory
+
+    complete, skipped = run_directory.list_checkpoints(out)
+    assert complete and not skipped
+
+
+def test_a_read_only_datasets_cache_is_replaced_by_a_temporary_one(read_only_dir, monkeypatch):
+    import datasets.config
+
+    import train_grpo
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", read_only_dir / "datasets")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(read_only_dir / "datasets"))
+    lines = []
+    train_grpo.use_writable_caches(lines.append)
+    chosen = Path(datasets.config.HF_DATASETS_CACHE)
+    assert chosen != read_only_dir / "datasets" and chosen.is_dir() and os.environ["HF_DATASETS_CACHE"] == str(chosen)
+    assert "the datasets cache cannot be written" in lines[0] and "set HF_DATASETS_CACHE" in lines[0]
