@@ -47,3 +47,16 @@ def can_create_file(directory):
         return False
     (directory / "probe").unlink()
     return True
+
+
+def pytest_configure(config):
+    """GPU_TEST_MEMORY_GIB=78 caps this test process's GPU memory (torch.cuda.set_per_process_memory_fraction), so
+    that a card with more memory shows whether the GPU tests fit a smaller one (an 80 GB H100 on a 141 GB H200)."""
+    cap = os.environ.get("GPU_TEST_MEMORY_GIB")
+    if not cap:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) * 2**30 / total))

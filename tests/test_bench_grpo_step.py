@@ -42,3 +42,41 @@ def test_a_row_whose_engine_fell_back_is_marked_in_the_table():
     assert "**engine, MXFP4 experts: not the engine's fast path.**" in table and "ValueError: dense_matmul" in table
     assert "engine (default): not" not in table
     assert "| engine, MXFP4 experts | mxfp4 | 20 (19) | 5.34 |" in table  # which format a row ran is in the table
+
+
+def run_main(monkeypatch, argv):
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["bench_grpo_step.py", *argv])
+    return bench_grpo_step.main()
+
+
+def test_bad_arguments_are_refused_before_any_row_runs(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    ran = []
+    monkeypatch.setattr(bench_grpo_step, "run_row", lambda *args, **kwargs: ran.append(args))
+    for argv, message in ((["--max-gpu-memory-gib", "-1"], "--max-gpu-memory-gib must be 0 (no cap) or a number"),
+                          (["--max-gpu-memory-gib", "nan"], "--max-gpu-memory-gib must be 0 (no cap) or a number"),
+                          (["--model-dir", str(tmp_path / "nowhere")], "no model directory there")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(monkeypatch, ["--model-dir", str(model), "--out", str(tmp_path / "t.md"), *argv])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not ran
+
+
+def test_a_failed_row_fails_the_benchmark(tmp_path, monkeypatch):
+    import pytest
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    monkeypatch.setattr(bench_grpo_step, "RUN_DIR", tmp_path / "runs")
+    monkeypatch.setattr(bench_grpo_step, "run_row", lambda name, *args, **kwargs: {
+        "backend": name, "failed": "error: the GPU ran out of memory", "steps": 4, "max_gpu_memory_gib": 0})
+    with pytest.raises(SystemExit, match="1 of 1 rows failed"):
+        run_main(monkeypatch, ["--model-dir", str(model), "--out", str(tmp_path / "t.md"), "--rows", "generate"])
+    assert "failed: error: the GPU ran out of memory" in (tmp_path / "t.md").read_text()

@@ -357,3 +357,18 @@ def test_an_output_path_under_a_file_or_in_a_read_only_directory_exits_2(attenti
     code, message, _ = run_main(["--adapter-path", str(attention_run), "--out", str(read_only_dir / "model")],
                                 capsys)
     assert code == 2 and "cannot be written" in message
+
+
+def test_a_refused_export_still_cleans_up_what_a_killed_one_left_and_says_so(attention_run, tmp_path, capsys):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "model.safetensors").write_text("an export")  # refused below: no --overwrite
+    old = tmp_path / ".model.old-abc123"
+    (old / "model").mkdir(parents=True)
+    (old / "model" / "model.safetensors").write_text("model-sized leftovers")
+    with pytest.raises(SystemExit):
+        exporter.main(["--adapter-path", str(attention_run), "--out", str(out)])
+    said = capsys.readouterr()
+    assert "already holds an export" in said.err and "removed .model.old-abc123" in said.out + said.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (out / "model.safetensors").read_text() == "an export"
