@@ -23,6 +23,7 @@ TRAINER = (  # grpo_trainer.TesGRPOTrainer overrides or calls these
     ("trl", "GRPOTrainer._get_per_token_logps_and_entropies",
      ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy", "compute_aux_loss")),
     ("trl", "GRPOTrainer._generate", ("prompts",)),
+    ("trl.trainer.grpo_trainer", None, "return prompt_ids, completion_ids,"),  # _generate's result: [1] is the ids
     ("trl", "GRPOTrainer._log_metric", ("name", "value")),
     ("transformers", "Trainer._save_checkpoint", ("model", "trial")),
     ("transformers", "Trainer._get_output_dir", ("trial",)),
@@ -44,6 +45,7 @@ EXPERT_LORA = (  # expert_lora.py's wrapper for MXFP4-resident experts subclasse
 )
 ENGINE = (  # rollout_engine.py reads these (and expert_lora.expert_lora_factors, which it calls)
     ("transformers.configuration_utils", None, "_experts_implementation"),  # which experts kernel a model runs
+    ("transformers.configuration_utils", None, "_attn_implementation"),  # which attention the prefill matches
     ("peft.tuners.lora.layer", None, "_did_swap_in_out_features"),  # ParamWrapper's expert LoRA orientation
 )
 ATTENTION = (  # sink_attention.register: gpt-oss attention with sinks through SDPA, registered with transformers

@@ -16,7 +16,7 @@ Every script loads through `load_model` / `load_tokenizer` so that they all agre
 
 The experts' format (EXPERTS_FORMAT / --experts-format in every script that loads a model):
 - 'auto' (the default): 'mxfp4' on a CUDA GPU when the checkpoint stores its experts in MXFP4 and Triton is
-  installed (less than half the memory and faster on an H200: benchmarks/RESULTS.md), otherwise 'bf16' (a CPU, a
+  installed (less than half the memory, and faster: benchmarks/RESULTS.md), otherwise 'bf16' (a CPU, a
   checkpoint with plain experts); `experts_format_of(model)` says which one a loaded model has;
 - 'bf16': the MXFP4 experts dequantised on load, as above (fp32 on a CPU): 38 GB of experts at the 20b shape;
 - 'mxfp4': the experts stay in the checkpoint's own bytes (mxfp4_experts.Mxfp4Experts; 10.2 GB at the 20b shape),

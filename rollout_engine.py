@@ -1,7 +1,7 @@
 """A sampling engine for gpt-oss: each prompt prefilled once, a static KV cache, the decode step as a CUDA graph.
 
-Why: a GRPO step is mostly generation, and transformers' `generate` spends ~140 ms per decode step of the 20b model
-on launching ~1,200 small kernels, ten times what reading the weights costs. Here the whole decode step (all layers,
+Why: a GRPO step is mostly generation, and transformers' `generate` spends most of a decode step of the 20b model
+on launching ~1,200 small kernels, many times what reading the weights costs (benchmarks/RESULTS.md). Here the whole decode step (all layers,
 the sampling, the bookkeeping) is one CUDA graph replayed once per token, with no host synchronisation in between.
 
     engine = RolloutEngine(model, tokenizer)                       # model: gpt-oss, plain or PEFT-wrapped
@@ -26,7 +26,7 @@ How it is built, in the order a token goes through it:
   their dense decode path and their grouped prefill alike (expert_lora.py);
 - on a GPU with triton the decode step's per-layer functions (`attention_inputs`, `finish_layer`, ...) are
   compiled by torch.compile (inductor) into fused kernels, every intermediate rounded to its eager dtype; the
-  CUDA graph then replays those (a decode step of the 20b shape on an H200: 14.2 ms against 16.3 uncompiled).
+  CUDA graph then replays those (faster than the uncompiled step: benchmarks/RESULTS.md).
   Compiling takes ~13 s per batch size; where it fails the engine says so once and runs them uncompiled;
 - identical prompts (a GRPO group) are prefilled once and their cache copied to every sample; a step's distinct
   prompts are prefilled together, packed into one sequence in which each attends only to itself (up to
@@ -76,9 +76,7 @@ PREFILL_PACK_TOKENS = 2048  # prompts prefilled together in one pass up to this 
                             #   memory grows with it (eager attention, on a CPU, holds [heads, tokens, tokens]; bf16
                             #   experts under an expert LoRA take the dense path, [E, tokens, 2 x inter])
 DENSE_EXPERTS_MAX_TOKENS = 64  # 'auto' experts: up to this many tokens every expert reads its weights anyway, and one
-                               #   batched matmul over all experts beat grouped_mm (16.2 vs 16.9 ms a decode step of
-                               #   32 rows on an H200, uncompiled:
-                               #   benchmarks/results/engine_20b_h200_dense_vs_grouped_mm.json)
+                               #   batched matmul over all experts beat grouped_mm (benchmarks/RESULTS.md)
 
 
 class RolloutEngine:
@@ -704,10 +702,10 @@ def route(h, weight, bias, top_k):
     lower index. That is what torch.topk's CUDA kernel keeps at a shared k-th place, which the training forward's
     router runs (a test in tests/test_rollout_engine_gpu.py is there to check it; a CPU's topk may keep another,
     which fp32 logits almost never meet). Elementwise work over [tokens, E, E]: compiled, two small fused kernels
-    with the softmax (~3 us a layer on an H200), where torch.topk sorts in two kernels of its own (~10 us).
+    with the softmax, where torch.topk sorts in two kernels of its own.
     The logits are `linear_as_reduction`'s, summed in another order than the router's matmul: a bf16 logit may
     differ from the training forward's in its last place, which at a near-tie can pick another expert."""
-    logits = linear_as_reduction(h, weight, bias)  # compiled: ~4 us a layer on an H200, where cuBLAS took ~7
+    logits = linear_as_reduction(h, weight, bias)  # compiled: one small reduction, shorter than cuBLAS's call
     order = torch.arange(logits.shape[-1], device=logits.device)
     mine, other = logits[:, :, None], logits[:, None, :]
     ahead = (other > mine) | ((other == mine) & (order[None, None, :] < order[None, :, None]))

@@ -84,8 +84,8 @@ OUT = "runs/grpo-gpt-oss-20b"  # run directory: adapter, checkpoints, logs, summ
 # per_device_train_batch_size: N processes of `accelerate launch` train on N times as many prompts a step)
 NUM_GENERATIONS = 8  # completions per prompt (one GRPO group)
 PROMPTS_PER_STEP = 4  # prompts (groups) per optimiser step, in each process
-TRAIN_BATCH_SIZE = 16  # completions per forward/backward micro-batch (16 x 2 updated in 2.3 s a step vs 2.5 s for
-                       #   8 x 4 at +2 GiB peak: benchmarks/RESULTS.md)
+TRAIN_BATCH_SIZE = 16  # completions per forward/backward micro-batch (fewer, larger micro-batches are faster and
+                       #   take more memory: benchmarks/RESULTS.md; on a GPU the memory plan may choose smaller)
 GRADIENT_ACCUMULATION = 2  # micro-batches per optimiser step (= PROMPTS_PER_STEP * NUM_GENERATIONS / TRAIN_BATCH_SIZE)
 MAX_PROMPT_LEN = 1024  # prompts longer than this (in tokens) are left out and reported
 MAX_COMPLETION_LEN = 256  # tokens a completion may use before it counts as truncated (invalid)
@@ -141,7 +141,7 @@ TINY_SETTINGS = dict(
     LORA_EXPERTS=True,  # also adapt the experts (more capacity where the MLPs decide; measured with BETA above)
     GRADIENT_CHECKPOINTING=False,
     GENERATION_BACKEND="engine",  # on a CPU the engine samples exactly generate's tokens (same seed, same adapter:
-                                  #   tested), in 0.12 s a step instead of 0.18
+                                  #   tested), faster (benchmarks/RESULTS.md)
     EVAL_SAMPLES=4,
     VALIDATION_PROMPTS=128,
     VALIDATION_SAMPLES=2,
