@@ -119,9 +119,21 @@ def load_checkpoint_adapter(model, checkpoint_dir):
 
 
 def keep_best_adapter(model, scorer, out, log):
-    """Load the best-scoring checkpoint's adapter into the model when it is not the last step's; what was kept."""
-    kept, reason = choose_kept(scorer.history)
+    """Load the best-scoring checkpoint's adapter into the model when it is not the last step's; what was kept.
+
+    Only checkpoints whose adapter files read (run_directory.checkpoint_problem) compete; the last step's adapter is
+    the one in memory, so it always can."""
+    from run_directory import checkpoint_problem
+
     last = scorer.history[-1]
+    sound = []
+    for entry in scorer.history:
+        problem = None if entry is last else checkpoint_problem(out / f"checkpoint-{entry['step']}", adapter_only=True)
+        if problem:
+            log(f"not keeping checkpoint-{entry['step']} whatever its score: {problem}")
+        else:
+            sound.append(entry)
+    kept, reason = choose_kept(sound)
     if kept["step"] != last["step"]:
         load_checkpoint_adapter(model, out / f"checkpoint-{kept['step']}")
         log(f"kept the adapter of step {kept['step']}: {reason}; the last one stays in checkpoint-{last['step']}")

@@ -43,6 +43,8 @@ FINAL_PARTIAL = ".final-partial-"  # prefix of the hidden directory the final ad
 STARTED_FILES = (RUN_CONFIG, "completions.csv", "logs", "README.md")  # written by a start before its first step
 TRAINED_FILES = ("adapter_model.safetensors", "summary.json")  # written by a run that trained to its end
 FOREIGN_SHOWN = 5  # entries of a foreign directory named in the refusal
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # what makes a directory an adapter
+RUN_STATE_FILES = ("optimizer.pt", "scheduler.pt", "training_args.bin", "trainer_state.json")  # not an adapter's
 # -----------------------------------------------------------------------------
 
 
@@ -127,8 +129,6 @@ def kept_checkpoint(out, last_step):
     return kept["step"], reason
 
 
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # what makes a directory an adapter
-RUN_STATE_FILES = ("optimizer.pt", "scheduler.pt", "training_args.bin", "trainer_state.json")  # not an adapter's
 
 
 def install_adapter(checkpoint, last_checkpoint, out):
@@ -168,8 +168,9 @@ def list_checkpoints(out):
     return sorted(complete), skipped
 
 
-def checkpoint_problem(path):
-    """Why the checkpoint directory `path` cannot be resumed from or its adapter used, or None: every file of
+def checkpoint_problem(path, adapter_only=False):
+    """Why the checkpoint directory `path` cannot be resumed from (or, `adapter_only`, its adapter used), or None:
+    every file of
     CHECKPOINT_FILES present and not empty, trainer_state.json a JSON object with a global_step, adapter_config.json
     JSON, each safetensors file's header readable and its data all there, each .pt / .pth file (torch's zip
     archives: optimiser, scheduler, RNG states) an archive whose every member matches its checksum (a read of the
@@ -177,10 +178,11 @@ def checkpoint_problem(path):
     from mxfp4 import CheckpointError, read_safetensors_header
 
     path = Path(path)
-    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    needed = ADAPTER_FILES if adapter_only else CHECKPOINT_FILES
+    missing = [name for name in needed if not (path / name).is_file()]
     if missing:
         return f"incomplete, no {', '.join(missing)} (an interrupted save?)"
-    for file in sorted(path.iterdir()):
+    for file in [path / name for name in ADAPTER_FILES] if adapter_only else sorted(path.iterdir()):
         if not file.is_file():
             continue
         if file.stat().st_size == 0:

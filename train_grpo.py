@@ -698,7 +698,7 @@ def train(args, processes):
                          + held_out) from None
     if plan:
         summary["gpu_memory_gib"] = phases.gib()
-    with deferred_interrupts("the summary is written"):
+    with deferred_interrupts("the summary is written", then_stop=False):  # the run ends here anyway
         write_summary(out, summary)
     print(render_summary(summary))
 

@@ -98,6 +98,30 @@ def test_the_kept_checkpoints_adapter_goes_back_into_the_model(tmp_path):
     assert np.isclose(kept["kept_scores"]["score"], 0.35)
 
 
+def test_a_best_checkpoint_whose_adapter_no_longer_reads_is_passed_over(tmp_path):
+    """The best score's checkpoint lost half its adapter file (a broken copy): the last step's adapter, the one in
+    memory, is kept, and the log says why; nothing is loaded from the broken file."""
+    from peft import get_peft_model
+
+    import grpo_trainer
+    import model_loader
+    import train_grpo
+
+    settings = {name: getattr(train_grpo, name) for name in train_grpo.SETTINGS} | train_grpo.TINY_SETTINGS
+    model = get_peft_model(model_loader.load_model("tiny"), grpo_trainer.lora_config(settings))
+    model.save_pretrained(tmp_path / "checkpoint-2")
+    weights = tmp_path / "checkpoint-2" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    class Scored:
+        history = [entry(2, 0.35), entry(4, 0.12)]
+        frame, samples = list(range(16)), 2
+
+    said = []
+    kept = best_checkpoint.keep_best_adapter(model, Scored, tmp_path, said.append)
+    assert kept["step"] == 4 and "not keeping checkpoint-2 whatever its score: adapter_model.safetensors" in said[0]
+
+
 def test_a_checkpoint_of_another_adapter_shape_is_refused_with_what_to_do(tmp_path):
     from peft import get_peft_model
 
