@@ -26,7 +26,7 @@ from pathlib import Path
 
 import data_reward
 import output_files
-from data_reward import DataError, REWARD_PREFIX
+from data_reward import REWARD_PREFIX, DataError
 
 # ------------------------------------------------------------------------------------------------
 DEFAULT_TAU = 0.05  # Boltzmann temperature, in the units of the Q columns

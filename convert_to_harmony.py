@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import harmony
-from data_reward import DataError, FIRST_DATA_ROW, PROMPT_COLUMN, list_row_problems, read_data_csv, validate_data_files
+from data_reward import FIRST_DATA_ROW, PROMPT_COLUMN, DataError, list_row_problems, read_data_csv, validate_data_files
 from output_files import why_not_writable, write_csv_atomically
 
 # -----------------------------------------------------------------------------
@@ -72,6 +72,8 @@ def main(argv=None):
     parser.add_argument("--reasoning-effort", default=REASONING_EFFORT, choices=harmony.REASONING_EFFORTS)
     parser.add_argument("--date", default=DATE, help="YYYY-MM-DD to pin the system message's date, or 'today'")
     args = parser.parse_args(argv)
+    import model_loader  # once the flags are read: --help answers at once, transformers takes seconds to import
+
     try:
         date = harmony.parse_date(args.date)
         frames = {}
@@ -84,8 +86,6 @@ def main(argv=None):
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
-
-    import model_loader
 
     try:
         tokenizer = model_loader.load_tokenizer(args.model_id)

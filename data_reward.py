@@ -1,7 +1,7 @@
 """The data contract of the TES control task: columns, validation, Boltzmann rewards.
 
-This module holds what every stage agrees on about a data CSV; rewards.py scores a completion against a row,
-completion_log.py records it, output_files.py writes files whole.
+This module holds what every stage agrees on about a data CSV; training/rewards.py scores a completion against a row,
+training/completion_log.py records it, output_files.py writes files whole.
 
 A data CSV has one row per situation and at least these columns:
     prompt                       the situation in plain English (text, never empty)

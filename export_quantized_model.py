@@ -11,10 +11,10 @@ or the previous one back) and remove the rest killed exports left there (`.NAME.
 model-sized), saying what was done, at the start of every export, refused or not; check the inputs (adapter
 directory, adapter weights all finite, adapter against base, output directory, Hub token) before any model is loaded;
 load the base through model_loader in bf16 (MXFP4 experts dequantised exactly) and the PEFT adapter;
-merge (`merge_and_unload`, in place); bring the experts back to MXFP4 with mxfp4.py: experts the adapter did not
-touch are the base checkpoint's own `_blocks` / `_scales` bytes, experts changed by expert LoRA are quantised with the
-base's scales as `like_scales`; write safetensors shards (each expert's blocks and scales in one shard, blocks first),
-config.json with the mxfp4 quantization_config, generation_config.json, tokenizer and chat template,
+merge (`merge_and_unload`, in place); bring the experts back to MXFP4 with gpu_engine/mxfp4.py: experts the adapter did
+not touch are the base checkpoint's own `_blocks` / `_scales` bytes, experts changed by expert LoRA are quantised with
+the base's scales as `like_scales`; write safetensors shards (each expert's blocks and scales in one shard, blocks
+first), config.json with the mxfp4 quantization_config, generation_config.json, tokenizer and chat template,
 export_report.json (strict JSON: a value that is not a finite number is null). Nothing is written while the merged
 model's logits are not all finite (an adapter of a diverged run). Everything is written into a temporary directory
 beside the target and renamed into place only after the export verified itself, so an interrupted or failed export
@@ -61,7 +61,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import adapter_evaluation as ae
+import script_settings
+from output_files import why_not_writable
+
+# torch, transformers and this project's modules built on them are imported in the functions that use them: --help
+# and a wrong flag answer at once instead of after ~10 s of imports.
 
 # -----------------------------------------------------------------------------
 ADAPTER_PATH = ""  # run directory holding adapter_config.json; '' = the newest under runs/
@@ -112,13 +116,14 @@ def holds_export(path):
 
 def check_output_dir(out, overwrite):
     """Refuse an output directory that holds an export (unless overwrite) or anything else."""
+    from adapters import adapter_evaluation as ae
+
     out = Path(out)
     if holds_export(out) and not overwrite:
         raise ae.InputError(f"{out} already holds an export; pass --overwrite true to replace it, or choose another "
                             "--out")
     if out.exists() and not holds_export(out) and (not out.is_dir() or any(out.iterdir())):
         raise ae.InputError(f"{out} exists and is not an export; choose another --out")
-    from output_files import why_not_writable
 
     # the export is written beside its target, then renamed into place
     reason = why_not_writable(out, directory=True) or why_not_writable(out.parent, directory=True)
@@ -152,6 +157,8 @@ def process_alive(pid):
 
 def check_not_an_input(out, inputs):
     """Refuse an output directory that is, or holds, one of the inputs (--overwrite would delete it)."""
+    from adapters import adapter_evaluation as ae
+
     for path in inputs:
         if Path(out).resolve() == Path(path).resolve() or Path(path).resolve().is_relative_to(Path(out).resolve()):
             raise ae.InputError(f"--out {out} would replace {path}, an input of this export; choose another --out")
@@ -159,6 +166,8 @@ def check_not_an_input(out, inputs):
 
 def hub_target(settings):
     """(repo id, token) for --push-to-hub; InputError before any work when either is missing."""
+    from adapters import adapter_evaluation as ae
+
     token = os.environ.get("HF_TOKEN", "").strip()
     repo_id = settings["HF_REPO_ID"] or os.environ.get("HF_REPO_ID", "").strip()
     if not token:
@@ -240,7 +249,7 @@ def compare_bytes(export_dir, base_reader, experts_format="mxfp4"):
     its names are those the format asks (the base's; with bf16 experts `..._proj` in place of its blocks and scales)."""
     import torch
 
-    from adapter_merge import CheckpointReader
+    from adapters.adapter_merge import CheckpointReader
 
     export = CheckpointReader(export_dir)
     expected = set(base_reader.names())
@@ -268,7 +277,7 @@ def save_bf16_checkpoint(model, config, out_dir, max_shard_bytes):
     """The merged model as a plain gpt-oss checkpoint (bf16 experts `gate_up_proj` / `down_proj`, no
     quantization_config), written by mxfp4.save_checkpoint rather than save_pretrained (see there why); `config` is
     the base's config.json with the converters' keys; returns the shard names."""
-    from mxfp4 import save_checkpoint
+    from gpu_engine.mxfp4 import save_checkpoint
 
     return save_checkpoint(model.state_dict(), config, str(out_dir), max_shard_bytes, experts_format="bf16")
 
@@ -311,7 +320,7 @@ def why_too_lossy(fidelity, settings):
 
 def export_sizes(model):
     """GiB of the model's weights written with MXFP4 experts (4.25 bits a value) and with bf16 ones."""
-    from adapter_merge import expert_weights
+    from adapters.adapter_merge import expert_weights
 
     experts = sum(p.numel() for p in expert_weights(model).values())
     others = sum(p.numel() for p in model.parameters()) - experts
@@ -332,8 +341,19 @@ def memory_use(device):
     return use
 
 
-def export(settings, log=ae.log):
+def export(settings, log=None):
     """The whole export; returns the report. Inputs are checked first (InputError), nothing is written before."""
+    import torch
+    from huggingface_hub.errors import HTTPError
+
+    import model_loader
+    from adapters import adapter_evaluation as ae
+    from adapters.adapter_merge import (CheckpointReader, add_converter_config_keys, compare_logits,
+                                        expert_quantization_error, export_state_dict, load_quantized_experts,
+                                        local_checkpoint_dir, lora_expert_parameters, prompt_logits, quantize_experts)
+    from gpu_engine.mxfp4 import check_mxfp4_checkpoint, save_mxfp4_checkpoint
+
+    log = log or ae.log
     ae.check_settings(settings)
     if settings["EXPERTS_FORMAT"] == "auto":  # check_settings took it: it chooses how a model runs, not is written
         raise ae.InputError(f"--experts-format {settings['EXPERTS_FORMAT']!r}: an export writes its experts as "
@@ -346,7 +366,6 @@ def export(settings, log=ae.log):
     recover_interrupted_publish(out, log)  # a killed swap: `out` holds a complete export again, old or new
     remove_stale_partials(out, log)  # what killed exports left beside it goes, whether or not this one is refused
     check_output_dir(out, settings["OVERWRITE"])
-    import model_loader
 
     try:
         fit = ae.check_adapter_fits_base(adapter_dir, base)
@@ -356,13 +375,6 @@ def export(settings, log=ae.log):
     check_not_an_input(out, [adapter_dir, fit["base_path"]])
     frame = ae.read_prompt_frame(settings["PROMPT_PATH"], settings["SPLIT"], settings["VERIFY_PROMPTS"])
     prompts = frame["prompt"].tolist()
-
-    import torch
-
-    from adapter_merge import (CheckpointReader, add_converter_config_keys, compare_logits, export_state_dict,
-                               expert_quantization_error, load_quantized_experts, local_checkpoint_dir,
-                               lora_expert_parameters, prompt_logits, quantize_experts)
-    from mxfp4 import check_mxfp4_checkpoint, save_mxfp4_checkpoint
 
     start, seconds = time.time(), {}
     device = model_loader.pick_device()
@@ -475,8 +487,6 @@ def export(settings, log=ae.log):
         raise
     print_report(report, log)
     if hub:
-        from huggingface_hub.errors import HTTPError  # the Hub client's HTTP errors (network ones included)
-
         log(f"pushing {out} to the private Hub repo {hub[0]}")
         retry = (f"The export itself is complete and verified in {out} (see {REPORT_FILE}); push it when the Hub "
                  f"is reachable: hf upload {hub[0]} {out} --private (with HF_TOKEN set)")
@@ -516,10 +526,12 @@ def print_report(report, log):
 
 def main(argv=None):
     constants = {name: globals()[name] for name in SETTINGS}
-    parser = ae.build_parser(__doc__, constants)
+    parser = script_settings.build_parser(__doc__, constants)
     parser.add_argument("--out", dest="export_dir", type=str, default=None, help="same as --export-dir")
-    settings = ae.read_settings(parser, constants, argv)
+    settings = script_settings.apply_flags(parser.parse_args(argv), constants)
+    # the libraries, once the flags are read (--help and a wrong flag answer at once; importing them takes ~10 s)
     import model_loader
+    from adapters import adapter_evaluation as ae
 
     try:
         return export(settings)

@@ -1,9 +1,9 @@
 """Every private TRL / transformers / PEFT name this project relies on, in one list, and the check that they exist.
 
-    library_internals.check(library_internals.TRAINER)    # grpo_trainer.TesGRPOTrainer, when it is built
-    library_internals.check(library_internals.ENGINE)     # rollout_engine.RolloutEngine, when it is built
-    library_internals.check(library_internals.EXPERT_LORA)  # expert_lora.register, for every LoRA config
-    library_internals.check(library_internals.ATTENTION)  # sink_attention.register, before a model is loaded
+    library_internals.check(library_internals.TRAINER)    # training/grpo_trainer.py: TesGRPOTrainer, when it is built
+    library_internals.check(library_internals.ENGINE)     # gpu_engine/rollout_engine.py: RolloutEngine, when built
+    library_internals.check(library_internals.EXPERT_LORA)  # gpu_engine/expert_lora.py: register, every LoRA config
+    library_internals.check(library_internals.ATTENTION)  # gpu_engine/sink_attention.py: before a model is loaded
 
 A release that renames or changes one of them would otherwise change this project's behaviour silently (a CPU
 scoring path no longer taken, a checkpoint written half). The check stops with one message naming the internal,
@@ -16,6 +16,7 @@ the installed versions and the tested ones. Two kinds of entry:
 
 import importlib
 import inspect
+from importlib.metadata import version
 
 # -----------------------------------------------------------------------------
 TESTED_VERSIONS = "trl 1.16, transformers 5.17 and 5.24, peft 0.21"  # where these were read and the tests pass
@@ -23,6 +24,7 @@ TRAINER = (  # grpo_trainer.TesGRPOTrainer overrides or calls these
     ("trl", "GRPOTrainer._get_per_token_logps_and_entropies",
      ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy", "compute_aux_loss")),
     ("trl", "GRPOTrainer._generate", ("prompts",)),
+    ("trl", "GRPOTrainer._calculate_rewards", ("inputs", "prompts", "completions", "completion_ids_list")),
     ("trl.trainer.grpo_trainer", None, "return prompt_ids, completion_ids,"),  # _generate's result: [1] is the ids
     ("trl", "GRPOTrainer._log_metric", ("name", "value")),
     ("transformers", "Trainer._save_checkpoint", ("model", "trial")),
@@ -33,7 +35,7 @@ TRAINER = (  # grpo_trainer.TesGRPOTrainer overrides or calls these
     ("trl.trainer.utils", "selective_log_softmax_and_entropy", ("logits", "index", "temperature")),
     ("trl.trainer.grpo_trainer", None, "_metrics"),  # {"train" | "eval": {metric: [values]}}, read by its `log`
 )
-EXPERT_LORA = (  # expert_lora.py's wrapper for MXFP4-resident experts subclasses PEFT's ParamWrapper
+EXPERT_LORA = (  # gpu_engine/expert_lora.py's wrapper for MXFP4-resident experts subclasses PEFT's ParamWrapper
     ("peft.tuners.lora.config", "LoraConfig._register_custom_module", ("mapping",)),
     ("peft.tuners.lora.layer", "ParamWrapper._get_in_out_features", ("module",)),
     ("peft.tuners.lora.layer", "ParamWrapper._check_forward_args", ("x",)),
@@ -43,7 +45,7 @@ EXPERT_LORA = (  # expert_lora.py's wrapper for MXFP4-resident experts subclasse
                                                                                       #   matched by the base layer
     ("peft.tuners.lora.layer", None, "_did_swap_in_out_features"),  # read by expert_lora_factors
 )
-ENGINE = (  # rollout_engine.py reads these (and expert_lora.expert_lora_factors, which it calls)
+ENGINE = (  # gpu_engine/rollout_engine.py and decode_step.py read these (and expert_lora_factors, which they call)
     ("transformers.configuration_utils", None, "_experts_implementation"),  # which experts kernel a model runs
     ("transformers.configuration_utils", None, "_attn_implementation"),  # which attention the prefill matches
     ("peft.tuners.lora.layer", None, "_did_swap_in_out_features"),  # ParamWrapper's expert LoRA orientation
@@ -53,6 +55,12 @@ ATTENTION = (  # sink_attention.register: gpt-oss attention with sinks through S
     ("transformers.masking_utils", "sdpa_mask", ("allow_is_causal_skip",)),  # materialised: the sink needs a column
     ("transformers.models.gpt_oss.modeling_gpt_oss", None, "s_aux=self.sinks"),  # the sinks reach the interface
 )
+OWNERS = {  # the one file that may use each group's names (tests/test_layout.py checks that no other file does)
+    "training/grpo_trainer.py": TRAINER,
+    "gpu_engine/expert_lora.py": EXPERT_LORA,  # its ParamWrapper subclasses PEFT's: an owner of PEFT's internals
+    "gpu_engine/rollout_engine.py": ENGINE,
+    "gpu_engine/sink_attention.py": ATTENTION,
+}
 # -----------------------------------------------------------------------------
 
 
@@ -61,8 +69,6 @@ class LibraryMismatch(RuntimeError):
 
 
 def installed_versions():
-    from importlib.metadata import version
-
     return ", ".join(f"{name} {version(name)}" for name in ("trl", "transformers", "peft"))
 
 

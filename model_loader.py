@@ -6,8 +6,8 @@ Every script loads through `load_model` / `load_tokenizer` so that they all agre
   bf16 matmul and fp32 keeps the tiny stand-in exact);
 - attention: gpt-oss has learnable attention sinks and FlashAttention has no backward for them
   (Dao-AILab/flash-attention#1797), so training through FA2/FA3 would give wrong gradients, and transformers has no
-  SDPA path for gpt-oss. On a GPU, sink_attention.py's: the sinks as one more key of torch's fused attention, the
-  same math as eager attention in one kernel each way; on a CPU, transformers' eager attention (the reference);
+  SDPA path for gpt-oss. On a GPU, gpu_engine/sink_attention.py's: the sinks as one more key of torch's fused attention,
+  the same math as eager attention in one kernel each way; on a CPU, transformers' eager attention (the reference);
 - the experts implementation: `grouped_mm` on a GPU (one grouped GEMM for all experts, measured fastest),
   `eager` on a CPU (a loop over the few experts a tiny model has; grouped_mm has no fast CPU kernel);
 - a clear error instead of an out-of-memory crawl when a 20b-sized model is asked for on a machine without a GPU,
@@ -30,12 +30,24 @@ lookup). Adapters record their base with `portable_model_id` ('tiny', or a path 
 `resolve_recorded_model_id` finds it again in any checkout.
 """
 
+import copy
+import importlib.util
 import json
 import logging
 import os
 import warnings
 
 import torch
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Mxfp4Config
+from transformers.utils import logging as hf_logging
+
+import tiny_gpt_oss
+from gpu_engine import sink_attention
+from gpu_engine.mxfp4 import INDEX_FILE, SINGLE_FILE, CheckpointError, check_mxfp4_checkpoint, check_weight_files
+from gpu_engine.mxfp4_experts import (LORA_TARGETS, Mxfp4Experts, expert_weight_count, gpu_capability, is_mxfp4_experts,
+                                      packed_expert_bytes)
 
 TINY = "tiny"
 REPOSITORY = os.path.dirname(os.path.abspath(__file__))  # relative model paths recorded with adapters start here
@@ -54,9 +66,7 @@ class ModelLoadError(RuntimeError):
 def resolve_model_id(model_id):
     """'tiny' -> the embedded stand-in's directory (built if needed); anything else is returned unchanged."""
     if model_id == TINY:
-        from tiny_gpt_oss import ensure_tiny_model
-
-        return str(ensure_tiny_model())
+        return str(tiny_gpt_oss.ensure_tiny_model())
     return model_id
 
 
@@ -96,9 +106,7 @@ def resolve_recorded_model_id(model_id):
 
 
 def tiny_dir():
-    from tiny_gpt_oss import TINY_DIR
-
-    return TINY_DIR
+    return tiny_gpt_oss.TINY_DIR
 
 
 def count_parameters(config):
@@ -152,10 +160,6 @@ def load_config(model_id):
     """AutoConfig for a gpt-oss model, with errors that say what to do; a local model directory's weight files are
     checked too (index, safetensors headers: mxfp4.check_weight_files), so every script that loads a model, or an
     adapter's base, names a broken file instead of failing inside a library."""
-    from transformers import AutoConfig
-
-    from mxfp4 import CheckpointError, check_weight_files
-
     check_local_model_id(model_id)
     if os.path.isdir(model_id):
         try:
@@ -199,11 +203,9 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None, e
 
     Returns the model on `device` ('cuda' when available, else 'cpu') in `dtype` (bf16 on GPU, fp32 on CPU).
     On a GPU the card's free memory must hold the weights plus `headroom_gib` (what the caller will need beyond
-    them: train_grpo.py passes its memory plan's, memory_plan.py), or a ModelLoadError says what fits; and the card
-    must be of MIN_GPU_CAPABILITY or newer.
+    them: train_grpo.py passes its memory plan's, training/memory_plan.py), or a ModelLoadError says what fits; and the
+    card must be of MIN_GPU_CAPABILITY or newer.
     """
-    from transformers import AutoModelForCausalLM, Mxfp4Config
-
     if experts_format not in EXPERTS_FORMAT_CHOICES:
         raise ModelLoadError(f"experts format {experts_format!r} is not one of {', '.join(EXPERTS_FORMAT_CHOICES)}")
     model_id = resolve_model_id(model_id)
@@ -218,8 +220,6 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None, e
         )
     quantized = getattr(config, "quantization_config", None)
     if os.path.isdir(model_id) and quantized:
-        from mxfp4 import CheckpointError, check_mxfp4_checkpoint
-
         try:
             check_mxfp4_checkpoint(model_id)
         except CheckpointError as error:
@@ -242,7 +242,6 @@ def load_model(model_id, device=None, dtype=None, experts_implementation=None, e
     if getattr(config, "quantization_config", None):
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     silence_known_notices()
-    from transformers.utils import logging as hf_logging
 
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the per-tensor 'Loading weights' bar; the scripts say when loading ends
@@ -275,7 +274,6 @@ def choose_experts_format(experts_format, device, quantized):
     Triton, which multiplies them, is installed; 'bf16' otherwise. A format asked for by name is returned as it is."""
     if experts_format != "auto":
         return experts_format
-    import importlib.util
 
     on_gpu = str(device).startswith("cuda")
     return "mxfp4" if on_gpu and quantized and importlib.util.find_spec("triton") is not None else "bf16"
@@ -283,15 +281,11 @@ def choose_experts_format(experts_format, device, quantized):
 
 def experts_format_of(model):
     """'mxfp4' when the model's experts are mxfp4_experts.Mxfp4Experts (PEFT's wrappers looked through), else 'bf16'."""
-    from mxfp4_experts import is_mxfp4_experts
-
     return "mxfp4" if any(is_mxfp4_experts(module) for module in model.modules()) else "bf16"
 
 
 def weight_bytes(config, experts_format):
     """GPU bytes of a gpt-oss model's weights: bf16 everywhere, or with the experts as MXFP4 blocks and scales."""
-    from mxfp4_experts import expert_weight_count, packed_expert_bytes
-
     expert_values = expert_weight_count(config)
     rest = 2 * (count_parameters(config) - expert_values)
     return rest + (packed_expert_bytes(config) if experts_format == "mxfp4" else 2 * expert_values)
@@ -329,8 +323,6 @@ def memory_message(model_id, config, experts_format, headroom_gib):
 def check_gpu_generation(device="cuda"):
     """ModelLoadError before loading on a card older than MIN_GPU_CAPABILITY (a T4, a V100), which has no bf16
     tensor cores and runs none of the project's Triton kernels."""
-    from mxfp4_experts import gpu_capability
-
     capability = gpu_capability(device)
     if capability < MIN_GPU_CAPABILITY:
         raise ModelLoadError(
@@ -349,9 +341,8 @@ def check_gpu_memory(model_id, config, experts_format, headroom_gib):
 
 
 def attention_implementation(device):
-    """The attn_implementation for a model on `device`, registered with transformers first (sink_attention.py)."""
-    import sink_attention
-
+    """The attn_implementation for a model on `device`, registered with transformers first
+    (gpu_engine/sink_attention.py)."""
     sink_attention.register()
     return sink_attention.implementation_for(device)
 
@@ -362,13 +353,6 @@ def load_mxfp4_resident(model_id, config, device, dtype):
     Built on the meta device (nothing allocated), the experts swapped for MXFP4 ones, then every tensor of the
     checkpoint read once into its place on `device`: the peak is the model's own size.
     """
-    import copy
-
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    from mxfp4_experts import LORA_TARGETS, Mxfp4Experts
-
     device = indexed_device(device)
     plain = copy.deepcopy(config)
     del plain.quantization_config  # what the model holds is said by its modules, not by a quantizer
@@ -428,7 +412,6 @@ def local_directory(model_id):
     on first use, with HF_TOKEN from the environment where the repository needs one)."""
     if os.path.isdir(model_id):
         return model_id
-    from huggingface_hub import snapshot_download
 
     try:
         return snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors"])
@@ -439,8 +422,6 @@ def local_directory(model_id):
 
 def checkpoint_files(directory):
     """The safetensors files of a model directory (sharded or not)."""
-    from mxfp4 import INDEX_FILE, SINGLE_FILE
-
     index = os.path.join(directory, INDEX_FILE)
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as handle:
@@ -487,12 +468,8 @@ def silence_known_notices():
 
 def load_tokenizer(model_id):
     """The model's tokenizer (with its chat template); 'tiny' gives the embedded stand-in's."""
-    from transformers import AutoTokenizer
-
     if model_id == TINY:
-        from tiny_gpt_oss import load_tiny_tokenizer
-
-        return load_tiny_tokenizer()  # without building the whole stand-in when only the tokenizer is needed
+        return tiny_gpt_oss.load_tiny_tokenizer()  # without building the whole stand-in when only the tokenizer is needed
     check_local_model_id(model_id, need_config=False)
     if os.path.isdir(model_id) and not any(os.path.isfile(os.path.join(model_id, name)) for name in TOKENIZER_FILES):
         raise ModelLoadError(f"{model_id}: no tokenizer ({' or '.join(TOKENIZER_FILES)}) in this model directory; "

@@ -15,7 +15,9 @@ export directory, a prompt file without the needed columns) ends with a one-line
 import re
 import time
 
-import adapter_evaluation as ae
+import harmony
+import script_settings
+from data_reward import optimal_actions, q_matrix
 from export_quantized_model import EXPORT_DIR
 
 # -----------------------------------------------------------------------------
@@ -36,6 +38,8 @@ HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name
 
 def resolve_model(model_path):
     """A local export directory, or a Hub id; InputError for a local path that does not exist."""
+    from adapters import adapter_evaluation as ae
+
     path = ae.resolve_path(model_path)
     if path.exists():
         if not (path / "config.json").is_file():
@@ -57,6 +61,8 @@ def user_message(prompt):
 def check_model_output(model, tokenizer, prompt, model_id):
     """InputError when the model's logits on `prompt` are not all finite: sampling from them is meaningless (and
     torch.multinomial fails on them)."""
+    from adapters import adapter_evaluation as ae
+
     if not ae.has_finite_output(model, tokenizer, prompt):
         raise ae.InputError(f"{model_id}: the model's logits are NaN or infinite, so it cannot answer; its weights "
                             "are broken (an export from a diverged run?): export again from a good adapter "
@@ -65,9 +71,13 @@ def check_model_output(model, tokenizer, prompt, model_id):
 
 def main(argv=None):
     constants = {name: globals()[name] for name in SETTINGS}
-    settings = ae.read_settings(ae.build_parser(__doc__, constants), constants, argv)
+    settings = script_settings.apply_flags(script_settings.build_parser(__doc__, constants).parse_args(argv),
+                                           constants)
+    # the libraries, once the flags are read (--help and a wrong flag answer at once; importing them takes ~10 s)
     import model_loader
-    from mxfp4 import CheckpointError
+    from adapters import adapter_evaluation as ae
+    from gpu_engine.mxfp4 import CheckpointError
+    from training.evaluation import generate_answers
 
     try:
         ae.check_settings(settings)
@@ -79,10 +89,6 @@ def main(argv=None):
         check_model_output(model, tokenizer, frame["prompt"].iat[0], model_id)
     except (ae.InputError, model_loader.ModelLoadError, CheckpointError) as error:
         ae.fail(error)
-
-    import harmony
-    from data_reward import optimal_actions, q_matrix
-    from evaluation import generate_answers
 
     ae.log(f"loaded {model_id} in {time.time() - start:.0f} s; answering {len(frame)} prompts")
     answers = generate_answers(model, tokenizer, frame["prompt"].tolist(), samples=1,

@@ -21,6 +21,7 @@ Each record is one Harmony prompt with what the reward function needs to score a
 """
 
 import numpy as np
+from datasets import IterableDataset
 
 from data_reward import FIRST_DATA_ROW, optimal_actions, q_matrix, reward_matrix
 
@@ -90,8 +91,6 @@ class StepStream:
 
     def as_dataset(self):
         """The stream as a `datasets.IterableDataset`, the form GRPOTrainer accepts (it rejects torch's)."""
-        from datasets import IterableDataset
-
         return IterableDataset.from_generator(iterate_stream, gen_kwargs={"stream": self})
 
 

@@ -6,8 +6,8 @@
 
 Loads the base model through model_loader (EXPERTS_FORMAT: MXFP4 experts kept as stored on a GPU, dequantised to
 fp32 on a CPU) with the PEFT adapter on top, samples SAMPLES answers per prompt, parses them exactly as the training
-reward does (harmony.parse_final_action via evaluation.py) and scores them; then the same for the base model alone
-(`model.disable_adapter()`), on the same prompts with the same sampling seeds. Reported per model: valid-answer
+reward does (harmony.parse_final_action via training/evaluation.py) and scores them; then the same for the base model
+alone (`model.disable_adapter()`), on the same prompts with the same sampling seeds. Reported per model: valid-answer
 rate, accuracy against argmax Q, mean Boltzmann reward, mean regret in Q units, the action distribution and a
 predicted-versus-optimal count table, beside uniform guessing, the best constant action and the optimal policy.
 
@@ -22,7 +22,8 @@ eval_action_counts.png (optimal versus chosen action, base and adapter).
 import platform
 import time
 
-import adapter_evaluation as ae
+import script_settings
+from output_files import write_text_atomically
 
 # -----------------------------------------------------------------------------
 ADAPTER_PATH = ""  # run directory holding adapter_config.json; '' = the newest under runs/
@@ -45,17 +46,20 @@ PREFIX = "eval"  # file names written into the run directory start with this
 
 def main(argv=None):
     constants = {name: globals()[name] for name in SETTINGS}
-    settings = ae.read_settings(ae.build_parser(__doc__, constants), constants, argv)
+    settings = script_settings.apply_flags(script_settings.build_parser(__doc__, constants).parse_args(argv),
+                                           constants)
+    # the libraries, once the flags are read (--help and a wrong flag answer at once; importing them takes ~10 s)
+    import torch
+
+    import model_loader
+    from adapters import adapter_evaluation as ae
+    from training import evaluation
+
     try:
         adapter_dir, adapter_config, base, frame, fit = ae.check_inputs(settings)
         ae.check_writable(adapter_dir)
     except ae.InputError as error:
         ae.fail(error)
-
-    import torch
-
-    import evaluation
-    import model_loader
 
     start = time.time()
     device = model_loader.pick_device()
@@ -105,7 +109,6 @@ def main(argv=None):
     ae.write_answers(frame, actions, answers, adapter_dir / report["answers_file"])
     ae.write_json(report, adapter_dir / f"{PREFIX}_report.json")
     summary = ae.render_evaluation_summary(report)
-    from output_files import write_text_atomically
 
     write_text_atomically(summary, adapter_dir / f"{PREFIX}_summary.md")
     print(summary)

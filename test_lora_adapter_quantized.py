@@ -11,9 +11,9 @@ Three evaluations of the same adapter on the same prompts and sampling seeds (te
    at run time (kernels-community/gpt-oss-triton-kernels); the script probes for them and checks after loading
    that the experts really are MXFP4 modules (mode 'mxfp4-kernels'). Where they cannot run, and for an adapter
    with expert LoRA (adapter_config target_parameters), which PEFT cannot put on transformers' packed experts, the
-   base keeps its experts in MXFP4 by this project's own path (mxfp4_experts.py, mode 'mxfp4-experts'; an expert
-   LoRA runs beside them as low-rank terms, expert_lora.py): Triton kernels on a GPU, the plain-torch reference on
-   a CPU, measured like any variant;
+   base keeps its experts in MXFP4 by this project's own path (gpu_engine/mxfp4_experts.py, mode 'mxfp4-experts'; an
+   expert LoRA runs beside them as low-rank terms, gpu_engine/expert_lora.py): Triton kernels on a GPU, the plain-torch
+   reference on a CPU, measured like any variant;
 3. export: the adapter merged and the experts re-quantised to MXFP4 exactly as export_quantized_model.py writes them
    (simulated in the evaluation dtype: expert values as stored, other weights not rounded to bf16). Identical to the
    reference for attention-only adapters up to the merge's float rounding; with expert LoRA it shows what the
@@ -29,7 +29,8 @@ import gc
 import importlib.util
 import time
 
-import adapter_evaluation as ae
+import script_settings
+from output_files import write_text_atomically
 
 # -----------------------------------------------------------------------------
 ADAPTER_PATH = ""  # run directory holding adapter_config.json; '' = the newest under runs/
@@ -53,6 +54,9 @@ KERNEL_REPO = "kernels-community/gpt-oss-triton-kernels"  # what transformers' M
 def probe_mxfp4_kernels(device):
     """(True, what) when transformers can run MXFP4 experts natively here, else (False, why not)."""
     import torch
+    from transformers.integrations.hub_kernels import get_kernel
+
+    from adapters import adapter_evaluation as ae
 
     if device != "cuda":
         return False, ("no CUDA GPU: transformers runs MXFP4 experts only through OpenAI's triton kernels on a GPU; "
@@ -64,8 +68,6 @@ def probe_mxfp4_kernels(device):
             return False, (f"the `{package}` package is not installed (pip install {package}); transformers would "
                            "dequantise")
     try:
-        from transformers.integrations.hub_kernels import get_kernel
-
         get_kernel(KERNEL_REPO, version=1)
     except Exception as error:  # reported, not swallowed: it decides the mode and goes into the report
         return False, (f"the triton kernels ({KERNEL_REPO}) could not be loaded from the Hub or its cache "
@@ -98,17 +100,23 @@ def release_memory():
 
 def main(argv=None):
     constants = {name: globals()[name] for name in SETTINGS}
-    settings = ae.read_settings(ae.build_parser(__doc__, constants), constants, argv)
+    settings = script_settings.apply_flags(script_settings.build_parser(__doc__, constants).parse_args(argv),
+                                           constants)
+    # the libraries, once the flags are read (--help and a wrong flag answer at once; importing them takes ~10 s)
+    from peft import PeftModel
+
+    import model_loader
+    from adapters import adapter_evaluation as ae
+    from adapters.adapter_merge import (CheckpointReader, compare_logits, expert_quantization_error,
+                                        load_quantized_experts, local_checkpoint_dir, lora_expert_parameters,
+                                        prompt_logits, quantize_experts)
+    from training import evaluation
+
     try:
         adapter_dir, adapter_config, base, frame, fit = ae.check_inputs(settings)
         ae.check_writable(adapter_dir)
     except ae.InputError as error:
         ae.fail(error)
-
-    import evaluation
-    import model_loader
-    from adapter_merge import (CheckpointReader, compare_logits, expert_quantization_error, load_quantized_experts,
-                               local_checkpoint_dir, lora_expert_parameters, prompt_logits, quantize_experts)
 
     start = time.time()
     device = model_loader.pick_device()
@@ -139,8 +147,6 @@ def main(argv=None):
         ae.log(f"2/3 MXFP4 base: {why}")
         mx_base, native = load_mxfp4_base(base, device)
         if native:
-            from peft import PeftModel
-
             mx_model = PeftModel.from_pretrained(mx_base, str(adapter_dir))
         else:
             why = "transformers fell back to dequantising the experts while loading (see its warning above)"
@@ -150,7 +156,7 @@ def main(argv=None):
         # transformers' kernels are out of reach (or cannot hold the adapter), this project's are not: the base's
         # experts kept as stored, an expert LoRA beside them as low-rank terms
         mode = "mxfp4-experts"
-        ae.log(f"2/3 MXFP4 base: experts kept in MXFP4 by mxfp4_experts.py (transformers' own kernels: "
+        ae.log(f"2/3 MXFP4 base: experts kept in MXFP4 by gpu_engine/mxfp4_experts.py (transformers' own kernels: "
                f"{why.split(':')[0]})")
         mx_model, _ = ae.load_adapted_model(adapter_dir, base, device=device, experts_format="mxfp4")
     mx_model.eval()
@@ -206,7 +212,6 @@ def main(argv=None):
     }
     ae.write_json(report, adapter_dir / f"{PREFIX}_report.json")
     summary = render_summary(report)
-    from output_files import write_text_atomically
 
     write_text_atomically(summary, adapter_dir / f"{PREFIX}_summary.md")
     print(summary)
@@ -221,15 +226,17 @@ def describe(mode, why, expert_targets, dtype):
         text = f"Ran the base with MXFP4 experts on the GPU kernels ({why}) against the dequantised {dtype} base."
     else:
         text = (f"transformers' MXFP4 kernels did not run here ({why}), so the base ran with its experts kept in "
-                "MXFP4 by this project's own path (mxfp4_experts.py: Triton kernels on a GPU, the plain-torch "
+                "MXFP4 by this project's own path (gpu_engine/mxfp4_experts.py: Triton kernels on a GPU, the plain-torch "
                 f"reference on a CPU) against the dequantised {dtype} base: the deltas are measured, not assumed.")
         if expert_targets:
-            text += (" The adapter's expert LoRA ran beside the packed experts as low-rank terms (expert_lora.py), "
+            text += (" The adapter's expert LoRA ran beside the packed experts as low-rank terms (gpu_engine/expert_lora.py), "
                      "unrounded.")
     return text + " The export variant merges the adapter and rounds the experts to MXFP4 as the exporter stores them."
 
 
 def render_summary(report):
+    from adapters import adapter_evaluation as ae
+
     r, m, e, d, lg = report["reference"], report["mxfp4"], report["export"], report["delta"], report["logits"]
     lines = [f"# Adapter evaluation with an MXFP4 base: {report['adapter_path']}", "",
              f"Base `{report['base_model']}`; {report['prompts']} prompts x {report['decoding']['samples']} answers, "

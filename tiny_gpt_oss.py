@@ -31,20 +31,25 @@ the recipe changes.
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
-import re
 import zlib
 from pathlib import Path
 
+import pandas as pd
 import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, GenerationConfig, GptOssConfig, GptOssForCausalLM, PreTrainedTokenizerFast
 
 import harmony
+from gpu_engine.mxfp4 import dequantize_expert_weights, quantize_expert_weights, save_mxfp4_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 # -----------------------------------------------------------------------------
@@ -113,8 +118,6 @@ GPT_OSS_20B = dict(  # openai/gpt-oss-20b config.json, as published
 
 def read_training_prompts(path=DATA_FILE):
     """The legacy-text prompts of the training split, in file order."""
-    import pandas as pd
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: the stand-in learns its tokenizer and format from this file; regenerate it "
                                 "with `python data/make_tes_dataset.py` (see data/README.md)")
@@ -159,8 +162,6 @@ def byte_level_pre_tokenizer():
     the situation) become a few tokens, which makes prompts short for a small model on a CPU, while numbers
     stay readable digit by digit.
     """
-    from tokenizers import pre_tokenizers
-
     return pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
@@ -168,8 +169,6 @@ def byte_level_pre_tokenizer():
 
 def train_bpe(texts, vocab_size):
     """A byte-level BPE `tokenizers.Tokenizer` learned from `texts` (deterministic for the same texts)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = byte_level_pre_tokenizer()
     tokenizer.decoder = decoders.ByteLevel()
@@ -182,8 +181,6 @@ def train_bpe(texts, vocab_size):
 
 def pad_bpe(tokenizer, size):
     """Pad a BPE vocabulary with unreachable filler entries so that the next added token gets id `size`."""
-    from tokenizers import Tokenizer, decoders, models
-
     state = json.loads(tokenizer.to_str())
     vocab, merges = state["model"]["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
                                               for m in state["model"]["merges"]]
@@ -196,9 +193,6 @@ def pad_bpe(tokenizer, size):
 
 def rendered_examples(prompts):
     """Harmony prompt + answer texts the tokenizer learns from: what the model will actually read and write."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
     renderer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()))  # only its chat template is used
     renderer.chat_template = harmony.load_chat_template()
     for i, prompt in enumerate(prompts):
@@ -214,9 +208,6 @@ def build_tokenizer(prompts, real_ids=False):
     With `real_ids` the vocabulary is padded so the special tokens sit at their ids in the real
     o200k_harmony vocabulary and the size is the real 201088.
     """
-    from tokenizers import AddedToken
-    from transformers import PreTrainedTokenizerFast
-
     texts = [piece for text in rendered_examples(prompts) for piece in SPECIAL_TOKEN.split(text) if piece]
     bpe = train_bpe(texts, BPE_VOCAB)
     specials = sorted(harmony.SPECIAL_TOKEN_IDS, key=harmony.SPECIAL_TOKEN_IDS.get)
@@ -242,8 +233,6 @@ def build_tokenizer(prompts, real_ids=False):
 
 def tiny_config(tokenizer):
     """GptOssConfig of the tiny stand-in, sized to its tokenizer."""
-    from transformers import GptOssConfig
-
     return GptOssConfig(
         num_hidden_layers=TINY_LAYERS,
         num_local_experts=TINY_EXPERTS,
@@ -265,8 +254,6 @@ def tiny_config(tokenizer):
 
 def gpt_oss_20b_config():
     """GptOssConfig equal to openai/gpt-oss-20b's published config.json (its token ids are the real ones)."""
-    from transformers import GptOssConfig
-
     return GptOssConfig(**GPT_OSS_20B, eos_token_id=harmony.SPECIAL_TOKEN_IDS["<|return|>"],
                         pad_token_id=harmony.SPECIAL_TOKEN_IDS["<|endoftext|>"])
 
@@ -280,8 +267,6 @@ def special_ids(tokenizer):
 
 
 def generation_config(tokenizer):
-    from transformers import GenerationConfig
-
     return GenerationConfig(
         bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
         eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in harmony.STOP_TOKENS],
@@ -314,8 +299,6 @@ def make_warm_start_batch(encode, prompts, generator, pad_id):
 
 def make_encoder(tokenizer, prompts):
     """Cached (prompt index, effort, action) -> (prompt ids, answer ids): rendering is the slow part of a step."""
-    import functools
-
     @functools.lru_cache(maxsize=None)
     def encode_prompt(pick, effort):
         text = harmony.render_prompt(tokenizer, prompts[pick], harmony.REASONING_EFFORTS[effort], PROMPT_DATE)
@@ -331,8 +314,6 @@ def make_encoder(tokenizer, prompts):
 
 def round_experts_to_mxfp4(model):
     """Replace every expert weight by its MXFP4 value (what the saved checkpoint will hold)."""
-    from mxfp4 import dequantize_expert_weights, quantize_expert_weights
-
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
@@ -383,9 +364,9 @@ def warm_start(model, tokenizer, prompts, log=print):
 
 
 def recipe_fingerprint():
-    """Hash of everything a tiny build depends on: this file, harmony.py, mxfp4.py and the data."""
+    """Hash of everything a tiny build depends on: this file, harmony.py, gpu_engine/mxfp4.py and the data."""
     digest = hashlib.sha256()
-    for path in (Path(__file__), ROOT / "harmony.py", ROOT / "mxfp4.py", DATA_FILE):
+    for path in (Path(__file__), ROOT / "harmony.py", ROOT / "gpu_engine" / "mxfp4.py", DATA_FILE):
         digest.update(path.read_bytes())
     digest.update(torch.__version__.split("+")[0].encode())
     return digest.hexdigest()[:16]
@@ -393,8 +374,6 @@ def recipe_fingerprint():
 
 def write_model_dir(state_dict, config, tokenizer, out_dir, recipe):
     """Write a complete MXFP4 model directory: weights, config, generation config, tokenizer, recipe.json."""
-    from mxfp4 import save_mxfp4_checkpoint
-
     save_mxfp4_checkpoint(state_dict, config, out_dir)
     generation_config(tokenizer).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -452,8 +431,6 @@ def build_tiny(out_dir=None, log=print):
 
 
 def build_tiny_model(out_dir, log):
-    from transformers import GptOssForCausalLM
-
     out_dir = Path(out_dir or TINY_DIR)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -498,8 +475,6 @@ def ensure_tiny_model(rebuild=False, log=None):
 
 def load_tiny_tokenizer():
     """The tiny stand-in's tokenizer: from the cached build when current, else built on its own (a second)."""
-    from transformers import AutoTokenizer
-
     out_dir = TINY_DIR
     if is_current(out_dir):
         return AutoTokenizer.from_pretrained(out_dir)
@@ -522,8 +497,6 @@ def random_tensor(shape, name, device):
 def load_20b_tokenizer(source=TOKENIZER_20B, log=print):
     """(tokenizer, what it is) for the 20b stand-in: the real gpt-oss tokenizer from `source`, checked, or -- only
     when the default Hub id cannot be reached -- the padded stand-in tokenizer, with a warning."""
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
@@ -550,10 +523,6 @@ def load_20b_tokenizer(source=TOKENIZER_20B, log=print):
 
 def build_20b(out_dir=None, device=None, tokenizer_source=TOKENIZER_20B, log=print):
     """Write the gpt-oss-20b-shaped stand-in (random weights, MXFP4 experts) layer by layer; return its path."""
-    from transformers import GptOssForCausalLM
-
-    from mxfp4 import save_mxfp4_checkpoint
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir or STAND_IN_DIR / "gpt-oss-20b-shape")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -17,17 +17,18 @@ What it does, in order:
    bf16 on a GPU with --experts-format bf16; sink-aware fused attention on GPU, eager on CPU)
    and wraps it with a PEFT LoRA adapter (`all-linear` = attention q/k/v/o on gpt-oss; LORA_EXPERTS adds the
    experts' gate_up_proj/down_proj through `target_parameters`);
-3. feeds TRL's GRPOTrainer from StepStream (step_stream.py) with two rewards (rewards.py): the Boltzmann
+3. feeds TRL's GRPOTrainer from StepStream (step_stream.py) with two rewards (training/rewards.py): the Boltzmann
    reward of the action in the final Harmony message (None when invalid) and a format penalty for invalid answers;
-   the completions come from GENERATION_BACKEND: on a GPU by default the engine of rollout_engine.py (CUDA graphs,
-   plugged in as TRL's rollout_func), else TRL's own `generate` or transformers' continuous batching; on a CPU the
-   loss scores the completions through completion_scoring.py (each prompt's forward once for its whole group);
+   the completions come from GENERATION_BACKEND: on a GPU by default the engine of gpu_engine/rollout_engine.py (CUDA
+   graphs, plugged in as TRL's rollout_func), else TRL's own `generate` or transformers' continuous batching; on a CPU
+   the loss scores the completions through training/completion_scoring.py (each prompt's forward once for its whole
+   group);
 4. writes into OUT, once the model is loaded and wrapped (nothing before): the adapter and tokenizer, checkpoints
-   every SAVE_STEPS (adapter, optimiser, trainer state; each complete or absent, see run_directory.py),
+   every SAVE_STEPS (adapter, optimiser, trainer state; each complete or absent, see training/run_directory.py),
    run_config.json (the resolved settings), TensorBoard logs (runs/<run>/logs; `tensorboard --logdir runs`),
-   completions.csv (every scored completion, steps counted from 1, see completion_log.CompletionLog),
+   completions.csv (every scored completion, steps counted from 1, see training/completion_log.py),
    validation.json (each checkpoint's score on VALIDATION_PROMPTS training prompts) and summary.json / summary.md.
-   The run's adapter is the best-scoring checkpoint's (best_checkpoint.py), not necessarily the last step's; it
+   The run's adapter is the best-scoring checkpoint's (training/best_checkpoint.py), not necessarily the last step's; it
    records its base as 'tiny' or a path relative to the repository.
 At the end it evaluates the untrained and the trained policy on the held-out split (EVAL_SAMPLES answers per
 prompt at temperature 1) beside uniform guessing, the best constant action and the optimal policy.
@@ -52,27 +53,32 @@ batch (on-policy; steps_per_generation = gradient accumulation), no prompt trunc
 out of the stream and reported).
 """
 
-import contextlib
+import atexit
+import dataclasses
 import json
 import math
 import os
-import sys
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
-import best_checkpoint
-import run_directory
+import harmony
 import script_settings
-from run_summary import (describe_batch, device_name, make_progress_printer, render_summary, summarize_log,
-                         summarize_speed, write_summary)
+from data_reward import DataError, validate_data_files
+from output_files import why_not_writable, write_text_atomically
+
+# torch, transformers, TRL, PEFT and this project's modules built on them are imported in the functions that use them,
+# once the flags are read: they take ~10 s to import on 2 cores (`python train_grpo.py --help` took 12 s with them at
+# the top, 1 s without).
 
 ROOT = Path(__file__).resolve().parent
 # -----------------------------------------------------------------------------
 # Model and data
 MODEL_ID = "openai/gpt-oss-20b"  # Hub id, local model directory, or 'tiny' (the embedded stand-in)
-EXPERTS_FORMAT = "auto"  # mxfp4: experts kept as stored, multiplied by mxfp4_experts.py's kernels (~13 GiB of
-                         #   weights: a 24 GB card; an expert LoRA runs beside them as low-rank terms); bf16:
-                         #   dequantised on load (an 80 GB card at 20b); auto: mxfp4 on a GPU, bf16 (fp32) on a CPU
+EXPERTS_FORMAT = "auto"  # mxfp4: experts kept as stored, multiplied by gpu_engine/mxfp4_experts.py's kernels
+                         #   (~13 GiB of weights: a 24 GB card; an expert LoRA runs beside them as low-rank terms);
+                         #   bf16: dequantised on load (an 80 GB card at 20b); auto: mxfp4 on a GPU, dequantised on CPU
 MAX_GPU_MEMORY_GIB = 0.0  # cap this process's GPU memory (0 = the whole card): e.g. 23 shows on a big card whether
                           #   a run fits a 24 GB one
 DATA_FILES = ["data/dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"]  # Harmony CSVs with rewards
@@ -112,7 +118,8 @@ LORA_EXPERTS = False  # also adapt the MoE experts (gate_up_proj, down_proj) thr
 REASONING_EFFORT = "low"  # must match the prompts' 'Reasoning:' line (convert_to_harmony.py renders it into them)
 TEMPERATURE = 1.0  # sampling temperature of the GRPO rollouts
 TOP_P = 1.0  # nucleus sampling of the rollouts
-GENERATION_BACKEND = "auto"  # engine (rollout_engine.py, CUDA graphs) | continuous-batching | generate; auto: engine on a GPU for a model it runs, else generate (generation.py)
+GENERATION_BACKEND = "auto"  # engine (gpu_engine/rollout_engine.py, CUDA graphs) | continuous-batching | generate;
+                             #   auto: the engine on a GPU for a model it runs, else generate (training/generation.py)
 # Evaluation and logging
 EVAL_SAMPLES = 0  # answers per held-out prompt in the final before/after evaluation (0 = skip)
 EVAL_MAX_PROMPTS = 0  # held-out prompts evaluated (0 = all)
@@ -172,6 +179,8 @@ def resolve_settings(args, log, processes=1):
     picks the default OUT), the flags given still win, and `log` hears which settings they change. The run must be
     resumed by as many `processes` as trained it.
     """
+    from training import run_directory
+
     settings = {name: globals()[name] for name in SETTINGS}
     if args.tiny:
         settings.update(TINY_SETTINGS)
@@ -210,6 +219,8 @@ def run_path(out):
 
 def check_settings(s):
     """Settings that cannot work -> one message naming the setting and the fix, before anything is written."""
+    from training import generation
+
     at_least = {"NUM_GENERATIONS": 2, "PROMPTS_PER_STEP": 1, "TRAIN_BATCH_SIZE": 1, "GRADIENT_ACCUMULATION": 1,
                 "MAX_PROMPT_LEN": 1, "MAX_COMPLETION_LEN": 1, "TOTAL_STEPS": 1, "SAVE_STEPS": 1, "LORA_RANK": 1,
                 "EVAL_SAMPLES": 0, "EVAL_MAX_PROMPTS": 0, "SEED": 0, "WARMUP_STEPS": 0,
@@ -235,11 +246,10 @@ def check_settings(s):
         raise SystemExit(f"error: --lr-schedule {s['LR_SCHEDULE']!r} is not one of {', '.join(LR_SCHEDULES)}")
     if s["LOSS_TYPE"] not in LOSS_TYPES:
         raise SystemExit(f"error: --loss-type {s['LOSS_TYPE']!r} is not one of {', '.join(LOSS_TYPES)}")
-    from harmony import REASONING_EFFORTS
 
-    if s["REASONING_EFFORT"] not in REASONING_EFFORTS:
+    if s["REASONING_EFFORT"] not in harmony.REASONING_EFFORTS:
         raise SystemExit(f"error: --reasoning-effort {s['REASONING_EFFORT']!r} is not one of "
-                         f"{', '.join(REASONING_EFFORTS)}")
+                         f"{', '.join(harmony.REASONING_EFFORTS)}")
     check_report_to(s["REPORT_TO"])
     if not s["DATA_FILES"]:
         raise SystemExit("error: --data-files names no file")
@@ -257,11 +267,11 @@ def check_settings(s):
     if not (math.isfinite(s["MAX_GPU_MEMORY_GIB"]) and s["MAX_GPU_MEMORY_GIB"] >= 0):
         raise SystemExit(f"error: --max-gpu-memory-gib must be 0 (no cap) or a number of GiB, got "
                          f"{s['MAX_GPU_MEMORY_GIB']}")
-    from generation import BACKENDS
 
-    if s["GENERATION_BACKEND"] not in ("auto", *BACKENDS):
-        raise SystemExit(f"error: GENERATION_BACKEND {s['GENERATION_BACKEND']!r} is not one of auto, "
-                         f"{', '.join(BACKENDS)}")
+    try:
+        generation.check_backend(s["GENERATION_BACKEND"], "cuda")  # the name; the device is checked once it is known
+    except ValueError as error:
+        raise SystemExit(f"error: GENERATION_BACKEND: {error}") from None
 
 
 MAX_SEED = 2**32 - 1  # the largest seed numpy's legacy seeding (TRL's set_seed) accepts
@@ -281,25 +291,19 @@ def flag(name):
 
 def check_report_to(report_to):
     """REPORT_TO: 'none', or comma-separated trackers that transformers knows and that are installed."""
-    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
-                                                             get_available_reporting_integrations)
-
-    from grpo_trainer import report_trackers
+    from transformers.integrations import integration_utils
 
     for name in report_trackers(report_to):
-        if name not in INTEGRATION_TO_CALLBACK:
+        if name not in integration_utils.INTEGRATION_TO_CALLBACK:
             raise SystemExit(f"error: --report-to {name!r} is not a tracker transformers knows; use none or one of "
-                             f"{', '.join(INTEGRATION_TO_CALLBACK)}")
-        if name not in get_available_reporting_integrations():
+                             f"{', '.join(integration_utils.INTEGRATION_TO_CALLBACK)}")
+        if name not in integration_utils.get_available_reporting_integrations():
             raise SystemExit(f"error: --report-to {name}: its package is not installed (pip install {name}); or "
                              "use --report-to tensorboard or none")
 
 
 def read_data(settings):
     """Validated data frames of the training and held-out splits (exits with file:row messages on bad data)."""
-    import harmony
-    from data_reward import DataError, validate_data_files
-
     paths = [str(ROOT / p) if not os.path.isabs(p) else p for p in settings["DATA_FILES"]]
     try:
         frames = validate_data_files(paths, require_rewards=True)
@@ -336,6 +340,8 @@ def load_for_training(settings, train_frames, device, log, phases, fixed=(), pro
     before any write. On a GPU the memory plan comes first: it may choose smaller micro-batches (TRAIN_BATCH_SIZE and
     GRADIENT_ACCUMULATION, in `settings`, unless they are among the `fixed` names the user set), or refuse the
     settings with a message naming ones that fit; `phases` (memory_plan.PhasePeaks) measures the loading."""
+    from peft import get_peft_model
+
     import model_loader
     from step_stream import make_pool
 
@@ -365,10 +371,7 @@ def load_for_training(settings, train_frames, device, log, phases, fixed=(), pro
     except model_loader.ModelLoadError as error:
         raise SystemExit(f"error: {error}") from None
 
-    from peft import get_peft_model
-
     check_lora_targets(model, settings["LORA_TARGETS"])
-    from grpo_trainer import lora_config
 
     model = get_peft_model(model, lora_config(settings))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -379,14 +382,14 @@ def load_for_training(settings, train_frames, device, log, phases, fixed=(), pro
 def plan_gpu_memory(settings, config, prompt_lengths, fixed, processes, log):
     """The memory plan of this run on this card (memory_plan.fit_to_card, the card's usable memory the smallest of
     every process's): adopts the micro-batches it chose into `settings`, or exits with its message."""
-    import memory_plan
+    from accelerate.utils import gather_object
+
     import model_loader
+    from training import memory_plan
 
     model_loader.check_gpu_generation("cuda")  # an older card hears why before any plan
     usable = model_loader.usable_gpu_bytes() / 2**30
     if processes is not None and processes.num_processes > 1:
-        from accelerate.utils import gather_object
-
         usable = min(gather_object([usable]))  # every process must choose the same micro-batches
     quantized = bool(getattr(config, "quantization_config", None))
     experts_format = model_loader.choose_experts_format(settings["EXPERTS_FORMAT"], "cuda", quantized)
@@ -415,13 +418,13 @@ def cap_gpu_memory(gib, log):
 
 def check_lora_targets(model, targets):
     """Every name in LORA_TARGETS must name modules of the model (PEFT only complains when none does)."""
+    import torch
+
     if targets == "all-linear":
         return
     names = [name for name, _ in model.named_modules()]
     unknown = [t for t in targets.split(",") if not any(n == t or n.endswith("." + t) for n in names)]
     if unknown:
-        import torch
-
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise SystemExit(f"error: --lora-targets: {', '.join(unknown)} names no module of {model.config.model_type}; "
                          f"its linear layers are {', '.join(linear)}: name some of them (comma-separated), or use "
@@ -432,13 +435,7 @@ def use_writable_caches(log):
     """The datasets library caches the stream's generator under HF_DATASETS_CACHE (~/.cache/huggingface/datasets):
     where that cannot be written (a service account's read-only HOME), a temporary directory of this process takes
     its place, removed at exit, and the log says so and which variable chooses another."""
-    import atexit
-    import shutil
-    import tempfile
-
     import datasets.config
-
-    from output_files import why_not_writable
 
     reason = why_not_writable(Path(datasets.config.HF_DATASETS_CACHE), directory=True)
     if reason is None:
@@ -451,45 +448,125 @@ def use_writable_caches(log):
         "a writable directory to choose one)")
 
 
-def make_trainer(model, tokenizer, pool, completion_log, settings, device, backend, log, callbacks=(),
+def lora_config(settings):
+    """PEFT's LoraConfig for train_grpo.py's LORA_* settings (expert LoRA through PEFT's target_parameters, on
+    MXFP4-resident experts through expert_lora's wrapper)."""
+    from peft import LoraConfig
+
+    from gpu_engine import expert_lora
+
+    targets = settings["LORA_TARGETS"]
+    return expert_lora.register(LoraConfig(
+        r=settings["LORA_RANK"],
+        lora_alpha=settings["LORA_ALPHA"],
+        lora_dropout=0.0,  # must be 0 for target_parameters (expert LoRA)
+        target_modules=targets if targets == "all-linear" else targets.split(","),
+        target_parameters=expert_lora.EXPERT_TARGETS if settings["LORA_EXPERTS"] else None,
+        task_type="CAUSAL_LM",
+    ))
+
+
+def checkpointing_fields(enabled):
+    """GRPOConfig's gradient-checkpointing switch under the name the installed transformers reads: >= 5.2x renamed it
+    activation_checkpointing and warns at the old name alone (TRL's GRPOConfig turns the old one on by default);
+    5.17 has only the old one."""
+    from trl import GRPOConfig
+
+    fields = {"gradient_checkpointing": enabled}
+    if "activation_checkpointing" in {field.name for field in dataclasses.fields(GRPOConfig)}:
+        fields["activation_checkpointing"] = enabled
+    return fields
+
+
+def grpo_config(settings, device, backend):
+    """TRL's GRPOConfig for train_grpo.py's settings (a dict of its constants), on `device`, generating with
+    `backend`."""
+    from trl import GRPOConfig
+
+    from training import generation
+    from training.rewards import reward_weights
+
+    out = settings["OUT"]
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(out) / "logs"))  # transformers 5 has no logging_dir
+    return GRPOConfig(
+        output_dir=out,
+        max_steps=settings["TOTAL_STEPS"],
+        save_steps=settings["SAVE_STEPS"],
+        save_strategy="steps",
+        logging_steps=1,
+        learning_rate=settings["LEARNING_RATE"],
+        # transformers' schedulers: warm-up, then constant or a cosine that ends at MIN_LR_RATIO of the peak
+        lr_scheduler_type="cosine_with_min_lr" if settings["LR_SCHEDULE"] == "cosine" else "constant_with_warmup",
+        lr_scheduler_kwargs={"min_lr_rate": settings["MIN_LR_RATIO"]} if settings["LR_SCHEDULE"] == "cosine" else {},
+        warmup_steps=settings["WARMUP_STEPS"],
+        max_grad_norm=settings["MAX_GRAD_NORM"],  # 0: transformers clips nothing
+        per_device_train_batch_size=settings["TRAIN_BATCH_SIZE"],
+        gradient_accumulation_steps=settings["GRADIENT_ACCUMULATION"],
+        steps_per_generation=settings["GRADIENT_ACCUMULATION"],
+        num_generations=settings["NUM_GENERATIONS"],
+        max_completion_length=settings["MAX_COMPLETION_LEN"],
+        temperature=settings["TEMPERATURE"],
+        top_p=settings["TOP_P"],
+        **generation.trl_settings(backend, settings),
+        loss_type=settings["LOSS_TYPE"],
+        beta=settings["BETA"],
+        top_entropy_quantile=settings["TOP_ENTROPY_QUANTILE"],
+        reward_weights=reward_weights(),
+        shuffle_dataset=False,  # StepStream already orders prompts (no repeats, fair across files)
+        **checkpointing_fields(settings["GRADIENT_CHECKPOINTING"]),
+        bf16=device == "cuda",
+        use_cpu=device == "cpu",
+        report_to=report_trackers(settings["REPORT_TO"]),
+        seed=settings["SEED"],
+        data_seed=settings["SEED"],
+        log_completions=False,  # completions.csv holds them, with the Harmony markers kept
+        save_only_model=False,
+        dataloader_num_workers=0,
+    )
+
+
+def report_trackers(report_to):
+    return [name.strip() for name in report_to.split(",") if name.strip() not in ("", "none")]
+
+
+def make_trainer(model, tokenizer, pool, completion_log, settings, device, generator, log, callbacks=(),
                  memory_phases=None):
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
     import model_loader
-    from rewards import make_reward_functions
-    from grpo_trainer import TesGRPOTrainer, grpo_config
     from step_stream import StepStream
+    from training.grpo_trainer import TesGRPOTrainer
+    from training.rewards import make_reward_functions
+    from training.run_summary import make_progress_printer
 
     use_writable_caches(log)
     stream = StepStream(pool, seed=settings["SEED"])
-    import generation
-
-    rollout_func = generation.training_rollout_func(backend, tokenizer)
-    if rollout_func is not None:
-        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL 1.x
-    log(f"generation: {backend}")
+    log(f"generation: {generator.name}")
     trainer = TesGRPOTrainer(
         model=model,
-        reward_funcs=make_reward_functions(tokenizer, settings["FORMAT_PENALTY"], completion_log),
-        args=grpo_config(settings, device, backend),
+        reward_funcs=make_reward_functions(tokenizer, settings["FORMAT_PENALTY"]),
+        completion_log=completion_log,
+        args=grpo_config(settings, device, generator.name),
         train_dataset=stream.as_dataset(),
         processing_class=tokenizer,
-        rollout_func=rollout_func,
+        rollout_func=generator.rollout_func(),
         callbacks=[make_progress_printer(settings["TOTAL_STEPS"], max(1, settings["TOTAL_STEPS"] // 20)),
                    *callbacks],
-        generation_backend=backend,
+        generation_backend=generator.name,
         memory_phases=memory_phases,
         # saved adapters name a base that another checkout finds again
         base_model_id=model_loader.portable_model_id(settings["MODEL_ID"]),
     )
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     trainer.remove_callback(ProgressCallback)  # one compact line per PROGRESS window instead of a dict per step
     trainer.remove_callback(PrinterCallback)
     return trainer
 
 
 def main(argv=None):
+    from training import interrupts
+
     args = build_parser().parse_args(argv)
-    stop_on_sigterm()
+    interrupts.stop_on_sigterm()
     processes = start_processes()
     try:
         train(args, processes)
@@ -501,19 +578,6 @@ def main(argv=None):
     # waits on it can abort at exit ("terminate called without an active exception") after a finished run
     processes.wait_for_everyone()
     processes.destroy_process_group()  # NCCL warns at exit otherwise; nothing to do with one process
-
-
-def stop_on_sigterm():
-    """SIGTERM (what `kill` and job schedulers send before SIGKILL) stops a run as Ctrl-C does: a checkpoint and the
-    command that resumes, instead of an exit that loses the steps since the last checkpoint."""
-    import signal
-    import threading
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
-        signal.signal(signal.SIGTERM, interrupt)
 
 
 def start_processes():
@@ -537,6 +601,16 @@ def resume_command(out, processes):
 
 def train(args, processes):
     """The run, in every process: the main one alone prints and writes what is not a checkpoint part (see README)."""
+    import torch
+
+    import model_loader
+    from training import best_checkpoint, generation, interrupts, memory_plan, run_directory
+    from training.completion_log import CompletionLog
+    from training.evaluation import evaluate_held_out
+    from training.memory_plan import PhasePeaks
+    from training.run_summary import (describe_batch, device_name, render_summary, summarize_log, summarize_speed,
+                                      write_summary)
+
     main_process = processes.is_main_process
     log = (lambda msg: print(msg, flush=True)) if main_process else (lambda msg: None)
     try:
@@ -552,18 +626,10 @@ def train(args, processes):
         except run_directory.RunDirectoryError as error:
             raise SystemExit(f"error: {error}") from None
         start_step = checkpoint[0] if checkpoint else 0
-        if checkpoint and run_directory.finish_if_done(out, start_step, settings["TOTAL_STEPS"], log,
+        if checkpoint and best_checkpoint.finish_if_done(out, start_step, settings["TOTAL_STEPS"], log,
                                                        write=main_process):
             return
         train_frames, held_out = read_data(settings)  # before any model is loaded
-
-        import torch
-
-        import generation
-        import grpo_trainer
-        import model_loader
-        from completion_log import CompletionLog
-        from memory_plan import MAX_EVALUATION_ROWS, PhasePeaks
 
         device = "cuda" if processes.device.type == "cuda" else "cpu"  # model_loader.pick_device, as accelerate chose
         try:
@@ -575,7 +641,8 @@ def train(args, processes):
         model, tokenizer, pool, plan = load_for_training(settings, train_frames, device, log, phases,
                                                          script_settings.given_flags(args, settings), processes)
         backend = generation.resolve(settings["GENERATION_BACKEND"], model, device)
-        evaluation_rows = plan.evaluation_rows if plan else MAX_EVALUATION_ROWS
+        generator = generation.Generator(backend, model, tokenizer)  # one engine: training, validation, evaluation
+        evaluation_rows = plan.evaluation_rows if plan else memory_plan.MAX_EVALUATION_ROWS
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted before training started; nothing was written") from None
 
@@ -616,9 +683,9 @@ def train(args, processes):
             scorer = best_checkpoint.make_validation_callback(
                 tokenizer, best_checkpoint.pick_validation_rows(train_frames, pool, settings["VALIDATION_PROMPTS"],
                                                                 settings["SEED"]),
-                settings, backend, out, best_checkpoint.read_history(out, start_step) if checkpoint else [], log,
+                settings, generator, out, best_checkpoint.read_history(out, start_step) if checkpoint else [], log,
                 batch_size=evaluation_rows, memory_phases=phases)
-        trainer = make_trainer(model, tokenizer, pool, completion_log, settings, device, backend, log,
+        trainer = make_trainer(model, tokenizer, pool, completion_log, settings, device, generator, log,
                                [record] + ([scorer] if scorer else []), memory_phases=phases)
         start = time.time()
         phases.enter("update")  # a step is an update, but for its rollout (TesGRPOTrainer._generate)
@@ -637,14 +704,14 @@ def train(args, processes):
                              f"saves no checkpoint: {out} continues from its last one with: "
                              f"{resume_command(out, processes.num_processes)}") from None
         if not (out / f"checkpoint-{trainer.state.global_step}").is_dir():
-            with deferred_interrupts("the checkpoint is saved", then_stop=False):  # a second Ctrl-C or SIGTERM
+            with interrupts.deferred_interrupts("the checkpoint is saved", then_stop=False):  # a 2nd Ctrl-C or SIGTERM
                 trainer.save_checkpoint_now()
         raise SystemExit(f"\ninterrupted at step {trainer.state.global_step}: checkpoint saved in {out}; "
                          f"continue with: {resume_command(out, processes.num_processes)}") from None
     except torch.OutOfMemoryError:
         forget_if_nothing_done()
         raise SystemExit(f"error: the GPU ran out of memory (generation backend: {backend}). {MEMORY_ADVICE}") from None
-    except grpo_trainer.GenerationFailed as error:
+    except generation.GenerationFailed as error:
         forget_if_nothing_done()
         raise SystemExit(f"error: {error}. {MEMORY_ADVICE}") from None
     except BaseException:
@@ -672,25 +739,23 @@ def train(args, processes):
                                   "micro_batches": [settings["TRAIN_BATCH_SIZE"], settings["GRADIENT_ACCUMULATION"]]}
     stage = "saving the final adapter"
     try:
-        with deferred_interrupts("the final adapter is saved"):  # never half a final adapter
+        with interrupts.deferred_interrupts("the final adapter is saved"):  # never half a final adapter
             if scorer and scorer.history:
                 summary["kept"] = best_checkpoint.keep_best_adapter(trainer.model, scorer, out, log)
             run_directory.save_final_atomically(trainer, tokenizer, out,
                                                 model_loader.portable_model_id(settings["MODEL_ID"]))
         if settings["EVAL_SAMPLES"] > 0:
-            from evaluation import evaluate_held_out
-
             stage = "the final evaluation"
             with phases.phase("evaluation"):
                 summary["held_out"] = evaluate_held_out(trainer.model, tokenizer, held_out, settings["EVAL_SAMPLES"],
-                                                        settings["MAX_COMPLETION_LEN"], settings["SEED"], backend,
+                                                        settings["MAX_COMPLETION_LEN"], settings["SEED"], generator,
                                                         log, max_prompts=settings["EVAL_MAX_PROMPTS"],
                                                         batch_size=evaluation_rows)
     except KeyboardInterrupt:
         summary["held_out_interrupted"] = settings["EVAL_SAMPLES"] > 0
         if plan:
             summary["gpu_memory_gib"] = phases.gib()
-        with deferred_interrupts("the summary is written", then_stop=False):
+        with interrupts.deferred_interrupts("the summary is written", then_stop=False):
             write_summary(out, summary)
         held_out = (" without the held-out evaluation; evaluate the adapter with: python test_lora_adapter.py "
                     f"--adapter-path {out}") if settings["EVAL_SAMPLES"] > 0 else ""
@@ -698,7 +763,7 @@ def train(args, processes):
                          + held_out) from None
     if plan:
         summary["gpu_memory_gib"] = phases.gib()
-    with deferred_interrupts("the summary is written", then_stop=False):  # the run ends here anyway
+    with interrupts.deferred_interrupts("the summary is written", then_stop=False):  # the run ends here anyway
         write_summary(out, summary)
     print(render_summary(summary))
 
@@ -709,7 +774,7 @@ def make_settings_record(settings, out, main_process):
     `write()` writes them at once (a new run: the file marks the directory as a run)."""
     from transformers import TrainerCallback
 
-    from output_files import write_text_atomically
+    from training import run_directory
 
     class SettingsRecord(TrainerCallback):
         def write(self):
@@ -721,34 +786,6 @@ def make_settings_record(settings, out, main_process):
             self.write()
 
     return SettingsRecord()
-
-
-@contextlib.contextmanager
-def deferred_interrupts(what, then_stop=True):
-    """Ctrl-C and SIGTERM wait until the block ends, so that what it writes is finished, never cut (a final adapter,
-    the interrupt's own checkpoint, the summary); then they stop the run as they would have (`then_stop`), or are
-    dropped where the run stops anyway. The first one says what it waits for."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
-        yield
-        return
-    received = []
-
-    def wait(signum, frame):
-        if not received:
-            print(f"\nstopping once {what}", file=sys.stderr, flush=True)
-        received.append(signum)
-
-    previous = {number: signal.signal(number, wait) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    if received and then_stop:
-        raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import mxfp4  # noqa: E402
+from gpu_engine import mxfp4  # noqa: E402
 
 # -----------------------------------------------------------------------------
 UPDATE_SIZES = (1e-3, 1e-2, 1e-1)  # |update| / |weight| of the synthetic 20b-shaped case
@@ -91,9 +91,9 @@ def measure(pairs):
 
 def tiny_case(adapter_path, generator):
     """The tiny run's merged expert weights under each rounding, with the logit comparison."""
-    import adapter_evaluation as ae
-    from adapter_merge import CheckpointReader, expert_weights, local_checkpoint_dir, lora_expert_parameters
-    from adapter_merge import compare_logits, prompt_logits
+    from adapters import adapter_evaluation as ae
+    from adapters.adapter_merge import CheckpointReader, expert_weights, local_checkpoint_dir, lora_expert_parameters
+    from adapters.adapter_merge import compare_logits, prompt_logits
 
     adapter_dir = ae.resolve_adapter_dir(adapter_path)
     base = ae.resolve_base_model(ae.read_adapter_config(adapter_dir), "", adapter_dir)

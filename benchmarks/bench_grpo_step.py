@@ -54,7 +54,7 @@ ROWS = {  # name -> (extra train_grpo.py flags, steps incl. warm-up or None for 
 }
 ROW_ENVIRONMENT = {  # name -> variables set for that row's process
     SM80_ROW: {"GPT_OSS_GPU_CAPABILITY": "8.0"},  # the code an A100 / RTX 3090 runs: no 'transposed' kernel, no TMA,
-}                                             #   grouped matmuls as a loop over the experts (mxfp4_experts.py)
+}                                             #   grouped matmuls as a loop over the experts (gpu_engine/mxfp4_experts.py)
 FULL_ROWS = (DEFAULT_ROW, MXFP4_ROW, BF16_ROW, SM80_ROW)  # rows that keep the defaults' checkpoints and scoring
 ROW_TIMEOUT = 420  # seconds a row may run (model loading included) before it is stopped and reported as such
 RUN_DIR = ROOT / "runs" / "bench-grpo-step"  # one directory per invocation, in it one run directory per row
@@ -104,7 +104,7 @@ def run_row(name, flags, steps, model_dir, log, invocation, timeout=ROW_TIMEOUT,
 
 def engine_fallbacks(log_text):
     """The rollout engine's own lines saying it went on without its compiled code or Triton kernels
-    (rollout_engine.DecodeKernels.run_or_fall_back): such a row's generation ran the slow plain path."""
+    (decode_step.DecodeKernels.run_or_fall_back): such a row's generation ran the slow plain path."""
     return [line.strip() for line in log_text.splitlines() if line.startswith("rollout engine: ") and " failed" in line]
 
 

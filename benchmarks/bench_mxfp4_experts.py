@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import model_loader  # noqa: E402
-import mxfp4  # noqa: E402
-import mxfp4_experts  # noqa: E402
-import mxfp4_kernels  # noqa: E402  (triton: this benchmark needs a GPU anyway)
+from gpu_engine import mxfp4  # noqa: E402
+from gpu_engine import mxfp4_experts  # noqa: E402
+from gpu_engine import mxfp4_kernels  # noqa: E402  (triton: this benchmark needs a GPU anyway)
 
 DECODE_TOKENS = 32  # rows of a decode step of workload W
 TRAIN_TOKENS = 16 * 530  # tokens of one training micro-batch of W (16 completions of a ~270-token prompt + 256)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import model_loader  # noqa: E402
-from rollout_engine import LENGTH_BUCKET, RolloutEngine  # noqa: E402
+from gpu_engine.rollout_engine import LENGTH_BUCKET, RolloutEngine  # noqa: E402
 
 DATA = ROOT / "data" / "dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"
 PROMPTS, SAMPLES, NEW_TOKENS = 4, 8, 256  # workload W of a GRPO step
@@ -114,7 +114,7 @@ def decode_step_bytes(model, rows, cache_positions, experts_format):
     """Bytes one decode step of `rows` rows must read: the attention, router, norm and LM-head weights, the experts
     that random top-k routing of `rows` tokens touches (expected count), and the KV cache up to `cache_positions`
     (sliding layers: their window). Embedding rows are gathered, not read whole."""
-    from mxfp4_experts import expert_weight_count, packed_expert_bytes
+    from gpu_engine.mxfp4_experts import expert_weight_count, packed_expert_bytes
 
     cfg = model_loader.find_config(model)
     experts = packed_expert_bytes(cfg) if experts_format == "mxfp4" else 2 * expert_weight_count(cfg)

@@ -8,8 +8,8 @@ Needs triton (pip install triton), not a GPU.
 
 A decode step reads every expert's packed bytes once, so the kernel keeps up with the memory only if its threads
 can issue the instructions for a byte as fast as the byte arrives. triton compiles `transposed_matmul_kernel`
-(mxfp4_kernels.py) ahead of time for sm_90 (triton ships ptxas and cuobjdump); the steady-state K loop is the loop
-whose body holds the tensor-core instructions (HGMMA) and no global store. Per tile shape it reports registers,
+(gpu_engine/mxfp4_kernels.py) ahead of time for sm_90 (triton ships ptxas and cuobjdump); the steady-state K loop is the
+loop whose body holds the tensor-core instructions (HGMMA) and no global store. Per tile shape it reports registers,
 shared memory, spills, the loop's instructions per thread and iteration by opcode, instructions per weight byte,
 and the issue ceiling: an SM issues at most 4 warp instructions a cycle, so it dequantises at most
 4 x bytes per iteration / (instructions per thread x warps) bytes a cycle, set against what the card's
@@ -49,7 +49,7 @@ def compile_kernel(block_n, block_k, warps, stages, k):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    import mxfp4_kernels
+    from gpu_engine import mxfp4_kernels
 
     signature = {"x_desc": f"tensordesc<fp16[{ROWS}, {block_k}]>",
                  "w_desc": f"tensordesc<u8[{block_n}, {block_k // 2}]>",
@@ -129,7 +129,7 @@ def inspect(tile, k, bytes_per_sm_cycle):
 
 def main():
     try:
-        import mxfp4_kernels
+        from gpu_engine import mxfp4_kernels
     except ImportError as error:
         raise SystemExit(f"error: this needs triton ({error}): pip install triton (no GPU needed)") from None
 

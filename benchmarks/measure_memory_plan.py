@@ -1,4 +1,4 @@
-"""GPU memory of each phase of a training run, measured beside what memory_plan.py plans for it, on one GPU.
+"""GPU memory of each phase of a training run, measured beside what training/memory_plan.py plans for it, on one GPU.
 
     python tiny_gpt_oss.py --shape 20b --tokenizer path/to/o200k_harmony      # the stand-in with the real tokenizer
     python benchmarks/measure_memory_plan.py --model-dir runs/stand-ins/gpt-oss-20b-shape --out benchmarks/results/memory_plan.md

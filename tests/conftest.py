@@ -60,3 +60,14 @@ def pytest_configure(config):
     if torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) * 2**30 / total))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The learning test (the whole main job, ~9 minutes on 2 cores) runs when asked for: `-m learning`, or its file
+    named on the command line; `python -m pytest tests` leaves it out and says so."""
+    if "learning" in (config.getoption("markexpr") or "") or any("test_learning_bar" in a for a in config.args):
+        return
+    left_out = [item for item in items if "learning" in item.keywords]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if "learning" not in item.keywords]

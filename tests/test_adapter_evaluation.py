@@ -1,4 +1,4 @@
-"""Tests for adapter_evaluation.py and test_lora_adapter.py: metrics by hand, the report, and bad input."""
+"""Tests for adapters/adapter_evaluation.py and test_lora_adapter.py: metrics by hand, the report, and bad input."""
 
 import contextlib
 import json
@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import adapter_evaluation as ae
-import evaluation
+from adapters import adapter_evaluation as ae
+from training import evaluation
 import harmony
 import test_lora_adapter as evaluate_script
 from lora_fixtures import (HARMONY_CSV, copy_adapter, make_adapter, make_foreign_adapter, set_lora_b,

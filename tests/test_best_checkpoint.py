@@ -1,11 +1,11 @@
-"""best_checkpoint.py: which checkpoint a run keeps, the validation slice it is judged on, and putting the kept
+"""training/best_checkpoint.py: which checkpoint a run keeps, the validation slice it is judged on, and putting the kept
 adapter back into the model."""
 
 import numpy as np
 import pytest
 import torch
 
-import best_checkpoint
+from training import best_checkpoint
 from lora_fixtures import HARMONY_CSV, perturb_lora_b
 
 
@@ -72,12 +72,11 @@ def test_the_kept_checkpoints_adapter_goes_back_into_the_model(tmp_path):
     """best_checkpoint.keep_best_adapter on a real tiny PEFT model: checkpoint-2 scored best, checkpoint-4 is the last."""
     from peft import get_peft_model
 
-    import grpo_trainer
     import model_loader
     import train_grpo
 
     settings = {name: getattr(train_grpo, name) for name in train_grpo.SETTINGS} | train_grpo.TINY_SETTINGS
-    model = get_peft_model(model_loader.load_model("tiny"), grpo_trainer.lora_config(settings))
+    model = get_peft_model(model_loader.load_model("tiny"), train_grpo.lora_config(settings))
     weights = {}
     for step, seed in ((2, 0), (4, 1)):
         perturb_lora_b(model, 0.05, seed=seed)
@@ -103,12 +102,11 @@ def test_a_best_checkpoint_whose_adapter_no_longer_reads_is_passed_over(tmp_path
     memory, is kept, and the log says why; nothing is loaded from the broken file."""
     from peft import get_peft_model
 
-    import grpo_trainer
     import model_loader
     import train_grpo
 
     settings = {name: getattr(train_grpo, name) for name in train_grpo.SETTINGS} | train_grpo.TINY_SETTINGS
-    model = get_peft_model(model_loader.load_model("tiny"), grpo_trainer.lora_config(settings))
+    model = get_peft_model(model_loader.load_model("tiny"), train_grpo.lora_config(settings))
     model.save_pretrained(tmp_path / "checkpoint-2")
     weights = tmp_path / "checkpoint-2" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -125,14 +123,13 @@ def test_a_best_checkpoint_whose_adapter_no_longer_reads_is_passed_over(tmp_path
 def test_a_checkpoint_of_another_adapter_shape_is_refused_with_what_to_do(tmp_path):
     from peft import get_peft_model
 
-    import grpo_trainer
     import model_loader
     import train_grpo
 
     settings = {name: getattr(train_grpo, name) for name in train_grpo.SETTINGS} | train_grpo.TINY_SETTINGS
-    experts = get_peft_model(model_loader.load_model("tiny"), grpo_trainer.lora_config(settings | {"LORA_EXPERTS": True}))
+    experts = get_peft_model(model_loader.load_model("tiny"), train_grpo.lora_config(settings | {"LORA_EXPERTS": True}))
     experts.save_pretrained(tmp_path / "checkpoint-2")
     attention_only = get_peft_model(model_loader.load_model("tiny"),
-                                    grpo_trainer.lora_config(settings | {"LORA_EXPERTS": False}))
+                                    train_grpo.lora_config(settings | {"LORA_EXPERTS": False}))
     with pytest.raises(RuntimeError, match=r"checkpoint-2: adapter weights .*experts.* another run's adapter; move it"):
         best_checkpoint.load_checkpoint_adapter(attention_only, tmp_path / "checkpoint-2")

@@ -3,7 +3,7 @@
 import csv
 from types import SimpleNamespace
 
-from completion_log import COMPLETION_LOG_COLUMNS, CompletionLog
+from training.completion_log import COMPLETION_LOG_COLUMNS, CompletionLog
 
 RANKLESS = "step,micro_step,prompt_id,completion,parsed_action,reward,optimal_action\n"
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import export_quantized_model as exporter
-import mxfp4
-from adapter_merge import CheckpointReader
+from gpu_engine import mxfp4
+from adapters.adapter_merge import CheckpointReader
 from lora_fixtures import copy_adapter, make_adapter, make_foreign_adapter, set_lora_b, write_prompt_subset
 from tiny_gpt_oss import ensure_tiny_model
 
@@ -146,7 +146,7 @@ def test_bf16_experts_export_round_trips_exactly(tiny_dir, prompt_file, tmp_path
     """--experts-format bf16: plain bf16 experts, no quantization_config, and the reloaded logits equal the merged
     model's (fp32 logits of the same bf16 weights); the tensor names are the base's with plain expert weights."""
     import model_loader
-    from adapter_merge import prompt_logits
+    from adapters.adapter_merge import prompt_logits
 
     run = make_adapter(tmp_path / "expert-run", expert_lora=True)
     out = tmp_path / "exports" / "bf16"
@@ -160,7 +160,7 @@ def test_bf16_experts_export_round_trips_exactly(tiny_dir, prompt_file, tmp_path
     assert not [name for name in export.names() if name.endswith(("_blocks", "_scales"))]
     assert export.get("model.layers.0.mlp.experts.gate_up_proj").dtype == torch.bfloat16
     # independently of the exporter's own check: the merged adapter against the reloaded directory
-    from adapter_evaluation import load_adapted_model
+    from adapters.adapter_evaluation import load_adapted_model
 
     merged, tokenizer = load_adapted_model(run, "tiny", device="cpu", dtype=torch.bfloat16)
     merged = merged.merge_and_unload()

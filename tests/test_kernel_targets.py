@@ -13,9 +13,9 @@ import pytest
 triton = pytest.importorskip("triton", reason="triton not installed (pip install triton)")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-import combine_experts_kernel  # noqa: E402
-import decode_attention_kernel  # noqa: E402
-import mxfp4_kernels  # noqa: E402
+from gpu_engine import combine_experts_kernel  # noqa: E402
+from gpu_engine import decode_attention_kernel  # noqa: E402
+from gpu_engine import mxfp4_kernels  # noqa: E402
 
 # compute capability -> shared memory a block may use there, bytes (CUDA's per-block opt-in maximum)
 CARDS = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 101376}

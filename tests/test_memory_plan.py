@@ -1,4 +1,4 @@
-"""memory_plan.py: what each phase of a run holds, counted against the real parts (PEFT's adapter, the rollout
+"""training/memory_plan.py: what each phase of a run holds, counted against the real parts (PEFT's adapter, the rollout
 engine's copies and caches on the tiny stand-in), the settings it fits to a card, and the measured peaks."""
 
 import re
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GptOssConfig
 
-import memory_plan
+from training import memory_plan
 import model_loader
 import train_grpo
 from lora_fixtures import EXPERT_PARAMETERS
@@ -30,7 +30,7 @@ def defaults(**changes):
 def tiny_peft(lora_experts, rank=8):
     from peft import LoraConfig, get_peft_model
 
-    import expert_lora
+    from gpu_engine import expert_lora
 
     model = model_loader.load_model("tiny", device="cpu", dtype=torch.float32, experts_format="bf16")
     return get_peft_model(model, expert_lora.register(LoraConfig(
@@ -50,7 +50,7 @@ def test_the_adapter_is_counted_as_peft_builds_it(lora_experts):
 def test_the_engines_copies_and_cache_are_counted_as_the_engine_holds_them(lora_experts):
     """On the tiny stand-in (fp32 on a CPU: 4 bytes a value where the plan counts bf16's 2): the engine's weight
     copies (attention stacked with the LoRA's A rows, an expert LoRA's factors) and one decode state's K/V."""
-    import rollout_engine
+    from gpu_engine import rollout_engine
 
     model = tiny_peft(lora_experts)
     tokenizer = model_loader.load_tokenizer("tiny")
@@ -181,7 +181,7 @@ def test_plan_gpu_memory_adopts_the_plans_micro_batches_or_exits_with_its_messag
 
 
 def test_the_summary_shows_each_phases_peak_beside_the_plan():
-    from run_summary import render_summary
+    from training.run_summary import render_summary
 
     summary = {"out": "runs/x", "device": "NVIDIA H100 80GB HBM3", "steps_done": 2, "train_seconds": 10.0,
                "training": {"steps": 2, "window": 1, "first_steps": {"reward": 0.1, "valid_rate": 1.0, "accuracy": 0.2},

@@ -1,4 +1,4 @@
-"""Tests for mxfp4.py: the e2m1 codec, the gpt-oss checkpoint layout, agreement with transformers' loader."""
+"""Tests for gpu_engine/mxfp4.py: the e2m1 codec, the gpt-oss checkpoint layout, agreement with transformers' loader."""
 
 import json
 import math
@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GptOssConfig, GptOssForCausalLM, Mxfp4Config
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from mxfp4 import (
+from gpu_engine.mxfp4 import (
     CheckpointError,
     check_mxfp4_checkpoint,
     dequantize_expert_weights,

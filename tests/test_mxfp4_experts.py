@@ -1,10 +1,11 @@
-"""MXFP4-resident experts (mxfp4_experts.py) on a CPU: the same model as the dequantised load, exactly.
+"""MXFP4-resident experts (gpu_engine/mxfp4_experts.py) on a CPU: the same model as the dequantised load, exactly.
 
 Every MXFP4 value is exact in fp32, so on the tiny stand-in in fp32 the logits, greedy tokens and gradients of the
 MXFP4 path must equal the dequantised path's up to the summation order of fp32 matmuls.
 """
 
 import os
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 import model_loader
-import mxfp4
-import mxfp4_experts
+from gpu_engine import mxfp4
+from gpu_engine import mxfp4_experts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,7 @@ def test_greedy_tokens_equal_generate_on_the_dequantised_model(models, tokenizer
 
 
 def test_the_rollout_engine_samples_the_same_tokens(models, tokenizer):
-    from rollout_engine import RolloutEngine
+    from gpu_engine.rollout_engine import RolloutEngine
 
     rows = [ids for ids in prompt_ids(tokenizer, 2) for _ in range(3)]
     results = []
@@ -82,7 +83,7 @@ def live_adapter(model, experts=True, seed=0):
     output and gradients reach every factor."""
     from peft import LoraConfig, get_peft_model
 
-    import expert_lora
+    from gpu_engine import expert_lora
 
     torch.manual_seed(seed)
     config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
@@ -143,8 +144,8 @@ def test_an_expert_lora_is_one_file_for_both_formats(models, tokenizer, tmp_path
     format; it runs as low-rank terms (a merge into the packed bytes is refused) and the engine samples with it."""
     from peft import PeftModel
 
-    import expert_lora
-    from rollout_engine import RolloutEngine
+    from gpu_engine import expert_lora
+    from gpu_engine.rollout_engine import RolloutEngine
 
     dequantised, packed = models
     ids = torch.tensor(prompt_ids(tokenizer, 2))
@@ -172,7 +173,9 @@ def test_an_expert_lora_is_one_file_for_both_formats(models, tokenizer, tmp_path
                 assert (on_mxfp4(input_ids=ids).logits - adapted).abs().max() > 1e-2
         with pytest.raises(ValueError, match="cannot be merged into MXFP4-resident experts"):
             on_mxfp4.merge_adapter()
-        on_mxfp4.unmerge_adapter()  # what the message says undoes the layers PEFT merged before the experts
+        with warnings.catch_warnings():  # PEFT says "Already unmerged" of the layers it never got to merge
+            warnings.filterwarnings("ignore", message="Already unmerged")
+            on_mxfp4.unmerge_adapter()  # what the message says undoes the layers PEFT merged before the experts
         assert not any(getattr(m, "merged", False) for m in on_mxfp4.modules())
         with torch.no_grad():
             torch.testing.assert_close(on_mxfp4(input_ids=ids).logits, adapted, atol=1e-5, rtol=0)
@@ -428,7 +431,7 @@ def test_transposed_kernel_ptx_turns_every_byte_into_its_two_codes():
     element j of four into byte j)."""
     import re
 
-    source = (ROOT / "mxfp4_kernels.py").read_text()
+    source = (ROOT / "gpu_engine" / "mxfp4_kernels.py").read_text()
     body = source[source.index("def fp16_codes_of_bytes"):]
     asm = re.search(r'asm="""(.*?)"""', body, re.S).group(1)
     e2m1 = torch.tensor(mxfp4.E2M1_VALUES, dtype=torch.float32)
@@ -449,7 +452,8 @@ def test_transposed_kernel_ptx_turns_every_byte_into_its_two_codes():
 def test_triton_kernels_in_the_interpreter_match_the_reference():
     """The Triton kernels themselves, run by Triton's CPU interpreter in fp32 (bf16 is not emulated there)."""
     script = """
-import torch, mxfp4, mxfp4_kernels
+import torch
+from gpu_engine import mxfp4, mxfp4_kernels
 torch.manual_seed(0)
 weight = torch.randn(3, 96, 256) * 0.05
 blocks, scales = mxfp4.quantize_mxfp4(weight)
@@ -478,7 +482,7 @@ for tile_n, unroll in ((64, 2), (32, 4)):
     expected = torch.bmm(x.half().float(), ref.transpose(1, 2)) + bias[:, None]
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 # the combine kernel, in token order and in the routed layout (rows), unrouted rows NaN
-import combine_experts_kernel, mxfp4_experts
+from gpu_engine import combine_experts_kernel, mxfp4_experts
 top = torch.topk(torch.randn(6, 5), 2, dim=-1)  # 5 experts: not a power of two
 routing = mxfp4_experts.routing_matrix(top.indices, torch.softmax(top.values, -1), 5)
 token_of, rows, offsets = mxfp4_experts.routed_rows(routing, 12)
@@ -585,7 +589,7 @@ def test_two_active_expert_adapters_are_refused_not_half_run(models, tokenizer):
     """PEFT adds up two active adapters on bf16 experts; the low-rank path runs one and says so."""
     from peft import LoraConfig
 
-    import expert_lora
+    from gpu_engine import expert_lora
 
     _, packed = models
     wrapped = live_adapter(packed)
@@ -602,7 +606,7 @@ def test_two_active_expert_adapters_are_refused_not_half_run(models, tokenizer):
 def test_the_transposed_kernel_is_chosen_on_hopper_alone(monkeypatch):
     import torch
 
-    import mxfp4_experts
+    from gpu_engine import mxfp4_experts
 
     scales = torch.full((2, 4, 3), 120, dtype=torch.uint8)
     for capability, kernel in (((8, 0), "blocked"), ((8, 6), "blocked"), ((8, 9), "blocked"), ((9, 0), "transposed"),
@@ -612,7 +616,7 @@ def test_the_transposed_kernel_is_chosen_on_hopper_alone(monkeypatch):
 
 
 def test_a_capability_in_the_environment_makes_a_card_take_an_older_cards_paths(monkeypatch):
-    import mxfp4_experts
+    from gpu_engine import mxfp4_experts
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert mxfp4_experts.gpu_capability() == (9, 0) and mxfp4_experts.grouped_mm_fused("cuda")

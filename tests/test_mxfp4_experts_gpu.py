@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import mxfp4
+from gpu_engine import mxfp4
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -48,7 +48,7 @@ def test_loading_never_holds_the_experts_in_bf16(loaded):
 
 
 def test_dequantisation_kernel_is_exact(loaded):
-    import mxfp4_experts
+    from gpu_engine import mxfp4_experts
 
     experts = loaded[0].model.layers[3].mlp.experts
     for blocks, scales in experts.matrices():
@@ -59,7 +59,7 @@ def test_dequantisation_kernel_is_exact(loaded):
 @pytest.mark.parametrize("kernel", ["interleaved", "blocked", "transposed"])
 @pytest.mark.parametrize("tokens", [1, 32, 64])
 def test_dense_kernel_matches_the_reference(loaded, tokens, kernel):
-    import mxfp4_experts
+    from gpu_engine import mxfp4_experts
 
     if kernel == "transposed" and mxfp4_experts.gpu_capability()[0] != 9:
         pytest.skip("the 'transposed' kernel runs on Hopper only (or GPT_OSS_GPU_CAPABILITY is set below 9)")
@@ -85,7 +85,7 @@ def test_transposed_kernel_over_its_whole_scale_range_and_its_choice():
     reference, with a weight width that is not a multiple of its tiles; 'auto' takes it on Hopper for such weights
     and falls back to 'blocked' when one byte lies outside (and on any other card, or with GPT_OSS_GPU_CAPABILITY
     below 9)."""
-    import mxfp4_experts
+    from gpu_engine import mxfp4_experts
 
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the 'transposed' kernel runs on Hopper only")
@@ -117,7 +117,7 @@ def test_the_swiglu_in_the_kernels_last_step_is_the_plain_swiglu_laid_out(loaded
     input layout) against the plain path: dense_matmul, then mxfp4_experts.swiglu in bf16 (every step rounded, as
     the kernel rounds it and the training forward does), laid out by kernel_input. Equal but for the rare value
     where the two sigmoids' last fp32 bit moves a bf16 rounding."""
-    import mxfp4_experts
+    from gpu_engine import mxfp4_experts
 
     if mxfp4_experts.choose_dense_kernel(loaded[0].model.layers[3].mlp.experts.gate_up_proj_scales) != "transposed":
         pytest.skip("the 'transposed' kernel needs Hopper or newer")
@@ -140,7 +140,7 @@ def test_the_swiglu_in_the_kernels_last_step_is_the_plain_swiglu_laid_out(loaded
 
 def test_dense_forward_matches_the_grouped_reference(loaded):
     """The decode path (Triton) and the many-rows path (dequantised + grouped matmul) compute one function."""
-    import mxfp4_experts
+    from gpu_engine import mxfp4_experts
 
     experts = loaded[0].model.layers[7].mlp.experts
     torch.manual_seed(0)
@@ -160,7 +160,7 @@ def test_a_routed_decode_step_equals_every_token_through_every_expert(loaded):
     its rows) against dense_experts (all 32 tokens through all experts) at the 20b shape, both with the
     'transposed' kernel and the combine kernel: the same products for every routed pair. Also with one expert given
     17 tokens (a second row tile) and one given none."""
-    import mxfp4_experts
+    from gpu_engine import mxfp4_experts
 
     experts = loaded[0].model.layers[9].mlp.experts
     tensors = mxfp4_experts.dense_tensors(experts)
@@ -190,7 +190,7 @@ def test_a_routed_decode_step_equals_every_token_through_every_expert(loaded):
 
 
 def test_backward_gives_the_input_gradient_through_the_packed_weights(loaded):
-    import mxfp4_experts
+    from gpu_engine import mxfp4_experts
 
     experts = loaded[0].model.layers[11].mlp.experts
     torch.manual_seed(1)
@@ -219,7 +219,7 @@ def test_expert_lora_terms_and_their_gradients_match_the_reference(loaded):
     """An expert LoRA beside the packed weights (low-rank terms, grouped matmuls on the GPU): output, input and
     factor gradients against fp32 autograd through the dequantised weights plus the LoRA; the decode path (Triton
     kernels, no gradient) computes the same function."""
-    import mxfp4_experts
+    from gpu_engine import mxfp4_experts
 
     experts = loaded[0].model.layers[5].mlp.experts
     e, h_size, i_size, rank, scale = experts.num_experts, experts.hidden_size, experts.intermediate_size, 16, 2.0

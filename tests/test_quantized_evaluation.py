@@ -40,7 +40,7 @@ def test_cpu_run_evaluates_the_mxfp4_resident_base_and_says_so(attention_report)
     run_dir, report = attention_report
     assert report["mode"] == "mxfp4-experts"
     assert report["mxfp4_kernels"] == {"available": False, "reason": quantized_script.probe_mxfp4_kernels("cpu")[1]}
-    assert "mxfp4_experts.py" in report["what_was_done"] and "measured, not assumed" in report["what_was_done"]
+    assert "gpu_engine/mxfp4_experts.py" in report["what_was_done"] and "measured, not assumed" in report["what_was_done"]
     assert "mxfp4-experts" in (run_dir / "eval_quantized_summary.md").read_text()
     assert (run_dir / report["plots"]["action_counts"]).read_bytes()[:4] == b"\x89PNG"
 

@@ -3,7 +3,7 @@
 import pytest
 
 import harmony
-from rewards import make_reward_functions
+from training.rewards import make_reward_functions
 from tiny_gpt_oss import load_tiny_tokenizer
 
 REWARDS = [0.1, 0.2, 0.3, 0.4]  # reward_action_0..3 of the prompt being answered
@@ -115,9 +115,9 @@ def test_each_batch_is_scored_by_its_own_parse_when_lists_are_freed_between_call
 
 
 def test_reward_weights_and_metric_names_come_from_the_reward_list():
-    """grpo_trainer.grpo_config's reward_weights and the metric it reads are built from make_reward_functions' list: a reward
+    """train_grpo.grpo_config's reward_weights and the metric it reads are built from make_reward_functions' list: a reward
     added or renamed there changes both (TRL logs each function under rewards/<its __name__>/mean)."""
-    import rewards
+    from training import rewards
 
     functions = rewards.make_reward_functions(tokenizer=None)
     assert len(rewards.reward_weights()) == len(functions)

@@ -1,4 +1,4 @@
-"""The rollout engine (rollout_engine.py) against the model it runs, on the tiny stand-in in fp32.
+"""The rollout engine (gpu_engine/rollout_engine.py) against the model it runs, on the tiny stand-in in fp32.
 
 On a CPU the engine runs eagerly; where a CUDA GPU is present every test runs again there, with the decode step
 captured and replayed as a CUDA graph, to the same tolerances.
@@ -11,8 +11,9 @@ import torch
 import harmony
 import model_loader
 from lora_fixtures import EXPERT_PARAMETERS, HARMONY_CSV, perturb_lora_b
-import rollout_engine
-from rollout_engine import RolloutEngine, cut_at_stop, nucleus, packs_of, route
+from gpu_engine import rollout_engine
+from gpu_engine.decode_step import nucleus, route
+from gpu_engine.rollout_engine import RolloutEngine, cut_at_stop, packs_of
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -38,7 +39,7 @@ def prompt_ids(tokenizer):
 def make_model(expert_lora, device, scale=0.05, experts_format="bf16"):
     from peft import LoraConfig, get_peft_model
 
-    import expert_lora as expert_lora_module
+    from gpu_engine import expert_lora as expert_lora_module
 
     torch.manual_seed(0)
     model = get_peft_model(model_loader.load_model("tiny", device=device, dtype=torch.float32,
@@ -231,46 +232,6 @@ def test_grpo_trains_through_the_engine(tmp_path):
     assert summary["generation_backend"] == "engine" and summary["held_out"]["prompts"] == 4
 
 
-def test_generation_backend_settings_are_checked(tmp_path):
-    import train_grpo
-
-    with pytest.raises(SystemExit, match="GENERATION_BACKEND 'vllm' is not one of"):
-        train_grpo.main(["--tiny", "--generation-backend", "vllm", "--out", str(tmp_path / "a")])
-    with pytest.raises(SystemExit, match="continuous-batching needs a CUDA GPU"):
-        train_grpo.main(["--tiny", "--generation-backend", "continuous-batching", "--out", str(tmp_path / "a")])
-    assert not (tmp_path / "a").exists()
-
-
-def test_one_auto_rule_asks_whether_the_engine_runs_the_model(tokenizer):
-    """generation.resolve: 'auto' is the engine on a GPU only for a model rollout_engine.supports, generate on a CPU
-    and for anything else (training and evaluation ask the same function); prompts are tokenised one way."""
-    import generation
-
-    model = make_model(expert_lora=False, device="cpu")
-    assert generation.resolve("auto", model, "cpu") == "generate"
-    assert generation.resolve("auto", model, "cuda") == "engine"
-    assert generation.resolve("auto", torch.nn.Linear(2, 2), "cuda") == "generate"  # not a gpt-oss the engine runs
-    assert generation.resolve("engine", model, "cpu") == "engine"
-    # evaluation passes the model's own device, "cuda:0": continuous batching is kept (and samples with generate)
-    assert generation.resolve("continuous-batching", model, torch.device("cuda", 0)) == "continuous-batching"
-    assert generation.BACKENDS["continuous-batching"].evaluation_sampler == "generate"
-    with pytest.raises(ValueError, match="vllm"):
-        generation.resolve("vllm", model, "cpu")
-    text = "<|start|>user<|message|>hi<|end|><|start|>assistant"
-    assert generation.tokenize_prompts(tokenizer, [text])[0] == tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert generation.training_rollout_func("generate", tokenizer) is None
-    assert generation.training_rollout_func("engine", tokenizer) is not None
-
-
-def test_continuous_batching_is_sized_to_the_step():
-    import grpo_trainer
-
-    settings = {"PROMPTS_PER_STEP": 4, "NUM_GENERATIONS": 8, "MAX_PROMPT_LEN": 1024, "MAX_COMPLETION_LEN": 256}
-    config = grpo_trainer.continuous_batching_config(settings)
-    assert config["num_blocks"] * config["block_size"] >= 32 * (1024 + 256)  # every completion fits at once
-    assert config["max_batch_tokens"] <= 4096  # no 16 GiB prefill logits
-
-
 @pytest.mark.parametrize("expert_lora,experts_format", [(False, "bf16"), (True, "bf16"), (False, "mxfp4"),
                                                        (True, "mxfp4")],
                          ids=["attention-lora", "expert-lora", "mxfp4-experts", "mxfp4-expert-lora"])
@@ -345,7 +306,7 @@ def test_a_prefill_in_several_packs_samples_what_one_pack_samples(tokenizer, pro
 
 def test_a_packed_prefill_through_sink_attention_samples_what_eager_attention_samples(tokenizer, prompt_ids):
     # the GPU's prefill attention (sink_attention, packed: its mask, shapes and head order), here on a CPU in fp32
-    import sink_attention
+    from gpu_engine import sink_attention
 
     model = make_model(expert_lora=False, device="cpu")
     prompts = [ids for ids in prompt_ids for _ in range(2)]
@@ -369,7 +330,7 @@ def test_an_empty_prompt_is_refused(tokenizer):
 def test_where_the_attention_kernel_runs_one_cache_of_the_longest_length_serves_shorter_steps(tokenizer):
     """With the decode attention kernel (which reads only each row's keys in range) a step of a shorter length
     bucket reuses the kept longer cache of the same rows, new tokens, sampling and adapters, and a longer one replaces
-    it: the engine holds one cache, as memory_plan.py counts; without the kernel each bucket keeps its own."""
+    it: the engine holds one cache, as training/memory_plan.py counts; without the kernel each bucket keeps its own."""
     engine = RolloutEngine(make_model(False, "cpu"), tokenizer)
     long_key, short_key = (32, 640, 256, "sample", 1), (32, 512, 256, "sample", 1)
     other = (32, 512, 256, "greedy", 1)
@@ -385,18 +346,3 @@ def test_where_the_attention_kernel_runs_one_cache_of_the_longest_length_serves_
     assert engine._state_for(short_key) is not engine._state_for(long_key) and len(engine.graphs) == 2
 
 
-def test_validation_and_evaluation_let_go_of_the_engines_caches_before_and_after(tokenizer, prompt_ids, monkeypatch):
-    """evaluation.generate_answers (checkpoint validation, the held-out evaluation) starts with training's caches
-    released and leaves none of its own: neither phase holds memory the other needs (memory_plan.py)."""
-    import evaluation
-
-    model = make_model(False, "cpu")
-    engine = rollout_engine.engine_for(model, tokenizer)
-    engine.generate(prompt_ids[:2], 4)  # a training rollout's cache
-    seen = []
-    real_generate = engine.generate
-    monkeypatch.setattr(engine, "generate", lambda *a, **k: (seen.append(len(engine.graphs)), real_generate(*a, **k))[1])
-    prompts = [tokenizer.decode(ids) for ids in prompt_ids[:3]]
-    evaluation.generate_answers(model, tokenizer, prompts, samples=2, max_new_tokens=4, batch_size=4,
-                                backend="engine")
-    assert seen == [0, 1] and not engine.graphs and not engine.weight_sets

@@ -7,7 +7,7 @@ correct decoder achieves on this model: transformers' own `generate` (its KV-cac
 way), compared with the same training forward. The engine may be no further from the forward than twice that
 (or 0.02); its exactness is tested in fp32 in tests/test_rollout_engine.py.
 
-Each test runs with the experts in bf16 and in MXFP4 (mxfp4_experts.py). Needs a CUDA GPU with ~60 GB free and the 20b-shaped stand-in (built with the real tokenizer for real lengths):
+Each test runs with the experts in bf16 and in MXFP4 (gpu_engine/mxfp4_experts.py). Needs a CUDA GPU with ~60 GB free and the 20b-shaped stand-in (built with the real tokenizer for real lengths):
 
     python tiny_gpt_oss.py --shape 20b --tokenizer path/to/o200k_harmony
     python -m pytest tests/test_rollout_engine_gpu.py -v -s     # GPT_OSS_20B_DIR=... to use another model directory
@@ -22,7 +22,7 @@ import torch
 
 import harmony
 from lora_fixtures import HARMONY_CSV
-from rollout_engine import cut_at_stop
+from gpu_engine.rollout_engine import cut_at_stop
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -32,15 +32,15 @@ MODEL_DIR = Path(os.environ.get("GPT_OSS_20B_DIR", Path(__file__).resolve().pare
 
 @pytest.fixture(scope="module", params=["bf16", "mxfp4", "mxfp4 + expert LoRA"])
 def setup(request):
-    """The 20b stand-in with its experts dequantised to bf16, or kept in MXFP4 (mxfp4_experts.py), under a LoRA on
-    attention (and, for the third, on the MXFP4 experts as low-rank terms: expert_lora.py)."""
+    """The 20b stand-in with its experts dequantised to bf16, or kept in MXFP4 (gpu_engine/mxfp4_experts.py), under a LoRA on
+    attention (and, for the third, on the MXFP4 experts as low-rank terms: gpu_engine/expert_lora.py)."""
     if not (MODEL_DIR / "config.json").is_file():
         pytest.skip(f"no 20b-shaped model in {MODEL_DIR}: build it with `python tiny_gpt_oss.py --shape 20b`")
     from peft import LoraConfig, get_peft_model
 
-    import expert_lora
+    from gpu_engine import expert_lora
     import model_loader
-    from rollout_engine import RolloutEngine
+    from gpu_engine.rollout_engine import RolloutEngine
 
     experts_format, _, expert_adapter = request.param.partition(" + ")
     tokenizer = model_loader.load_tokenizer(str(MODEL_DIR))
@@ -161,11 +161,11 @@ def test_completions_have_the_shape_trl_expects(setup):
 
 
 def test_the_attention_kernel_reads_only_the_keys_in_range_and_matches_the_plain_path():
-    """decode_attention (decode_attention_kernel.py) at gpt-oss-20b's head shape, for a full and a sliding layer,
+    """decode_attention (gpu_engine/decode_attention_kernel.py) at gpt-oss-20b's head shape, for a full and a sliding layer,
     rows at positions before, at and past the window: against attend_one's math in fp32 it is no further than
     the plain bf16 path (batched matmuls over the masked cache) is, and it reads nothing outside the keys in
     range (NaN there changes nothing)."""
-    from rollout_engine import Keys, additive_mask, attend_one, expand_mask
+    from gpu_engine.decode_step import Keys, additive_mask, attend_one, expand_mask
 
     torch.manual_seed(0)
     rows, kv, groups, d, length, window, scaling = 6, 8, 8, 64, 640, 128, 0.125
@@ -193,10 +193,10 @@ def test_the_attention_kernel_reads_only_the_keys_in_range_and_matches_the_plain
 
 
 def test_the_decode_router_keeps_the_experts_cuda_topk_keeps_even_on_ties():
-    """rollout_engine.route (counting the experts ahead, the lower index first among equals) selects the same experts
+    """decode_step.route (counting the experts ahead, the lower index first among equals) selects the same experts
     as torch.topk on the GPU, which the training forward's router runs: on bf16 logits rounded coarsely enough
     that the k-th place is often shared."""
-    from rollout_engine import route
+    from gpu_engine.decode_step import route
 
     torch.manual_seed(0)
     experts, top_k = 32, 4
@@ -223,11 +223,11 @@ def route_selection(route, logits, top_k):
 
 
 def test_the_combine_kernel_reads_only_the_routed_experts_and_sums_as_the_plain_path():
-    """mxfp4_experts.combine_experts with its Triton kernel (combine_experts_kernel.py) at a decode step's 20b shape
+    """mxfp4_experts.combine_experts with its Triton kernel (gpu_engine/combine_experts_kernel.py) at a decode step's 20b shape
     (32 experts, top 4, 32 rows, hidden 2880) against the plain path: the same bf16 products, summed in fp32 in
     another order, so equal but for a last-place rounding in rare values; and NaN in every expert a token was not
     routed to changes nothing (those rows are never read)."""
-    from mxfp4_experts import combine_experts, routing_matrix
+    from gpu_engine.mxfp4_experts import combine_experts, routing_matrix
 
     torch.manual_seed(0)
     experts, rows, hidden = 32, 32, 2880

@@ -3,6 +3,7 @@
 import pytest
 
 import run_exported_model as runner
+from adapters import adapter_evaluation as ae
 from lora_fixtures import write_prompt_subset
 from tiny_gpt_oss import ensure_tiny_model
 
@@ -39,7 +40,7 @@ def test_prompt_file_without_needed_columns_exits_2(model_dir, tmp_path, capsys)
 
 def test_hub_ids_are_told_apart_from_missing_local_paths():
     assert runner.resolve_model("someone/gpt-oss-tes") == "someone/gpt-oss-tes"
-    with pytest.raises(runner.ae.InputError):
+    with pytest.raises(ae.InputError):
         runner.resolve_model("runs/export/no-such-export")
 
 

@@ -51,3 +51,18 @@ def test_every_script_built_from_constants_gets_comments_in_its_help(capsys):
         export_quantized_model.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--overwrite true|false replace an existing export in EXPORT_DIR (default: false)" in text
+
+
+def test_each_scripts_settings_are_the_constants_it_assigns_itself():
+    """SETTINGS (the flags and run_config.json) are the upper-case names a script assigns at its top level: a constant
+    it imports (a library's INTEGRATION_TO_CALLBACK, say) would become a flag and a setting that cannot be written."""
+    import ast
+    import importlib
+
+    for name in ("train_grpo", "export_quantized_model", "run_exported_model", "test_lora_adapter",
+                 "test_lora_adapter_quantized"):
+        module = importlib.import_module(name)
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        assigned = {target.id for node in tree.body if isinstance(node, ast.Assign)
+                    for target in node.targets if isinstance(target, ast.Name) and target.id.isupper()}
+        assert set(module.SETTINGS) <= assigned, (name, set(module.SETTINGS) - assigned)

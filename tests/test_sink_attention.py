@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GptOssConfig
 
-import sink_attention
+from gpu_engine import sink_attention
 
 SLIDING_WINDOW = 4  # shorter than the sequences below, so that the sliding layer's mask matters
 

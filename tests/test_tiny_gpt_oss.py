@@ -9,8 +9,8 @@ import torch
 import harmony
 import model_loader
 import tiny_gpt_oss
-from evaluation import generate_answers, parse_answers
-from mxfp4 import check_mxfp4_checkpoint
+from training.evaluation import generate_answers, parse_answers
+from gpu_engine.mxfp4 import check_mxfp4_checkpoint
 
 DATA = tiny_gpt_oss.ROOT / "data" / "dynamic_co2_factor_hourly_3day_0505_to_0507_q_dataset_harmony.csv"
 
@@ -138,7 +138,7 @@ def test_the_20b_tokenizer_keeps_the_real_harmony_ids():
 
 
 def test_a_20b_model_on_a_machine_without_gpu_points_at_tiny(tmp_path, monkeypatch):
-    from mxfp4 import mxfp4_quantization_config
+    from gpu_engine.mxfp4 import mxfp4_quantization_config
 
     config = tiny_gpt_oss.gpt_oss_20b_config().to_dict()
     config["quantization_config"] = mxfp4_quantization_config()

@@ -28,7 +28,7 @@ SHORT = ["--tiny", "--total-steps", "3", "--save-steps", "2", "--eval-samples", 
 LAUNCHED = """
 import csv, os, signal, sys
 sys.path.insert(0, {root!r})
-import output_files, run_directory
+import output_files  # patched before the modules that import its functions are imported
 
 rank, writes = os.environ["RANK"], os.environ["WRITES"]
 def record(what):
@@ -40,6 +40,7 @@ def recorded_write_text(text, path):
     record(os.path.basename(str(path)))
     write_text(text, path)
 output_files.write_text_atomically = recorded_write_text
+from training import run_directory
 save_final = run_directory.save_final_atomically
 def recorded_save_final(*args, **kwargs):
     record("adapter")
@@ -254,7 +255,7 @@ def test_the_two_gpu_accelerate_config_is_read_by_accelerate():
 
 
 def test_batch_line_counts_prompts_per_process():
-    import train_grpo
+    from training import run_summary
 
-    assert train_grpo.describe_batch(2, 4, 8) == "2 processes x 4 prompts x 8 answers = 64 completions per step"
-    assert train_grpo.describe_batch(1, 8, 4) == "1 process x 8 prompts x 4 answers = 32 completions per step"
+    assert run_summary.describe_batch(2, 4, 8) == "2 processes x 4 prompts x 8 answers = 64 completions per step"
+    assert run_summary.describe_batch(1, 8, 4) == "1 process x 8 prompts x 4 answers = 32 completions per step"

@@ -1,0 +1,1 @@
+"""Evaluate, merge and export a trained LoRA adapter (README.md)."""

@@ -1,0 +1,116 @@
+"""gpt-oss attention with its learned sinks through torch's fused attention (scaled_dot_product_attention).
+
+Why: gpt-oss gives every head a learned sink, one more logit in the softmax that takes probability mass and adds
+no value. transformers has no SDPA path for it (`_supports_sdpa = False`) and FlashAttention 2/3 have no backward
+for it (Dao-AILab/flash-attention#1797), so training ran transformers' eager attention: a [batch, heads, queries,
+keys] matrix written and read by a dozen separate kernels (scale, mask, sink column, maximum, softmax, the slice
+without the sink, two matmuls, and as many again in backward). At GRPO's lengths that was the largest part of a
+training step after the matmuls.
+
+How: the sink becomes one more key of SDPA's softmax. Queries get two more dimensions holding 1, real keys 0
+there, and one extra key holds sink / scaling there, split into a high and a low part in the activations' dtype
+(0 elsewhere), with a value of 0: its logit is the sink (exactly for sinks in the activations' dtype, as the
+loader's bf16 model has them; to ~16 bits for fp32 sinks), its value adds nothing, and the key is never masked.
+Head dims are padded with zeros to a multiple of 8. SDPA runs its memory-efficient kernel (its flash kernel takes no
+mask, and this call always passes one), not cuDNN's, which would build a new plan for every new shape (BACKENDS
+says why); math is the fallback. The same math as eager attention,
+but not the same roundings: the softmax runs in fp32 inside one fused kernel, where eager rounds scores and
+probabilities to bf16 on the way (on a GPU at the 20b shape the fused result is the closer of the two to fp32:
+benchmarks/RESULTS.md). The rollout engine's prefill attends through this function too; its decode step still
+rounds its attention as eager does, so its log-probabilities sit a little further from this forward than from
+eager's (the engine's tests hold it to the same tolerance rule).
+
+    from gpu_engine import sink_attention
+    sink_attention.register()                                   # once; model_loader does it
+    AutoModelForCausalLM.from_pretrained(..., attn_implementation=sink_attention.NAME)
+
+model_loader uses it on a GPU; a CPU keeps eager attention (the reference the CPU tests hold everything to in fp32).
+tests/test_sink_attention.py checks outputs and gradients against transformers' eager gpt-oss attention.
+"""
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import library_internals
+
+NAME = "gpt_oss_sink_attention"  # the attn_implementation name registered with transformers
+ALIGN = 8  # head dims of SDPA's fused kernels are multiples of this
+# SDPA's backends for this attention, in torch's order of preference. Not cuDNN's: torch 2.11 tries it first on
+# Hopper for a masked call, and cuDNN builds a new execution plan for every new shape (tens to hundreds of ms each,
+# forward and backward), which GRPO meets at every step: each step's prompts and completions have new lengths, so
+# every micro-batch and every packed prefill of the rollout engine is a shape not seen before. The math fallback
+# stays last (a CPU, or a layout the fused kernels cannot take). Flash takes no mask, so with the sink's mask column
+# the memory-efficient kernel is the one that runs on a GPU.
+BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa_with_sinks(module, query, key, value, attention_mask, scaling, dropout=0.0, s_aux=None, **kwargs):
+    """transformers' attention interface: query [batch, heads, queries, d], key / value [batch, kv heads, keys, d],
+    attention_mask a boolean [batch, 1, queries, keys] (True = may attend; `sink_mask` makes it) or an additive
+    float mask, s_aux the sinks [heads]. Returns ([batch, queries, heads, d], None) as eager attention does, without
+    the probabilities."""
+    if s_aux is None:
+        raise ValueError(f"{NAME}: no attention sinks were passed (s_aux); this implementation is for gpt-oss")
+    batch, heads, queries, dim = query.shape
+    groups = heads // key.shape[1]
+    keys = key.shape[2]
+    width = -(-(dim + 2) // ALIGN) * ALIGN  # room for the sink's two parts, in the fused kernels' alignment
+    # the sink's logit as two parts in the activations' dtype, summed in fp32 by the kernel: exact for sinks in
+    # that dtype, ~16 bits for fp32 sinks (eager attention would keep those in fp32)
+    target = s_aux.float() / scaling
+    high = target.to(key.dtype)
+    low = (target - high.float()).to(key.dtype)
+    sink_key = torch.cat([key.new_zeros(heads, dim), high[:, None], low[:, None],
+                          key.new_zeros(heads, width - dim - 2)], dim=-1)
+    query = torch.cat([query, query.new_ones(batch, heads, queries, 2),
+                       query.new_zeros(batch, heads, queries, width - dim - 2)], dim=-1)
+    # padded per kv head before the heads are repeated (query head h reads kv head h // groups, as repeat_kv)
+    key = torch.cat([key, key.new_zeros(batch, key.shape[1], keys, width - dim)], dim=-1)
+    value = torch.cat([value, value.new_zeros(batch, value.shape[1], keys, width - dim)], dim=-1)
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    key = torch.cat([key, sink_key[None, :, None].expand(batch, heads, 1, width)], dim=2)
+    value = torch.cat([value, value.new_zeros(batch, heads, 1, width)], dim=2)
+    mask = with_sink_column(attention_mask, batch, queries, keys, query, kwargs.get("sliding_window"))
+    with sdpa_kernel(BACKENDS):
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                               dropout_p=dropout)
+    return out[..., :dim].transpose(1, 2).contiguous(), None
+
+
+def with_sink_column(mask, batch, queries, keys, query, window=None):
+    """The attention mask with one more key, the sink, that every query may attend to. With no mask, a causal one
+    (the queries are the last of the keys, as in a prefill or a decode step), limited to `window` keys for a
+    sliding layer. A float (additive) mask comes back in the query's dtype, which SDPA requires."""
+    if mask is None:
+        position = torch.arange(queries, device=query.device)[:, None] + keys - queries
+        key_position = torch.arange(keys, device=query.device)[None, :]
+        mask = key_position <= position
+        if window:
+            mask = mask & (key_position > position - window)
+        mask = mask.expand(batch, 1, queries, keys)
+    if mask.dtype == torch.bool:
+        return torch.cat([mask, mask.new_ones(*mask.shape[:-1], 1)], dim=-1)
+    return torch.cat([mask, mask.new_zeros(*mask.shape[:-1], 1)], dim=-1).to(query.dtype)
+
+
+def sink_mask(*args, **kwargs):
+    """transformers' SDPA mask, always materialised: the sink key needs a mask column even where plain SDPA would
+    pass is_causal instead."""
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def register():
+    """Registers NAME with transformers' attention and mask interfaces (idempotent), after checking the
+    transformers names this relies on (library_internals.ATTENTION)."""
+    library_internals.check(library_internals.ATTENTION)
+    AttentionInterface.register(NAME, sdpa_with_sinks)
+    AttentionMaskInterface.register(NAME, sink_mask)
+
+
+def implementation_for(device):
+    """The attn_implementation model_loader asks for: NAME on a GPU, eager on a CPU."""
+    return NAME if str(device).startswith("cuda") else "eager"
