@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--tiny", "--total-steps", "3", "--save-steps", "2", "--eval-samples", "0", "--report-to", "tensorboard"]
+FAST = ["--tiny", "--total-steps", "3", "--save-steps", "2", "--eval-samples", "0", "--report-to", "tensorboard",
+        "--validation-prompts", "16"]  # each checkpoint scored on 16 prompts, not the main job's 128
 ENV = {"OMP_NUM_THREADS": "2", **os.environ}  # 2 threads unless the caller chose
 # Runs train_grpo.main in a child process that kills itself with SIGKILL at a chosen point:
 # KILL_AT=checkpoint:N  just before trainer_state.json (the last file) of checkpoint-N is written;
