@@ -61,6 +61,11 @@ FINAL_HEADER = "<|channel|>final<|message|>"
 ANALYSIS_HEADER = "<|channel|>analysis<|message|>"
 
 
+def stop_token_ids(tokenizer):
+    """The token ids of STOP_TOKENS in `tokenizer`: where every generation of this project stops."""
+    return [tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
+
+
 def load_chat_template():
     """The original gpt-oss chat template, as shipped inside trl (no Hub access needed)."""
     return (importlib.resources.files("trl") / "chat_templates" / "gptoss.jinja").read_text(encoding="utf-8")

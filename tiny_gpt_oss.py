@@ -269,7 +269,7 @@ def special_ids(tokenizer):
 def generation_config(tokenizer):
     return GenerationConfig(
         bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
-        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in harmony.STOP_TOKENS],
+        eos_token_id=harmony.stop_token_ids(tokenizer),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         do_sample=True,
     )

@@ -97,7 +97,7 @@ class RolloutEngine:
         self.config = self.lm.config
         self.device = self.lm.lm_head.weight.device
         self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
-        self.stop_ids = sorted(set(stop_ids or (tokenizer.convert_tokens_to_ids(t) for t in harmony.STOP_TOKENS)))
+        self.stop_ids = sorted(set(stop_ids or harmony.stop_token_ids(tokenizer)))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.dtype = self.core.embed_tokens.weight.dtype
         self.head_dim = self.config.head_dim

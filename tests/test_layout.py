@@ -77,17 +77,10 @@ def test_imports_flow_one_way():
     assert not upward, upward
 
 
-def private_library_names(path):
-    """`_name`s of other code that `path` reads, calls or overrides: attributes it does not set itself, names
-    imported with a leading underscore, getattr / hasattr strings, and methods of its classes that subclass another
-    library's class (an override of a private method)."""
-    tree = ast.parse(path.read_text())
-    own = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
-            own.add(node.attr)
-        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node in tree.body:
-            own.add(node.name)
+def private_library_names(tree):
+    """`_name`s that a module's `tree` reads, calls or overrides: attributes, names imported with a leading
+    underscore, getattr / hasattr / setattr strings, and methods of its classes that subclass another class (an
+    override of a private method). Which of them are the project's own is decided across the whole project."""
     used = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
@@ -101,7 +94,7 @@ def private_library_names(path):
         elif isinstance(node, ast.ClassDef) and node.bases:
             used |= {item.name for item in node.body if isinstance(item, ast.FunctionDef)
                      and item.name.startswith("_") and not item.name.startswith("__")}
-    return used - own
+    return used
 
 
 def listed_names(internals):
@@ -138,7 +131,7 @@ def test_every_private_library_name_is_listed_and_used_only_by_its_owner():
             continue
         relative = str(path.relative_to(ROOT))
         allowed = listed_names(library_internals.OWNERS.get(relative, ()))
-        for name in sorted(private_library_names(path) - {"_version"}):
+        for name in sorted(private_library_names(trees[path]) - {"_version"}):
             if name in allowed:
                 continue
             if name in project_own and name not in listed:

@@ -65,10 +65,6 @@ def tokenize_prompts(tokenizer, prompts):
     return tokenizer(prompts, add_special_tokens=False)["input_ids"]
 
 
-def harmony_stop_ids(tokenizer):
-    return [tokenizer.convert_tokens_to_ids(t) for t in harmony.STOP_TOKENS]
-
-
 def trl_settings(name, settings):
     """GRPOConfig's generation fields for back end `name` and train_grpo.py's settings."""
     batching = name == "continuous-batching"
@@ -110,7 +106,7 @@ class Generator:
         if name not in BACKENDS:
             raise ValueError(f"Generator takes a back end ({', '.join(BACKENDS)}), not {name!r}: resolve() it first")
         self.name, self.model, self.tokenizer = name, model, tokenizer
-        self.stop_ids = list(stop_ids or harmony_stop_ids(tokenizer))
+        self.stop_ids = list(stop_ids or harmony.stop_token_ids(tokenizer))
         self.engine = None
 
     def rollout_engine(self):

@@ -45,18 +45,16 @@ def make_reward_functions(tokenizer, format_penalty=1.0):
     """
     # The batch last parsed, held by reference: TRL hands both rewards the same list object. Keyed by the object, not
     # by id(): a freed list's id is reused by the next batch's list, which would then get the old batch's parses.
-    cache = {"batch": None, "parsed": None}
+    cache = {"batch": None, "scored": None}
 
-    def parse(completion_ids, num_actions):
+    def score(completion_ids, action_rewards):
         if cache["batch"] is not completion_ids:
-            texts = decode_completions(tokenizer, completion_ids)
-            cache["parsed"] = (texts, [parse_final_action(t, num_actions) for t in texts])
+            cache["scored"] = score_actions(tokenizer, completion_ids, action_rewards)
             cache["batch"] = completion_ids
-        return cache["parsed"]
+        return cache["scored"]
 
     def action_reward(prompts, completions, completion_ids, action_rewards, **kwargs):
-        _, actions = parse(completion_ids, len(action_rewards[0]))
-        rewards = [None if a is None else float(r[a]) for a, r in zip(actions, action_rewards)]
+        _, actions, rewards = score(completion_ids, action_rewards)
         log_metric, optimal = kwargs.get("log_metric"), kwargs.get("optimal_action")
         if log_metric is not None:
             log_metric("valid_rate", sum(a is not None for a in actions) / len(actions))
@@ -65,7 +63,7 @@ def make_reward_functions(tokenizer, format_penalty=1.0):
         return rewards
 
     def format_reward(prompts, completions, completion_ids, action_rewards, **kwargs):
-        _, actions = parse(completion_ids, len(action_rewards[0]))
+        _, actions, _ = score(completion_ids, action_rewards)
         return [0.0 if a is not None else -float(format_penalty) for a in actions]
 
     functions = [action_reward, format_reward]
