@@ -456,12 +456,17 @@ def silence_known_notices():
     - PEFT and TRL read the model's `is_gradient_checkpointing`, which transformers >= 5.2x marks as deprecated with
       a FutureWarning at every read (every checkpoint save); the libraries, not this project, must move on;
     - torch inductor, compiling the rollout engine's decode functions on a GPU, warns that it split a softmax's
-      reduction instead of computing it online: a choice of its own, printed in the middle of an evaluation.
+      reduction instead of computing it online: a choice of its own, printed in the middle of an evaluation;
+    - the Trainer says the tokenizer has 'new PAD/BOS/EOS tokens' whenever the model's config lacks one the
+      tokenizer has: openai/gpt-oss-20b's published config.json has no bos_token_id, so every run of the real model
+      (and of the 20b stand-in, which copies that config) was told so, and the Trainer fills it in itself.
     Idempotent; everything else those loggers say still shows.
     """
-    mxfp4_logger = logging.getLogger("transformers.quantizers.quantizer_mxfp4")
-    if not any(isinstance(f, DropMessages) for f in mxfp4_logger.filters):
-        mxfp4_logger.addFilter(DropMessages(("MXFP4 inference on CPU requires use_kernels",)))
+    for name, prefix in (("transformers.quantizers.quantizer_mxfp4", "MXFP4 inference on CPU requires use_kernels"),
+                         ("transformers.trainer_utils", "The tokenizer has new PAD/BOS/EOS tokens")):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessages) for f in logger.filters):
+            logger.addFilter(DropMessages((prefix,)))
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled on the fly", category=UserWarning)
 

@@ -128,6 +128,36 @@ def test_the_20b_shape_equals_the_published_config_on_the_meta_device():
     assert n == model_loader.count_parameters(config) and 20.8e9 < n < 21.0e9
 
 
+def test_a_config_without_a_bos_id_as_the_published_20bs_trains_without_the_trainers_token_notice(tiny):
+    """gpt-oss-20b's config.json has no bos_token_id: the Trainer fills it from the tokenizer and, unless the loader
+    drops that notice, tells every run about it in the middle of its own lines."""
+    import logging
+
+    from transformers.trainer_utils import align_special_tokens
+
+    model, tokenizer = tiny
+    assert tiny_gpt_oss.gpt_oss_20b_config().bos_token_id is None
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.trainer_utils")
+    logger.addHandler(handler)
+    bos = model.config.bos_token_id, model.generation_config.bos_token_id
+    try:
+        model.config.bos_token_id = model.generation_config.bos_token_id = None
+        model_loader.load_model("tiny")  # the loader sets the filters, as before every run
+        align_special_tokens(model, tokenizer)
+        assert model.config.bos_token_id == tokenizer.bos_token_id  # aligned, as before
+        model.config.bos_token_id = None
+        logger.removeFilter(next(f for f in logger.filters if isinstance(f, model_loader.DropMessages)))
+        align_special_tokens(model, tokenizer)  # without the filter the notice shows: this test can fail
+    finally:
+        logger.removeHandler(handler)
+        model.config.bos_token_id, model.generation_config.bos_token_id = bos
+        model_loader.silence_known_notices()
+    assert [r.getMessage()[:41] for r in records] == ["The tokenizer has new PAD/BOS/EOS tokens "]
+
+
 def test_the_20b_tokenizer_keeps_the_real_harmony_ids():
     tokenizer = tiny_gpt_oss.build_tokenizer(tiny_gpt_oss.read_training_prompts()[:200], real_ids=True)
     assert len(tokenizer) == 201088
