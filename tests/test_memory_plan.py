@@ -109,13 +109,15 @@ def test_micro_batches_set_by_hand_are_refused_with_settings_that_fit_and_each_n
     assert any(flags.startswith("--train-batch-size") for flags in named)
 
 
-def test_a_15_gib_card_hears_the_settings_that_fit_or_what_is_missing(config_20b):
+def test_a_15_gib_card_hears_what_is_missing_as_measured(config_20b):
+    """Measured on an H100 capped at 15.0 GiB: the smallest form of the run (TRL's generate, one prompt a step,
+    micro-batches of one) ran out of memory in its first step, so the plan may not name it as fitting."""
     fit = memory_plan.fit_to_card(config_20b, "mxfp4", defaults(), PROMPTS, 15.0)
     assert not fit.fits and "15.0 GiB usable" in fit.note
-    if "Nothing fits" in fit.note:
-        assert "GiB more than the card has" in fit.note
-    else:
-        assert_every_named_setting_fits(config_20b, defaults(), fit.note, 15.0)
+    assert "Nothing fits: even the run's smallest form" in fit.note and "--generation-backend generate" in fit.note
+    assert "ran out of memory in its first step under a 15.0 GiB cap" in fit.note
+    least, _ = memory_plan.smallest(defaults())
+    assert memory_plan.plan_run(config_20b, "mxfp4", least, PROMPTS, "generate").needed_gib() > 15.0
     nothing = memory_plan.fit_to_card(config_20b, "mxfp4", defaults(), PROMPTS, 13.0)
     assert "Nothing fits: even the run's smallest form" in nothing.note and "GiB more than the card has" in nothing.note
 

@@ -20,7 +20,8 @@ A run on one card passes through phases that hold different things at once:
   (rollout_engine.RolloutEngine.release), then samples in passes of `evaluation_rows` rows, the most that fit.
 The per-token and fixed parts of the update, and the rollout's transient, are measured figures
 (UPDATE_GIB_PER_TOKEN, UPDATE_FIXED_GIB, ROLLOUT_TRANSIENT_GIB: `python benchmarks/measure_memory_plan.py` on an
-H100, benchmarks/RESULTS.md); everything else is counted from the model's shape. Figures are torch's allocated
+H100, benchmarks/RESULTS.md), and TRL's generate's transient (GENERATE_TRANSIENT_GIB) a lower bound from a run that
+did not fit; everything else is counted from the model's shape. Figures are torch's allocated
 memory; a card also holds the CUDA context (~0.5 GiB), which `--max-gpu-memory-gib` leaves out, as a smaller card's
 usable memory does.
 
@@ -55,6 +56,8 @@ UPDATE_GIB_PER_TOKEN = {  # (expert LoRA?, gradient checkpointing?) -> GiB a mic
 }
 UPDATE_FIXED_GIB = 0.6  # an update's transient beyond its tokens' (a dequantised expert matrix, the LM head's chunk)
 ROLLOUT_TRANSIENT_GIB = 1.3  # a prefill pass's transient beside the caches (a dequantised expert matrix, activations)
+GENERATE_TRANSIENT_GIB = 1.8  # TRL's generate's, a lower bound: its smallest run (1 prompt x 8 answers, micro-batches
+#   of 1, rollout planned 14.5 GiB with the engine's 1.3) ran out of memory in its first step under a 15.0 GiB cap
 SAFETY_GIB = 0.5  # kept free of the plan: the allocator's fragmentation between phases
 # -----------------------------------------------------------------------------
 
@@ -179,7 +182,7 @@ def plan_run(config, experts_format, settings, prompt_lengths, backend="engine",
         "engine_weights": engine_weight_bytes(config, experts_format, s) / GIB if engine else 0.0,
         "rollout_cache": caches,
         "kept_cache": caches if engine else 0.0,
-        "rollout_transient": ROLLOUT_TRANSIENT_GIB,
+        "rollout_transient": ROLLOUT_TRANSIENT_GIB if engine else GENERATE_TRANSIENT_GIB,
         "update": UPDATE_FIXED_GIB + per_token * s["TRAIN_BATCH_SIZE"] * length,  # ... with its fixed part
         "evaluation_cache": cache_bytes(config, evaluation_rows, length) / GIB,
     }
@@ -308,9 +311,11 @@ def fit_to_card(config, experts_format, settings, prompt_lengths, usable_gib, fi
                                               f"({option.describe()})")
     option, option_flags = min(tried, key=lambda pair: pair[0].needed_gib())
     short = option.needed_gib() - usable_gib
+    measured = (" (at least: this form ran out of memory in its first step under a 15.0 GiB cap on an H100, "
+                "benchmarks/RESULTS.md)" if "generate" in option_flags else "")
     return Fit(False, settings, plan, f"{message}. Nothing fits: even the run's smallest form, `{option_flags}`, "
-               f"needs {option.describe()}, {short:.1f} GiB more than the card has; use a card with more memory (or "
-               "free what other processes hold on it)")
+               f"needs {option.describe()}{measured}, {short:.1f} GiB more than the card has; use a card with more "
+               "memory (or free what other processes hold on it)")
 
 
 # -- measured: the peak of each phase ------------------------------------------------------------------------------
