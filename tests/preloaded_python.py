@@ -93,9 +93,12 @@ print(json.dumps({"ready": True}), file=replies)
 for line in iter(requests.readline, ""):
     pid = os.fork()
     if pid == 0:
-        replies.close()
-        requests.close()
-        run(json.loads(line))
+        try:
+            replies.close()
+            requests.close()
+            run(json.loads(line))
+        finally:
+            os._exit(1)  # only if run() itself failed before its own exit: never back into the server's loop
     print(json.dumps({"pid": pid}), file=replies)
     _, status = os.waitpid(pid, 0)
     print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), file=replies)
@@ -107,7 +110,7 @@ class PreloadedPython:
     arguments, or "-c", code and its arguments."""
 
     def __init__(self, env, cwd):
-        self.cwd, self.runs = str(cwd), []
+        self.cwd, self.runs = str(cwd), []  # every run started; the last may still be running
         self.server = subprocess.Popen([sys.executable, "-c", SERVER], cwd=cwd, env=env, stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True)
         self.reply(timeout=300)
@@ -126,7 +129,11 @@ class PreloadedPython:
         return answer
 
     def start(self, argv, env):
-        """A running child (PreloadedRun) of `python *argv` with environment `env` in the server's directory."""
+        """A running child (PreloadedRun) of `python *argv` with environment `env` in the server's directory. A run
+        that a failed test left running is killed first: the server serves one at a time."""
+        if self.runs and self.runs[-1].poll() is None:
+            self.runs[-1].kill()
+            self.runs[-1].wait()
         return PreloadedRun(self, [str(a) for a in argv], env)
 
     def run(self, argv, env, timeout=900):
