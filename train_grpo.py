@@ -562,14 +562,16 @@ def make_trainer(model, tokenizer, pool, completion_log, settings, device, gener
     return trainer
 
 
-def main(argv=None):
+def main(argv=None, callbacks=()):
+    """Train with the command line `argv` (None: sys.argv); `callbacks`: more transformers TrainerCallbacks for the
+    trainer (benchmarks/profile_grpo_step.py's profiler)."""
     from training import interrupts
 
     args = build_parser().parse_args(argv)
     interrupts.stop_on_sigterm()
     processes = start_processes()
     try:
-        train(args, processes)
+        train(args, processes, callbacks)
     except SystemExit as stop:
         if processes.is_main_process or not isinstance(stop.code, str):
             raise
@@ -599,7 +601,7 @@ def resume_command(out, processes):
     return f"{launch} train_grpo.py --resume --out {out}"
 
 
-def train(args, processes):
+def train(args, processes, callbacks=()):
     """The run, in every process: the main one alone prints and writes what is not a checkpoint part (see README)."""
     import torch
 
@@ -686,7 +688,7 @@ def train(args, processes):
                 settings, generator, out, best_checkpoint.read_history(out, start_step) if checkpoint else [], log,
                 batch_size=evaluation_rows, memory_phases=phases)
         trainer = make_trainer(model, tokenizer, pool, completion_log, settings, device, generator, log,
-                               [record] + ([scorer] if scorer else []), memory_phases=phases)
+                               [record] + ([scorer] if scorer else []) + list(callbacks), memory_phases=phases)
         start = time.time()
         phases.enter("update")  # a step is an update, but for its rollout (TesGRPOTrainer._generate)
         trainer.train(resume_from_checkpoint=str(checkpoint[1]) if checkpoint else None)

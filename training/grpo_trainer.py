@@ -20,6 +20,9 @@ What it changes (each by overriding the method the documented way, never by assi
   (completion_log.CompletionLog) with its parsed action and reward: the rewards only score;
 - `log`: a metric with no value in the window (a reward no completion earned: TRL would log None, which
   TensorBoard refuses with a warning per step) is left out; the mean reward of such a step is absent, not zero.
+Generation, the log-probabilities (with and without gradient) and the rewards run inside torch.profiler ranges
+named in PROFILER_RANGES (free when no profiler runs), so that benchmarks/profile_grpo_step.py can say where a step's
+time goes.
 `save_checkpoint_now()` is the public way to save one (train_grpo.py on Ctrl-C).
 
 library_internals.TRAINER lists every private TRL / transformers name used here; a trainer checks them when it is
@@ -42,6 +45,14 @@ from trl import GRPOTrainer
 import library_internals
 from library_internals import LibraryMismatch  # noqa: F401  (what a failed check raises)
 from training import completion_scoring, generation, memory_plan, rewards, run_directory
+
+
+PROFILER_RANGES = {  # part of a step -> the torch.profiler range it runs in
+    "generation": "grpo/generation",
+    "log-probabilities without gradient": "grpo/log-probabilities without gradient",  # the reference model's (and
+    "log-probabilities for the loss": "grpo/log-probabilities for the loss",           #   the old policy's)
+    "rewards": "grpo/rewards",
+}
 
 
 def check_internals():
@@ -67,19 +78,21 @@ class TesGRPOTrainer(GRPOTrainer):
                                            compute_entropy=False, compute_aux_loss=False, **extra):
         # a model wrapped for several processes (DDP) must be called through its wrapper, which syncs the gradients
         wrapped = self.accelerator.unwrap_model(model) is not model
-        if input_ids.device.type != "cpu" or wrapped or any(x is not None for x in extra.values()):
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
-                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
-        return completion_scoring.score_completions(model, input_ids, attention_mask, logits_to_keep,
-                                                    batch_size or input_ids.size(0), self.temperature,
-                                                    compute_entropy, compute_aux_loss, self.accelerator.autocast)
+        part = "log-probabilities for the loss" if torch.is_grad_enabled() else "log-probabilities without gradient"
+        with torch.profiler.record_function(PROFILER_RANGES[part]):
+            if input_ids.device.type != "cpu" or wrapped or any(x is not None for x in extra.values()):
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                    compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+            return completion_scoring.score_completions(model, input_ids, attention_mask, logits_to_keep,
+                                                        batch_size or input_ids.size(0), self.temperature,
+                                                        compute_entropy, compute_aux_loss, self.accelerator.autocast)
 
     # -- generation ------------------------------------------------------------------------------------------------
     def _generate(self, prompts, *args, **kwargs):
         start = time.perf_counter()
         try:
-            with self.memory_phases.phase("rollout"):
+            with self.memory_phases.phase("rollout"), torch.profiler.record_function(PROFILER_RANGES["generation"]):
                 result = super()._generate(prompts, *args, **kwargs)
         except Exception as error:
             failure = generation.failure_of(self.generation_backend, error)
@@ -92,13 +105,14 @@ class TesGRPOTrainer(GRPOTrainer):
 
     # -- rewards ---------------------------------------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        result = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if self.completion_log is not None:  # every process's rows, gathered to the main process's writer
-            texts, actions, action_rewards = rewards.score_actions(
-                self.processing_class, completion_ids_list, [example["action_rewards"] for example in inputs])
-            self.completion_log.write_batch(self.state, [example.get("prompt_id", "") for example in inputs], texts,
-                                            actions, action_rewards,
-                                            [example.get("optimal_action", "") for example in inputs])
+        with torch.profiler.record_function(PROFILER_RANGES["rewards"]):
+            result = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            if self.completion_log is not None:  # every process's rows, gathered to the main process's writer
+                texts, actions, action_rewards = rewards.score_actions(
+                    self.processing_class, completion_ids_list, [example["action_rewards"] for example in inputs])
+                self.completion_log.write_batch(self.state, [example.get("prompt_id", "") for example in inputs],
+                                                texts, actions, action_rewards,
+                                                [example.get("optimal_action", "") for example in inputs])
         return result
 
     # -- checkpoints, complete or absent ---------------------------------------------------------------------------
