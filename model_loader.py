@@ -35,6 +35,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import warnings
 
 import torch
@@ -438,14 +439,14 @@ def tied_names(model):
 
 
 class DropMessages(logging.Filter):
-    """Drops log records whose message starts with one of `prefixes`."""
+    """Drops log records whose whole message matches the regular expression `pattern`."""
 
-    def __init__(self, prefixes):
+    def __init__(self, pattern):
         super().__init__()
-        self.prefixes = prefixes
+        self.pattern = re.compile(pattern, re.DOTALL)
 
     def filter(self, record):
-        return not record.getMessage().startswith(self.prefixes)
+        return not self.pattern.fullmatch(record.getMessage())
 
 
 def silence_known_notices():
@@ -457,16 +458,18 @@ def silence_known_notices():
       a FutureWarning at every read (every checkpoint save); the libraries, not this project, must move on;
     - torch inductor, compiling the rollout engine's decode functions on a GPU, warns that it split a softmax's
       reduction instead of computing it online: a choice of its own, printed in the middle of an evaluation;
-    - the Trainer says the tokenizer has 'new PAD/BOS/EOS tokens' whenever the model's config lacks one the
-      tokenizer has: openai/gpt-oss-20b's published config.json has no bos_token_id, so every run of the real model
-      (and of the 20b stand-in, which copies that config) was told so, and the Trainer fills it in itself.
+    - the Trainer says the tokenizer has 'new PAD/BOS/EOS tokens' when the model's config lacks one the tokenizer
+      has: openai/gpt-oss-20b's published config.json has no bos_token_id, so every run of the real model (and of
+      the 20b stand-in, which copies that config) was told so, and the Trainer fills it in itself. Only that
+      notice, with the BOS id alone updated: a changed EOS or PAD (which changes where generation stops) still shows.
     Idempotent; everything else those loggers say still shows.
     """
-    for name, prefix in (("transformers.quantizers.quantizer_mxfp4", "MXFP4 inference on CPU requires use_kernels"),
-                         ("transformers.trainer_utils", "The tokenizer has new PAD/BOS/EOS tokens")):
+    for name, pattern in (("transformers.quantizers.quantizer_mxfp4", r"MXFP4 inference on CPU requires use_kernels.*"),
+                          ("transformers.trainer_utils",
+                           r"The tokenizer has new PAD/BOS/EOS tokens .*Updated tokens: \{'bos_token_id': \d+\}\.")):
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropMessages) for f in logger.filters):
-            logger.addFilter(DropMessages((prefix,)))
+            logger.addFilter(DropMessages(pattern))
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled on the fly", category=UserWarning)
 

@@ -9,14 +9,16 @@ Runs train_grpo.main with its defaults (workload W on the 20b stand-in: 4 prompt
 tokens, LoRA r16 on attention, gradient checkpointing; no checkpoint scoring, no held-out evaluation) plus the
 train_grpo.py flags given after `--`: WARM_STEPS steps unprofiled (compilation, CUDA graph capture, the allocator's
 growth), then PROFILED_STEPS steps under torch.profiler. The parts are the ranges the trainer marks
-(training/grpo_trainer.PROFILER_RANGES: generation, the log-probabilities without gradient (the reference model's)
-and for the loss, the rewards), the backward (autograd's functions, gradient checkpointing's recompute included) and
-the optimiser (AdamW's step and zero_grad); what runs outside them (TRL's loss arithmetic, logging, the data) is
-'the rest'. For each part: the GPU time of the kernels it launched and the host time it took, per step (the rest's
+(training/grpo_trainer.PROFILER_RANGES: generation, the log-probabilities for the loss and, where a run computes
+them, without gradient (the reference model's with a KL term, the old policy's with several iterations a
+generation), the rewards), the backward (autograd's functions, gradient checkpointing's recompute included) and the
+optimiser's step; what runs outside them (TRL's loss arithmetic, zeroing the gradients, logging, the data) is
+'the rest', and kernels the profiler links to no operation are 'unattributed kernels'. For each part: the GPU time of the kernels it launched and the host time it took, per step (the rest's
 host time: the step's wall time less the parts'). The floor of
 a forward is its matmul FLOPs (every layer's attention projections, router and the experts each token is routed to,
 the LM head over the completion tokens) at the bf16 matmul rate measured here on one large matmul; the backward's is
-two forwards (the recompute and the input gradients: the weights are frozen, the LoRA's gradients are small).
+two forwards (the recompute and the input gradients: the weights are frozen, the LoRA's gradients are small; it
+counts the LM head twice, which has no recompute, and the attention's gradient once, which has two operands).
 
 Writes a Markdown report (and its JSON beside it) of the parts, the kernel kinds and the slowest kernels; on a CPU
 the kernel columns are empty. The run directory stays under runs/profile-grpo-step/<start time>/.
@@ -50,6 +52,7 @@ KERNEL_KINDS = [  # (kind, regular expression on the kernel's name), first match
     ("other", r""),
 ]
 REST = "the rest"
+UNATTRIBUTED = "unattributed kernels"
 # -----------------------------------------------------------------------------
 
 
@@ -60,19 +63,22 @@ def part_of(name, ranges):
             return part
     if name.startswith("autograd::engine::evaluate_function"):
         return "backward (with the recompute)"
-    if name.startswith(("Optimizer.step#", "Optimizer.zero_grad#")):
+    if name.startswith("Optimizer.step#"):
         return "optimiser"
     return None
 
 
 def split_by_part(events, ranges):
     """{part: {"kernels": [(name, microseconds)], "host_us": float}} over the outermost event of each part; kernels
-    launched outside every part go to REST."""
+    launched outside every part go to REST, and device kernels linked to no operation to UNATTRIBUTED. A range's
+    own span on the GPU (a user annotation, which the profiler links to its range as if it were a kernel) is left
+    out."""
+    annotations = {e.name for e in events if e.is_user_annotation} | set(ranges.values())
     parts = {}
 
     def add(part, kernels, host_us):
         entry = parts.setdefault(part, {"kernels": [], "host_us": 0.0})
-        entry["kernels"] += [(k.name, k.duration) for k in kernels]
+        entry["kernels"] += [(k.name, k.duration) for k in kernels if k.name not in annotations]
         entry["host_us"] += host_us
 
     def kernels_under(event):
@@ -92,6 +98,11 @@ def split_by_part(events, ranges):
         else:
             add(REST, event.kernels, 0.0)
             stack += event.cpu_children
+    device = [e for e in events if e.device_type.name != "CPU" and not e.is_user_annotation]
+    attributed = sum(d for entry in parts.values() for _, d in entry["kernels"])
+    missing = sum(e.time_range.elapsed_us() for e in device) - attributed
+    if missing > 0:
+        parts[UNATTRIBUTED] = {"kernels": [("(kernels linked to no operation)", missing)], "host_us": 0.0}
     return parts
 
 
@@ -131,10 +142,10 @@ def matmul_flops_per_second():
     return 2 * 8192**3 / sorted(times[2:])[len(times[2:]) // 2]
 
 
-def make_profiler_callback(first_step, last_step, on_done):
-    """A TrainerCallback that profiles global steps first_step..last_step (from 1) and then calls
-    on_done(events, step_walls, tokens, completion_tokens) with the profiler's events, each step's wall seconds
-    (the GPU synchronised at both ends), and the tokens and completion tokens the profiled steps scored."""
+def make_profiler_callback(first_step, last_step):
+    """A TrainerCallback that profiles global steps first_step..last_step (from 1); once the run is over its
+    `measured()` gives (events, step walls in seconds (the GPU synchronised at both ends), tokens scored, the mean
+    completion length logged at each profiled step), or None if the run ended before."""
     import torch
     from transformers import TrainerCallback
 
@@ -145,7 +156,7 @@ def make_profiler_callback(first_step, last_step, on_done):
     class StepProfiler(TrainerCallback):
         def __init__(self):
             self.profiler, self.walls, self.started, self.tokens_before = None, [], None, 0
-            self.completion_lengths = []
+            self.completion_lengths, self.events, self.tokens = [], None, 0
 
         def on_step_begin(self, args, state, control, **kwargs):
             if first_step <= state.global_step + 1 <= last_step:
@@ -159,8 +170,8 @@ def make_profiler_callback(first_step, last_step, on_done):
                     self.tokens_before = state.num_input_tokens_seen
                 self.started = time.perf_counter()
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.started is not None and logs and "completions/mean_length" in logs:
+        def on_log(self, args, state, control, logs=None, **kwargs):  # after on_step_end of the step it logs
+            if first_step <= state.global_step <= last_step and logs and "completions/mean_length" in logs:
                 self.completion_lengths.append(logs["completions/mean_length"])
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -169,8 +180,13 @@ def make_profiler_callback(first_step, last_step, on_done):
                 self.walls.append(time.perf_counter() - self.started)
                 if state.global_step == last_step:
                     self.profiler.stop()
-                    tokens = state.num_input_tokens_seen - self.tokens_before
-                    on_done(self.profiler.events(), self.walls, tokens, self.completion_lengths)
+                    self.tokens = state.num_input_tokens_seen - self.tokens_before
+                    self.events = self.profiler.events()
+
+        def measured(self):
+            if self.events is None:
+                return None
+            return self.events, self.walls, self.tokens, self.completion_lengths
 
     return StepProfiler()
 
@@ -184,8 +200,8 @@ def summarise(events, walls, tokens, completion_lengths, completions_per_step, c
     all_kernels = [k for entry in parts.values() for k in entry["kernels"]]
     busy_ms = sum(d for _, d in all_kernels) / 1e3 / steps
     tokens_per_step = tokens / steps
-    completion_tokens = (sum(completion_lengths[-steps:]) / max(1, len(completion_lengths[-steps:]))
-                         * completions_per_step) if completion_lengths else 0.0
+    completion_tokens = (sum(completion_lengths) / len(completion_lengths) * completions_per_step
+                         if completion_lengths else 0.0)
     forward_ms = (1e3 * forward_flops(config, tokens_per_step, completion_tokens, completions_per_step)
                   / flops_per_second if flops_per_second else None)
     floors = {"log-probabilities without gradient": forward_ms, "log-probabilities for the loss": forward_ms,
@@ -240,6 +256,12 @@ def render(result, command):
     return "\n".join(lines) + "\n"
 
 
+def portable(path):
+    """A path as a report may show it: relative to the repository when it lies inside, else its name."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -273,22 +295,21 @@ def main(argv=None):
     import tiny_gpt_oss
     import train_grpo
 
-    found = {}
-    callback = make_profiler_callback(args.warm_steps + 1, total,
-                                      lambda *measured: found.setdefault("measured", measured))
+    callback = make_profiler_callback(args.warm_steps + 1, total)
     train_grpo.main(flags, callbacks=[callback])
-    if "measured" not in found:
+    if callback.measured() is None:
         sys.exit("error: the run ended before its profiled steps (its output above says why)")
     settings = json.loads((run / "run" / "run_config.json").read_text())
     config = AutoConfig.from_pretrained(tiny_gpt_oss.TINY_DIR if args.tiny else args.model_dir)
     completions = settings["PROMPTS_PER_STEP"] * settings["NUM_GENERATIONS"]
     flops = matmul_flops_per_second() if torch.cuda.is_available() else None
-    result = summarise(*found["measured"], completions, config, flops)
+    result = summarise(*callback.measured(), completions, config, flops)
     result |= {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
                "warm_steps": args.warm_steps,
-               "run": str(run.relative_to(ROOT)) if run.resolve().is_relative_to(ROOT) else run.name}
-    command = "python benchmarks/profile_grpo_step.py" + (" --tiny" if args.tiny else "") + (
-        " -- " + " ".join(extra) if extra else "")
+               "run": portable(run)}
+    shown = ["--tiny"] if args.tiny else ["--model-dir", portable(args.model_dir)]
+    shown += [f"--warm-steps {args.warm_steps}", f"--profiled-steps {args.profiled_steps}"]
+    command = " ".join(["python benchmarks/profile_grpo_step.py", *shown] + (["--", *extra] if extra else []))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(json.dumps(result, indent=1) + "\n", out.with_suffix(".json"))

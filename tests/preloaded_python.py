@@ -4,14 +4,17 @@ Each `python train_grpo.py` spends ~11 s of its start on 2 cores importing torch
 datasets, more than a 3-step tiny run trains; the suite starts ~25 of them. Here one server process imports them
 once and forks a child for each run: the child is a process of its own (its pid takes signals, a SIGKILL ends it and
 nothing else, its files and exit status are its own) that sets the caller's environment, working directory, umask and
-argv and runs the script as `__main__`, exits as the interpreter would (SystemExit's code, 1 after a traceback, death
-by SIGINT after an uncaught KeyboardInterrupt) and writes its stdout and stderr to files that the caller reads.
+argv, runs the script as `__main__` as the program itself (so that the interpreter ends it: SystemExit's code, 1
+after a traceback, death by SIGINT after an uncaught KeyboardInterrupt, atexit functions, threads joined) and writes
+its stdout and stderr to files that the caller reads.
 
 The server imports the libraries and computes nothing: a child forked after torch ran a parallel region hangs at
 its own first one (GNU libgomp's pool does not survive a fork), while a child of a process that only imported torch
-runs torch's parallel ops on its OMP_NUM_THREADS threads.
+runs torch's parallel ops on its OMP_NUM_THREADS threads; it refuses to serve if the imports initialised CUDA.
 Variables that a library reads when it is imported are the server's (the test process's environment, with
-OMP_NUM_THREADS set); a test that changes one of those runs a real `subprocess` instead.
+OMP_NUM_THREADS set), what a library prints while it is imported or once a process went to the server's output,
+and every child shares the server's string-hash seed: a test that changes such a variable, checks everything a run
+prints, or compares runs across processes runs a real `subprocess` instead.
 
 Not a test module: the test files import it (pytest puts tests/ on sys.path).
 """
@@ -30,7 +33,7 @@ import time
 from pathlib import Path
 
 SERVER = r"""
-import atexit, json, os, runpy, signal, sys, traceback, types
+import json, os, runpy, signal, sys, traceback, types
 import accelerate, datasets, pandas, peft, torch, transformers, trl  # what every run imports: ~11 s on 2 cores
 from trl import GRPOConfig, GRPOTrainer
 
@@ -39,19 +42,13 @@ requests = os.fdopen(os.dup(0), "r")
 null = os.open(os.devnull, os.O_RDWR)
 os.dup2(null, 0)
 os.dup2(null, 1)
+if torch.cuda.is_initialized():  # a forked child could not use CUDA
+    print(json.dumps({"error": "the server initialised CUDA while importing: a forked run could not use it"}),
+          file=replies)
+    sys.exit(1)
 
 
-def exit_code(code):
-    # how the interpreter turns SystemExit's code into an exit status
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code
-    print(code, file=sys.stderr)
-    return 1
-
-
-def run(request):
+def set_up(request):
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(f, fd)
@@ -63,45 +60,39 @@ def run(request):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sys.argv = request["argv"]
-    status = 0
-    try:
-        if request["code"] is not None:
-            sys.path[0] = ""
-            main = sys.modules["__main__"] = types.ModuleType("__main__")  # the code's namespace, as under -c
-            exec(compile(request["code"], "<string>", "exec"), main.__dict__)
-        else:
-            sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
-            runpy.run_path(sys.argv[0], run_name="__main__")
-    except SystemExit as stop:
-        status = exit_code(stop.code)
-    except KeyboardInterrupt:
-        traceback.print_exc()
-        status = -signal.SIGINT
-    except BaseException:
-        traceback.print_exc()
-        status = 1
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if status == -signal.SIGINT:  # as the interpreter ends after an uncaught KeyboardInterrupt: killed by SIGINT
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-    os._exit(status & 0xFF)
+    if request["code"] is not None:
+        sys.path[0] = ""
+        sys.modules["__main__"] = types.ModuleType("__main__")  # the code's own namespace, as under -c
+    else:
+        sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
 
 
 print(json.dumps({"ready": True}), file=replies)
+request = None
 for line in iter(requests.readline, ""):
     pid = os.fork()
     if pid == 0:
         try:
             replies.close()
             requests.close()
-            run(json.loads(line))
-        finally:
-            os._exit(1)  # only if run() itself failed before its own exit: never back into the server's loop
+            request = json.loads(line)
+            set_up(request)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        break  # the child leaves the server's loop: from here on it is the program that runs the script
     print(json.dumps({"pid": pid}), file=replies)
     _, status = os.waitpid(pid, 0)
     print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), file=replies)
+if request is None:
+    sys.exit(0)  # the server, once its requests end
+# The child runs the script as `python script` / `python -c code` would, and lets the interpreter end the process:
+# its exit status, the traceback of an uncaught exception, death by SIGINT after an uncaught KeyboardInterrupt,
+# atexit functions and the joining of threads are the interpreter's own.
+if request["code"] is not None:
+    exec(compile(request["code"], "<string>", "exec"), sys.modules["__main__"].__dict__)
+else:
+    runpy.run_path(os.path.abspath(sys.argv[0]), run_name="__main__")
 """
 
 
@@ -113,16 +104,26 @@ class PreloadedPython:
         self.cwd, self.runs = str(cwd), []  # every run started; the last may still be running
         self.server = subprocess.Popen([sys.executable, "-c", SERVER], cwd=cwd, env=env, stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True)
-        self.reply(timeout=300)
+        self.pending = b""
+        if self.reply(timeout=300) is None:
+            self.server.kill()
+            raise RuntimeError("the preloaded Python server did not start within 300 s")
 
     def reply(self, timeout=None):
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.server.stdout, selectors.EVENT_READ)
-            if not selector.select(timeout):
-                return None
-        line = self.server.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the preloaded Python server ended (exit status {self.server.wait()})")
+        """The server's next reply (a dict), or None when none came within `timeout` seconds (None: wait). Lines
+        are split here from what os.read returns, so that no reply waits in a buffer that select cannot see."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            with selectors.DefaultSelector() as selector:
+                selector.register(self.server.stdout, selectors.EVENT_READ)
+                if not selector.select(left):
+                    return None
+            data = os.read(self.server.stdout.fileno(), 65536)
+            if not data:
+                raise RuntimeError(f"the preloaded Python server ended (exit status {self.server.wait()})")
+            self.pending += data
+        line, self.pending = self.pending.split(b"\n", 1)
         answer = json.loads(line)
         if "error" in answer:
             raise RuntimeError(answer["error"])
@@ -143,6 +144,9 @@ class PreloadedPython:
         return subprocess.CompletedProcess([sys.executable, *child.argv], child.returncode, stdout, stderr)
 
     def close(self):
+        if self.runs and self.runs[-1].poll() is None:
+            self.runs[-1].kill()
+            self.runs[-1].wait()
         for run in self.runs:
             shutil.rmtree(run.files, ignore_errors=True)
         self.server.stdin.close()
@@ -168,7 +172,10 @@ class PreloadedRun:
                    "stderr": str(self.files / "stderr")}
         server.server.stdin.write(json.dumps(request) + "\n")
         server.server.stdin.flush()
-        self.pid = server.reply(timeout=60)["pid"]
+        answer = server.reply(timeout=60)
+        if answer is None or "pid" not in answer:
+            raise RuntimeError(f"the preloaded Python server did not start the run (it answered {answer})")
+        self.pid = answer["pid"]
         self.stdout = LineReader(self.files / "stdout", self.poll)
 
     def poll(self):
@@ -180,7 +187,10 @@ class PreloadedRun:
 
     def send_signal(self, number):
         if self.poll() is None:
-            os.kill(self.pid, number)
+            try:
+                os.kill(self.pid, number)
+            except ProcessLookupError:  # it ended since: the server's reply says how
+                pass
 
     def kill(self):
         self.send_signal(signal.SIGKILL)
@@ -201,7 +211,8 @@ class PreloadedRun:
             self.kill()
             self.wait()
             raise
-        return tuple((self.files / name).read_text(errors="replace") for name in ("stdout", "stderr"))
+        return tuple((self.files / name).read_text(errors="replace") if (self.files / name).exists() else ""
+                     for name in ("stdout", "stderr"))
 
 
 class LineReader:

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,6 +64,12 @@ def run_train(*args, env=None):
     return python().run(["train_grpo.py", *args], env={**ENV, **(env or {})})
 
 
+def run_train_fresh(*args):
+    """`python train_grpo.py` as a user starts it: a new interpreter (everything it prints, its own hash seed)."""
+    return subprocess.run([sys.executable, str(ROOT / "train_grpo.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env=ENV)
+
+
 def run_killed(kill_at, *args):
     return python().run(["-c", KILLING_RUN, *args], env={**ENV, "KILL_AT": kill_at})
 
@@ -87,7 +95,7 @@ def run_main(argv):
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "short"
-    result = run_train(*FAST, "--out", str(out))
+    result = run_train_fresh(*FAST, "--out", str(out))  # a new interpreter: the notices test reads all it prints
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result
 
@@ -560,7 +568,8 @@ def test_runs_of_one_seed_give_identical_adapters_and_logs_even_when_one_builds_
     outputs = []
     for name in ("builds-the-stand-in", "finds-it"):
         out = tmp_path / name
-        done = python().run(["-c", REPRODUCIBLE_RUN, stand_in, out], env=env)
+        done = subprocess.run([sys.executable, "-c", REPRODUCIBLE_RUN, str(stand_in), str(out)], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=900)  # new interpreters: hash seeds differ
         assert done.returncode == 0, done.stderr[-3000:]
         outputs.append(((out / "adapter_model.safetensors").read_bytes(), (out / "completions.csv").read_bytes()))
         if name == "builds-the-stand-in":

@@ -302,17 +302,18 @@ def fit_to_card(config, experts_format, settings, prompt_lengths, usable_gib, fi
     fmt = other_format or experts_format
     if other_format:
         flags += f" --experts-format {other_format}"
-    tried = [(plan_for(least, fmt), flags)]
+    tried = [(plan_for(least, fmt), flags, backend)]
     if backend == "engine":  # TRL's generate keeps no engine copies of the attention weights
-        tried.append((plan_for(least, fmt, "generate"), flags + " --generation-backend generate"))
-    for option, option_flags in tried:
+        tried.append((plan_for(least, fmt, "generate"), flags + " --generation-backend generate", "generate"))
+    for option, option_flags, _ in tried:
         if option.needed_gib() <= usable_gib:
             return Fit(False, settings, plan, f"{message}. Only the run's smallest form fits: `{option_flags}` "
                                               f"({option.describe()})")
-    option, option_flags = min(tried, key=lambda pair: pair[0].needed_gib())
+    option, option_flags, generation = min(tried, key=lambda entry: entry[0].needed_gib())
     short = option.needed_gib() - usable_gib
-    measured = (" (at least: this form ran out of memory in its first step under a 15.0 GiB cap on an H100, "
-                "benchmarks/RESULTS.md)" if "generate" in option_flags else "")
+    measured = (f" (at least: TRL's generate's {GENERATE_TRANSIENT_GIB} GiB is a lower bound, from the 20b's "
+                "smallest form running out of memory under a 15.0 GiB cap on an H100: benchmarks/RESULTS.md)"
+                if generation == "generate" else "")
     return Fit(False, settings, plan, f"{message}. Nothing fits: even the run's smallest form, `{option_flags}`, "
                f"needs {option.describe()}{measured}, {short:.1f} GiB more than the card has; use a card with more "
                "memory (or free what other processes hold on it)")
