@@ -66,9 +66,10 @@ def row_directory(invocation, name):
     return invocation / name.replace(" ", "-").replace("(", "").replace(")", "").replace("+", "plus").replace(",", "")
 
 
-def invocation_directory(started):
-    """RUN_DIR/<start time, to the second>; a later invocation in the same second gets a numbered sibling."""
-    base = RUN_DIR / time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+def invocation_directory(started, runs=None):
+    """`runs` (None: RUN_DIR)/<start time, to the second>; a later invocation in the same second gets a numbered
+    sibling."""
+    base = Path(runs or RUN_DIR) / time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
     path, count = base, 1
     while path.exists():
         count += 1

@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_grpo_step import invocation_directory  # noqa: E402  (benchmarks/ is the script's directory)
 from output_files import write_text_atomically  # noqa: E402
 # -----------------------------------------------------------------------------
 WARM_STEPS = 3  # steps before the profiler starts
@@ -209,26 +210,26 @@ def summarise(events, walls, tokens, completion_lengths, completions_per_step, c
     wall_ms = 1e3 * sum(walls) / steps
     parts.setdefault(REST, {"kernels": [], "host_us": 0.0})["host_us"] = 1e3 * steps * max(
         0.0, wall_ms - sum(entry["host_us"] / 1e3 / steps for part, entry in parts.items() if part != REST))
+    def ms_per_step_by(kernels, key):
+        """{key(kernel name): ms a step}, largest first."""
+        totals = {}
+        for name, duration in kernels:
+            totals[key(name)] = totals.get(key(name), 0.0) + duration / 1e3 / steps
+        return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
     rows = []
     for part, entry in parts.items():
         gpu_ms = sum(d for _, d in entry["kernels"]) / 1e3 / steps
-        kinds = {}
-        for name, duration in entry["kernels"]:
-            kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + duration / 1e3 / steps
         floor = floors.get(part)
         rows.append({"part": part, "gpu_ms": gpu_ms, "host_ms": entry["host_us"] / 1e3 / steps,
                      "floor_ms": floor, "gpu_over_floor": gpu_ms / floor if floor else None,
-                     "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1]))})
+                     "kinds_ms": ms_per_step_by(entry["kernels"], kind_of)})
     rows.sort(key=lambda row: (-row["gpu_ms"], -row["host_ms"]))
-    kinds, slowest = {}, {}
-    for name, duration in all_kernels:
-        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + duration / 1e3 / steps
-        slowest[name] = slowest.get(name, 0.0) + duration / 1e3 / steps
     return {"steps": steps, "wall_ms": wall_ms, "gpu_busy_ms": busy_ms,
             "tokens_per_step": tokens_per_step, "completion_tokens_per_step": completion_tokens,
             "matmul_tflops": flops_per_second / 1e12 if flops_per_second else None, "parts": rows,
-            "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-            "slowest_kernels_ms": dict(sorted(slowest.items(), key=lambda kv: -kv[1])[:15])}
+            "kinds_ms": ms_per_step_by(all_kernels, kind_of),
+            "slowest_kernels_ms": dict(list(ms_per_step_by(all_kernels, lambda name: name).items())[:15])}
 
 
 def render(result, command):
@@ -280,10 +281,7 @@ def main(argv=None):
     if not args.tiny and not (Path(args.model_dir) / "config.json").is_file():
         sys.exit(f"error: --model-dir {args.model_dir}: no model there; build the 20b stand-in with "
                  "`python tiny_gpt_oss.py --shape 20b --tokenizer path/to/o200k_harmony`, or pass --tiny")
-    started = time.time()
-    run = Path(args.run_dir) / time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
-    while run.exists():
-        run = run.with_name(run.name + "-next")
+    run = invocation_directory(time.time(), args.run_dir)
     total = args.warm_steps + args.profiled_steps
     flags = [*model, "--total-steps", str(total), "--save-steps", str(10 * total), "--validation-prompts", "0",
              "--eval-samples", "0", "--report-to", "none", "--out", str(run / "run"), *extra]

@@ -132,9 +132,7 @@ class PreloadedPython:
     def start(self, argv, env):
         """A running child (PreloadedRun) of `python *argv` with environment `env` in the server's directory. A run
         that a failed test left running is killed first: the server serves one at a time."""
-        if self.runs and self.runs[-1].poll() is None:
-            self.runs[-1].kill()
-            self.runs[-1].wait()
+        self.stop_running()
         return PreloadedRun(self, [str(a) for a in argv], env)
 
     def run(self, argv, env, timeout=900):
@@ -143,10 +141,14 @@ class PreloadedPython:
         stdout, stderr = child.communicate(timeout=timeout)
         return subprocess.CompletedProcess([sys.executable, *child.argv], child.returncode, stdout, stderr)
 
-    def close(self):
+    def stop_running(self):
+        """Kill and reap the last run if it is still going (only one runs at a time)."""
         if self.runs and self.runs[-1].poll() is None:
             self.runs[-1].kill()
             self.runs[-1].wait()
+
+    def close(self):
+        self.stop_running()
         for run in self.runs:
             shutil.rmtree(run.files, ignore_errors=True)
         self.server.stdin.close()
@@ -179,11 +181,10 @@ class PreloadedRun:
         self.stdout = LineReader(self.files / "stdout", self.poll)
 
     def poll(self):
-        if self.returncode is None:
-            answer = self.server.reply(timeout=0)
-            if answer is not None:
-                self.returncode = answer["returncode"]
-        return self.returncode
+        try:
+            return self.wait(timeout=0)
+        except subprocess.TimeoutExpired:
+            return None
 
     def send_signal(self, number):
         if self.poll() is None:
@@ -246,9 +247,10 @@ _shared = {}
 
 
 def shared(cwd, env):
-    """The one server of this test process for `cwd`, started at the first call (~11 s) and closed at exit; `env`
-    is the environment its libraries are imported in."""
-    if cwd not in _shared:
-        _shared[cwd] = PreloadedPython(env, cwd)
-        atexit.register(_shared[cwd].close)
-    return _shared[cwd]
+    """The one server of this test process for `cwd` and `env` (the environment its libraries are imported in),
+    started at the first call (~11 s) and closed at exit; another environment gets a server of its own."""
+    key = (str(cwd), tuple(sorted(env.items())))
+    if key not in _shared:
+        _shared[key] = PreloadedPython(env, cwd)
+        atexit.register(_shared[key].close)
+    return _shared[key]
