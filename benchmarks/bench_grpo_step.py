@@ -10,7 +10,9 @@ measured steps; the default row runs DEFAULT_STEPS steps with no flag but the mo
 GPU the experts stay MXFP4: train_grpo.py's EXPERTS_FORMAT 'auto'), and so do the two rows that name the experts'
 format alone (`--experts-format mxfp4`, `--experts-format bf16`), and the default run with GPT_OSS_GPU_CAPABILITY=8.0:
 what an A100 or an RTX 3090 / 4090 executes (no 'transposed' kernel, no TMA, grouped matmuls as a loop over the
-experts; mxfp4_experts.gpu_capability), here on a Hopper card. `--max-gpu-memory-gib 23` runs every row under a
+experts; mxfp4_experts.gpu_capability), here on a Hopper card. The two 'fused grouped matmul' rows run the training
+forward and backward's expert matmuls as one Triton kernel each (GPT_OSS_GROUPED_MATMUL=fused, on the Hopper path and
+on the forced Ampere one). `--max-gpu-memory-gib 23` runs every row under a
 23 GiB cap (torch.cuda.set_per_process_memory_fraction): what fits a 24 GB card is shown, not assumed.
 The stand-in's random weights never write a stop token, so every completion runs the full 256 tokens.
 
@@ -39,6 +41,8 @@ DEFAULT_ROW = "engine (default)"
 MXFP4_ROW = "engine, MXFP4 experts"
 BF16_ROW = "engine, bf16 experts"
 SM80_ROW = "engine, an Ampere card's path (forced)"
+FUSED_ROW = "engine, fused grouped matmul"
+FUSED_SM80_ROW = "engine, an Ampere card's path (forced), fused grouped matmul"
 ROWS = {  # name -> (extra train_grpo.py flags, steps incl. warm-up or None for MEASURED_STEPS + 1); rows that name no
           #   experts format take the default ('auto': MXFP4 on a GPU)
     DEFAULT_ROW: ([], DEFAULT_STEPS),
@@ -47,14 +51,22 @@ ROWS = {  # name -> (extra train_grpo.py flags, steps incl. warm-up or None for 
     SM80_ROW: ([], DEFAULT_STEPS),
     "engine, MXFP4 experts + expert LoRA": (["--experts-format", "mxfp4", "--lora-experts", "true"], None),
     "engine, bf16 experts + expert LoRA": (["--experts-format", "bf16", "--lora-experts", "true"], None),
+    FUSED_ROW: ([], None),
+    FUSED_SM80_ROW: ([], None),
     "generate": (["--generation-backend", "generate"], None),
     "continuous-batching": (["--generation-backend", "continuous-batching"], None),
     "engine, micro-batches of 16": (["--train-batch-size", "16", "--gradient-accumulation", "2"], None),
     "engine, one micro-batch of 32": (["--train-batch-size", "32", "--gradient-accumulation", "1"], None),
 }
+FORCED_SM80 = {"GPT_OSS_GPU_CAPABILITY": "8.0"}  # the code an A100 / RTX 3090 runs: no 'transposed' kernel, no TMA,
+                                                #   grouped matmuls as a loop over the experts (gpu_engine/mxfp4_experts.py)
+FUSED = {"GPT_OSS_GROUPED_MATMUL": "fused"}  # the many-rows expert matmuls as one Triton kernel each, no bf16 copy of a
+                                            #   layer's matrix (mxfp4_experts.GROUPED_MATMUL)
 ROW_ENVIRONMENT = {  # name -> variables set for that row's process
-    SM80_ROW: {"GPT_OSS_GPU_CAPABILITY": "8.0"},  # the code an A100 / RTX 3090 runs: no 'transposed' kernel, no TMA,
-}                                             #   grouped matmuls as a loop over the experts (gpu_engine/mxfp4_experts.py)
+    SM80_ROW: FORCED_SM80,
+    FUSED_ROW: FUSED,
+    FUSED_SM80_ROW: {**FORCED_SM80, **FUSED},
+}
 FULL_ROWS = (DEFAULT_ROW, MXFP4_ROW, BF16_ROW, SM80_ROW)  # rows that keep the defaults' checkpoints and scoring
 ROW_TIMEOUT = 420  # seconds a row may run (model loading included) before it is stopped and reported as such
 RUN_DIR = ROOT / "runs" / "bench-grpo-step"  # one directory per invocation, in it one run directory per row

@@ -13,12 +13,14 @@ Times (median of CUDA-event timings, rotating over the 24 layers so that no weig
   and the outputs combined included: the engine's decode path);
 - dequantisation: one layer's gate_up matrix into bf16 (the many-rows path's first step), in GB/s moved;
 - training: forward and backward of one layer's experts over a micro-batch's token-expert pairs (16 x 530 tokens,
-  top 4): mxfp4_experts.grouped_forward against the same math over bf16 weights with torch's grouped matmul (what
-  transformers' grouped_mm experts run).
+  top 4): mxfp4_experts.grouped_forward, with each of its grouped matmuls (GROUPED_MATMUL 'dequantize' and
+  'fused'), against the same math over bf16 weights with torch's grouped matmul (what transformers' grouped_mm
+  experts run).
 """
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -164,8 +166,12 @@ def main():
         grouped_bf16(layers[i % n], bf16[i % n], inp).backward(grad)
 
     result["train_tokens"] = TRAIN_TOKENS
-    result["train_layer_forward_backward_ms"] = {"mxfp4": median_ms(train_mxfp4, REPEATS // 2),
-                                                 "bf16": median_ms(train_bf16, REPEATS // 2)}
+    timings = {}
+    for kind in ("dequantize", "fused"):  # mxfp4_experts.GROUPED_MATMUL's two ways
+        os.environ[mxfp4_experts.GROUPED_MATMUL_VARIABLE] = kind
+        timings[f"mxfp4 {kind}"] = median_ms(train_mxfp4, REPEATS // 2)
+    os.environ.pop(mxfp4_experts.GROUPED_MATMUL_VARIABLE)
+    result["train_layer_forward_backward_ms"] = {**timings, "bf16": median_ms(train_bf16, REPEATS // 2)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -15,7 +15,9 @@ of 32 values sharing a power-of-two scale, two e2m1 codes a byte, low nibble fir
   (`dense_forward`; the rollout engine captures it in its CUDA graph: static shapes, no host sync);
 - many rows (a prefill, the training forward and its recompute): the token-expert pairs sorted by expert, one
   layer's matrix dequantised into a bf16 buffer by a Triton kernel, then torch's grouped matmul; the buffer is
-  freed after each matmul, so one matrix of one layer is all that is ever held in bf16 (~1 GiB at the 20b shape);
+  freed after each matmul, so one matrix of one layer is all that is ever held in bf16 (~1 GiB at the 20b shape).
+  GROUPED_MATMUL = 'fused' instead runs one Triton kernel that dequantises each weight tile in registers beside its
+  rows (no bf16 matrix in memory, no host sync on the counts);
 - backward: `Mxfp4GroupedMatmul` saves only references to the packed bytes, dequantises them again and multiplies
   the output gradient by the (transposed) weight: the input gradient. The experts are frozen, so no weight
   gradient exists; the routing weights' and an expert LoRA's factors' gradients come from autograd around it
@@ -55,6 +57,11 @@ TRANSPOSED_SCALE_BYTES = (99, 128)  # scale bytes for which 'transposed' is exac
 DEQUANT_BLOCKS = 64  # MXFP4 blocks (32 values each) dequantised per program of the dequantisation kernel
 LORA_TARGETS = ("gate_up_proj", "down_proj")  # GptOssExperts' weights, the names an expert LoRA targets
 GPU_CAPABILITY_VARIABLE = "GPT_OSS_GPU_CAPABILITY"  # e.g. 8.6: run a newer card's GPU code as that card's (gpu_capability)
+GROUPED_MATMUL = "dequantize"  # the many-rows matmul on a GPU (a prefill, the training forward and backward):
+                               #   'dequantize' (one layer's matrix into a bf16 buffer, then torch's grouped matmul)
+                               #   or 'fused' (mxfp4_kernels.grouped_matmul_kernel: each weight tile dequantised in
+                               #   registers, no bf16 copy of the matrix, no host sync); benchmarks/RESULTS.md
+GROUPED_MATMUL_VARIABLE = "GPT_OSS_GROUPED_MATMUL"  # names GROUPED_MATMUL's choice for one process (benchmark rows)
 # -----------------------------------------------------------------------------
 
 
@@ -160,13 +167,12 @@ def grouped_forward(experts, hidden_states, router_indices, routing_weights, fac
     unsort = torch.argsort(order)
     x = GatheredRows.apply(hidden_states, order, unsort, top_k).to(dtype)  # each token's row top_k times, by expert
     (gate_up_blocks, gate_up_scales), (down_blocks, down_scales) = experts.matrices()
-    gate_up = Mxfp4GroupedMatmul.apply(x, counts, gate_up_blocks, gate_up_scales)
-    gate_up = gate_up + experts.gate_up_proj_bias.index_select(0, expert_of_row)
+    gate_up = Mxfp4GroupedMatmul.apply(x, counts, gate_up_blocks, gate_up_scales, experts.gate_up_proj_bias,
+                                       expert_of_row)
     if "gate_up_proj" in factors:
         gate_up = gate_up + grouped_lora(x, counts, *factors["gate_up_proj"])
     act = swiglu(gate_up, experts.limit, experts.alpha)
-    out = Mxfp4GroupedMatmul.apply(act, counts, down_blocks, down_scales)
-    out = out + experts.down_proj_bias.index_select(0, expert_of_row)
+    out = Mxfp4GroupedMatmul.apply(act, counts, down_blocks, down_scales, experts.down_proj_bias, expert_of_row)
     if "down_proj" in factors:
         out = out + grouped_lora(act, counts, *factors["down_proj"])
     out = out * routing_weights.reshape(-1).index_select(0, order)[:, None].to(out.dtype)
@@ -198,43 +204,86 @@ class GatheredRows(torch.autograd.Function):
 
 
 class Mxfp4GroupedMatmul(torch.autograd.Function):
-    """y = x W_e^T for rows grouped by expert (counts[e] rows of expert e, in order), W given as MXFP4 blocks and
-    scales [E, out, in/32, ...]. Backward: the input gradient through the same packed weights, transposed; nothing
-    but references to the packed bytes is saved (never a dequantised copy)."""
+    """y = x W_e^T + bias_e for rows grouped by expert (counts[e] rows of expert e, in order; expert_of_row: each
+    row's expert), W given as MXFP4 blocks and scales [E, out, in/32, ...], the bias frozen like W. Backward: the
+    input gradient through the same packed weights, transposed; nothing but references to the packed bytes is
+    saved (never a dequantised copy)."""
 
     @staticmethod
-    def forward(ctx, x, counts, blocks, scales):
+    def forward(ctx, x, counts, blocks, scales, bias, expert_of_row):
+        if bias.requires_grad:
+            raise ValueError("Mxfp4GroupedMatmul: the experts' biases are frozen with their packed weights; a bias "
+                             "that requires a gradient gets none here")
         ctx.save_for_backward(counts, blocks, scales)
-        return grouped_matmul(x, counts, blocks, scales, transpose=False)
+        return grouped_matmul(x, counts, blocks, scales, transpose=False, bias=bias, expert_of_row=expert_of_row)
 
     @staticmethod
     def backward(ctx, grad_out):
         counts, blocks, scales = ctx.saved_tensors
         grad_x = grouped_matmul(grad_out.contiguous(), counts, blocks, scales, transpose=True)
-        return grad_x, None, None, None
+        return grad_x, None, None, None, None, None
 
 
-def grouped_matmul(x, counts, blocks, scales, transpose):
-    """x [rows, in] @ W_e^T per group (transpose=False), or x [rows, out] @ W_e (transpose=True, the backward).
+def grouped_matmul(x, counts, blocks, scales, transpose, bias=None, expert_of_row=None):
+    """x [rows, in] @ W_e^T (+ bias_e) per group (transpose=False), or x [rows, out] @ W_e (transpose=True, the
+    backward; no bias). expert_of_row: each row's expert, for the bias.
 
-    On a GPU the layer's matrix is dequantised once ([E, out, in] bf16, freed when this returns), then multiplied by
-    torch's grouped_mm where it is one fused kernel (`grouped_mm_fused`), else one matmul per expert (what torch's
-    own grouped_mm does there too, after copying the offsets to the host). On a CPU each expert is dequantised in
-    turn (exact in any float dtype)."""
+    On a GPU, GROUPED_MATMUL (or the variable GROUPED_MATMUL_VARIABLE) chooses: 'fused' is one Triton kernel
+    (`fused_grouped_matmul`); 'dequantize' dequantises the layer's matrix once ([E, out, in] bf16, freed when this
+    returns), then multiplies by torch's grouped_mm where it is one fused kernel (`grouped_mm_fused`), else one
+    matmul per expert (what torch's own grouped_mm does there too, after copying the offsets to the host). On a CPU
+    each expert is dequantised in turn (exact in any float dtype)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and grouped_matmul_kind() == "fused":
+        return fused_grouped_matmul(x, counts, blocks, scales, transpose, bias)
     weights = dequantize(blocks, scales, x.dtype) if x.is_cuda else None
     if x.is_cuda and x.dtype == torch.bfloat16 and grouped_mm_fused(x.device):  # its CUDA dtype
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        return torch.nn.functional.grouped_mm(x, weights if transpose else weights.transpose(-2, -1), offs=offsets)
-    out_features = blocks.shape[-3] if not transpose else blocks.shape[-2] * mxfp4.BLOCK_SIZE
-    out = x.new_empty(x.shape[0], out_features)
-    start = 0
-    for e, count in enumerate(counts.tolist()):
-        if count:
-            weight = weights[e] if weights is not None else mxfp4.dequantize_mxfp4(blocks[e], scales[e], x.dtype)
-            rows = x[start:start + count]
-            out[start:start + count] = rows @ weight if transpose else rows @ weight.t()
-        start += count
+        out = torch.nn.functional.grouped_mm(x, weights if transpose else weights.transpose(-2, -1), offs=offsets)
+    else:
+        out_features = blocks.shape[-3] if not transpose else blocks.shape[-2] * mxfp4.BLOCK_SIZE
+        out = x.new_empty(x.shape[0], out_features)
+        start = 0
+        for e, count in enumerate(counts.tolist()):
+            if count:
+                weight = weights[e] if weights is not None else mxfp4.dequantize_mxfp4(blocks[e], scales[e], x.dtype)
+                rows = x[start:start + count]
+                out[start:start + count] = rows @ weight if transpose else rows @ weight.t()
+            start += count
+    if bias is not None:
+        out = out + bias.index_select(0, expert_of_row)
     return out
+
+
+def fused_grouped_matmul(x, counts, blocks, scales, transpose, bias=None):
+    """grouped_matmul as one Triton kernel (mxfp4_kernels.grouped_matmul_kernel): each program dequantises its
+    weight tiles in registers and multiplies them by BLOCK_M rows of one expert, accumulating in fp32, the bias
+    added before the one rounding to x's dtype. The row tiles come from the counts on the GPU: no host sync."""
+    kernels = triton_kernels()
+    experts, weight_rows, groups = scales.shape
+    n, k = (groups * mxfp4.BLOCK_SIZE, weight_rows) if transpose else (weight_rows, groups * mxfp4.BLOCK_SIZE)
+    if x.shape[-1] != k:
+        raise ValueError(f"grouped_matmul: input has {x.shape[-1]} features, the weight takes {k}")
+    x = x.contiguous()
+    rows = x.shape[0]
+    offsets = torch.nn.functional.pad(torch.cumsum(counts, dim=0, dtype=torch.int32), (1, 0))
+    out = x.new_empty(rows, n)
+
+    def grid(tile):
+        return triton_cdiv(n, tile["BLOCK_N"]), triton_cdiv(rows, tile["BLOCK_M"]) + experts
+
+    kernels.grouped_matmul_kernel[grid](x, blocks, scales, bias if bias is not None else out, offsets, out, N=n, K=k,
+                                        EXPERTS=experts, EXPERTS_PADDED=triton_next_power_of_2(experts),
+                                        TRANSPOSE=transpose, HAS_BIAS=bias is not None)
+    return out
+
+
+def grouped_matmul_kind():
+    """'fused' or 'dequantize': GROUPED_MATMUL, or the choice named in the variable GROUPED_MATMUL_VARIABLE."""
+    choice = os.environ.get(GROUPED_MATMUL_VARIABLE, "").strip() or GROUPED_MATMUL
+    if choice not in ("fused", "dequantize"):
+        raise ValueError(f"{GROUPED_MATMUL_VARIABLE}={choice!r}: the grouped matmul is 'fused' or 'dequantize'; unset "
+                         "it for the default")
+    return choice
 
 
 def grouped_lora(x, counts, a, b, scale):

@@ -279,3 +279,90 @@ def transposed_tile(x_desc, w_desc, s_desc, bias_ptr, out_ptr, N, limit, alpha, 
     else:
         out = out_ptr + (out_row.to(tl.int64) + rows[None, :]) * N + cols[:, None]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < rows_left)[None, :] & col_ok[:, None])
+
+
+# -- 'fused' grouped matmul: many rows grouped by expert, the weights dequantised tile by tile -----------------------
+
+
+@triton.jit
+def mxfp4_weight_tile(blocks_ptr, scales_ptr, expert, rows, row_ok, k0, WEIGHT_ROWS: tl.constexpr,
+                      WIDTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Rows `rows` (BLOCK_R of them) of expert `expert`'s weight [WEIGHT_ROWS, WIDTH] as float32, the inputs k0 ..
+    k0 + BLOCK_W (a multiple of 32, k0 too; inputs past WIDTH and rows not row_ok read as 0)."""
+    pair = k0 // 2 + tl.arange(0, BLOCK_W // 2)
+    group = k0 // 32 + tl.arange(0, BLOCK_W // 32)
+    row = expert.to(tl.int64) * WEIGHT_ROWS + rows
+    packed = tl.load(blocks_ptr + row[:, None] * (WIDTH // 2) + pair[None, :],
+                     mask=row_ok[:, None] & (pair < WIDTH // 2)[None, :], other=0).to(tl.int32)
+    scale = scale_values(tl.load(scales_ptr + row[:, None] * (WIDTH // 32) + group[None, :],
+                                 mask=row_ok[:, None] & (group < WIDTH // 32)[None, :], other=0))
+    w = tl.join(e2m1_magnitudes(packed & 15), e2m1_magnitudes(packed >> 4))  # [R, W/2, 2]: low nibble first
+    w = tl.reshape(w, [BLOCK_R, BLOCK_W // 32, 32]) * scale[:, :, None]
+    return tl.reshape(w, [BLOCK_R, BLOCK_W])
+
+
+def grouped_configs():
+    """Tile shapes for grouped_matmul_kernel (triton.autotune, once per weight shape and direction): hundreds of rows
+    an expert, so each weight tile is dequantised once for BLOCK_M rows and the tensor cores' share is large."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=stages)
+            for m, n, k, w, stages in ((128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4),
+                                       (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
+                                       (64, 64, 128, 4, 3))]
+
+
+@triton.jit
+def grouped_tile(offsets_ptr, tile, EXPERTS: tl.constexpr, EXPERTS_PADDED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Which expert's rows row tile number `tile` covers: the tiles are laid out expert after expert, ceil(rows /
+    BLOCK_M) for each (offsets_ptr [EXPERTS + 1]: expert e's rows are offsets[e] .. offsets[e + 1]). Returns (expert,
+    its first row of the tile, the expert's end row); expert == EXPERTS past the last tile."""
+    e = tl.arange(0, EXPERTS_PADDED)
+    starts = tl.load(offsets_ptr + e, mask=e < EXPERTS, other=0)
+    ends = tl.load(offsets_ptr + e + 1, mask=e < EXPERTS, other=0)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    tiles_through = tl.cumsum(tiles, 0)  # tiles of experts 0 .. e
+    expert = tl.sum((tiles_through <= tile).to(tl.int32), 0)
+    mine = e == expert
+    first_tile = tl.sum(tl.where(mine, tiles_through - tiles, 0), 0)
+    start = tl.sum(tl.where(mine, starts, 0), 0)
+    end = tl.sum(tl.where(mine, ends, 0), 0)
+    return expert, start + (tile - first_tile) * BLOCK_M, end
+
+
+@triton.autotune(configs=grouped_configs(), key=["N", "K", "TRANSPOSE"])
+@triton.jit
+def grouped_matmul_kernel(x_ptr, blocks_ptr, scales_ptr, bias_ptr, offsets_ptr, out_ptr, N: tl.constexpr,
+                          K: tl.constexpr, EXPERTS: tl.constexpr, EXPERTS_PADDED: tl.constexpr,
+                          TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[r] = x[r] W_e^T (+ bias_e) for rows r grouped by expert (expert e's rows offsets[e] .. offsets[e + 1]),
+    W_e [N, K] as MXFP4 blocks and scales [E, N, K / 32, ...]; TRANSPOSE: out[r] = x[r] W_e instead, W_e [K, N] as
+    blocks [E, K, N / 32, ...] (the input gradient of the former). x [rows, K], out [rows, N], one dtype (bf16 on a
+    GPU); accumulated in fp32.
+
+    Each weight tile is dequantised in registers from its packed bytes (never a bf16 copy of the matrix in memory)
+    and multiplied on the tensor cores by BLOCK_M rows. Grid (N tiles, row tiles): the row tiles of each expert in
+    turn (grouped_tile), at most ceil(rows / BLOCK_M) + E of them, so the grid needs no host sync on the counts;
+    programs past the last tile return at once."""
+    pid_n, tile = tl.program_id(0), tl.program_id(1)
+    expert, row0, row_end = grouped_tile(offsets_ptr, tile, EXPERTS, EXPERTS_PADDED, BLOCK_M)
+    if expert < EXPERTS:
+        rows = row0 + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok, col_ok = rows < row_end, cols < N
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * K
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
+            if TRANSPOSE:  # weight rows k, their inputs (packed) pid_n * BLOCK_N ..
+                w = mxfp4_weight_tile(blocks_ptr, scales_ptr, expert, k, k < K, pid_n * BLOCK_N, K, N, BLOCK_K,
+                                      BLOCK_N)
+                acc = tl.dot(x, w.to(x.dtype), acc)
+            else:  # weight rows cols, their inputs k0 ..
+                w = mxfp4_weight_tile(blocks_ptr, scales_ptr, expert, cols, col_ok, k0, N, K, BLOCK_N, BLOCK_K)
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + expert.to(tl.int64) * N + cols, mask=col_ok, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        out = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

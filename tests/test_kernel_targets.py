@@ -21,6 +21,8 @@ from gpu_engine import mxfp4_kernels  # noqa: E402
 CARDS = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 101376}
 K = 2880  # gpt-oss-20b's hidden and intermediate size: the experts' input width
 MATMUL = {"M": "i32", "N": "i32", "stride_xe": "i32", "stride_xm": "i32"}
+GROUPED = {"x_ptr": "*bf16", "blocks_ptr": "*u8", "scales_ptr": "*u8", "bias_ptr": "*bf16", "offsets_ptr": "*i32",
+           "out_ptr": "*bf16"}
 KERNELS = {  # name -> (kernel, argument types, constant arguments, the cards it is built for)
     "dequantize": (mxfp4_kernels.dequantize_kernel,
                    {"blocks_ptr": "*u8", "scales_ptr": "*u8", "out_ptr": "*bf16", "n_blocks": "i32"},
@@ -37,6 +39,12 @@ KERNELS = {  # name -> (kernel, argument types, constant arguments, the cards it
                            "offsets_ptr": "*i32", "M": "i32", "N": "i32", "x_expert_rows": "i32", "limit": "fp32",
                            "alpha": "fp32"},
                           {"K": K, "BLOCK_M": 32, "SWIGLU": True, "ROUTED": True}, {90: CARDS[90]}),
+    "grouped matmul": (mxfp4_kernels.grouped_matmul_kernel, GROUPED,
+                       {"N": 2 * K, "K": K, "EXPERTS": 32, "EXPERTS_PADDED": 32, "TRANSPOSE": False, "HAS_BIAS": True},
+                       CARDS),
+    "grouped matmul, transposed": (mxfp4_kernels.grouped_matmul_kernel, GROUPED,
+                                   {"N": K, "K": 2 * K, "EXPERTS": 32, "EXPERTS_PADDED": 32, "TRANSPOSE": True,
+                                    "HAS_BIAS": False}, CARDS),
     "decode attention": (decode_attention_kernel.decode_attention_kernel,
                          {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "sinks_ptr": "*bf16", "pos_ptr": "*i64",
                           "out_ptr": "*bf16", "scaling": "fp32", "length": "i32", "window": "i32"},
@@ -64,7 +72,11 @@ def compile_for(kernel, arguments, constants, arch, tile, options):
     signature = {name: kind.format(**sizes) for name, kind in arguments.items()}
     fn = kernel.fn if hasattr(kernel, "configs") else kernel  # an autotuner wraps the JIT function
     signature.update({name: "constexpr" for name in values})
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=values)
+    # pointers 16-byte aligned, as the launcher specialises torch's tensors: without it triton cannot vectorise the
+    # loads, nor pipeline them (cp.async), and the build here would not be the one that runs (nor its shared memory)
+    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in arguments.items()
+               if kind.startswith("*")}
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=values, attrs=aligned)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 

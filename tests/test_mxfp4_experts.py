@@ -193,17 +193,30 @@ def test_backward_saves_only_the_packed_bytes():
     weight = torch.randn(3, 64, 96) * 0.1
     blocks, scales = mxfp4.quantize_mxfp4(weight)
     counts = torch.tensor([2, 0, 3])
+    expert_of_row = torch.repeat_interleave(torch.arange(3), counts)
+    bias = torch.randn(3, 64)
     x = torch.randn(5, 96, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = mxfp4_experts.Mxfp4GroupedMatmul.apply(x, counts, blocks, scales)
+        out = mxfp4_experts.Mxfp4GroupedMatmul.apply(x, counts, blocks, scales, bias, expert_of_row)
     assert saved and all(not t.is_floating_point() for t in saved)  # no dequantised copy, no activation
     grad = torch.randn_like(out)
     out.backward(grad)
     dequantised = mxfp4.dequantize_mxfp4(blocks, scales, torch.float32)  # [E, out, in]
-    expert_of_row = torch.repeat_interleave(torch.arange(3), counts)
-    torch.testing.assert_close(out, torch.bmm(x.detach()[:, None], dequantised[expert_of_row].transpose(1, 2))[:, 0])
+    expected = torch.bmm(x.detach()[:, None], dequantised[expert_of_row].transpose(1, 2))[:, 0] + bias[expert_of_row]
+    torch.testing.assert_close(out, expected)
     torch.testing.assert_close(x.grad, torch.bmm(grad[:, None], dequantised[expert_of_row])[:, 0])
+    with pytest.raises(ValueError, match="biases are frozen"):
+        mxfp4_experts.Mxfp4GroupedMatmul.apply(x, counts, blocks, scales, bias.requires_grad_(), expert_of_row)
+
+
+def test_the_grouped_matmul_choice_is_named_or_refused(monkeypatch):
+    assert mxfp4_experts.grouped_matmul_kind() == mxfp4_experts.GROUPED_MATMUL
+    monkeypatch.setenv(mxfp4_experts.GROUPED_MATMUL_VARIABLE, "fused")
+    assert mxfp4_experts.grouped_matmul_kind() == "fused"
+    monkeypatch.setenv(mxfp4_experts.GROUPED_MATMUL_VARIABLE, "fast")
+    with pytest.raises(ValueError, match="GPT_OSS_GROUPED_MATMUL='fast'.*'fused' or 'dequantize'"):
+        mxfp4_experts.grouped_matmul_kind()
 
 
 def test_nibble_order_and_scale_bias_are_the_checkpoints():
@@ -481,6 +494,23 @@ for tile_n, unroll in ((64, 2), (32, 4)):
         BLOCK_N=tile_n, UNROLL=unroll)
     expected = torch.bmm(x.half().float(), ref.transpose(1, 2)) + bias[:, None]
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+# the fused grouped matmul: rows grouped by expert (one expert with none, one with more than a row tile), each
+# row multiplied by its own expert's weight, forward with its bias and transposed (the backward's input gradient)
+counts = torch.tensor([5, 0, 19])
+offsets = torch.nn.functional.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))
+expert = torch.repeat_interleave(torch.arange(3), counts)
+kernel = mxfp4_kernels.grouped_matmul_kernel.fn
+for transpose, width in ((False, 288), (True, 96)):
+    rows = torch.randn(24, width)
+    for tile_m, tile_n, tile_k in ((16, 64, 64), (8, 32, 128)):
+        n = 96 if not transpose else 288
+        y = torch.full((24, n), float("nan"))
+        grid = (-(-n // tile_n), -(-24 // tile_m) + 3)
+        kernel[grid](rows, blocks, scales, bias, offsets, y, N=n, K=width, EXPERTS=3, EXPERTS_PADDED=4,
+                     TRANSPOSE=transpose, HAS_BIAS=not transpose, BLOCK_M=tile_m, BLOCK_N=tile_n, BLOCK_K=tile_k)
+        weight = ref[expert] if transpose else ref[expert].transpose(1, 2)
+        expected = torch.bmm(rows[:, None], weight)[:, 0] + (0 if transpose else bias[expert])
+        torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 # the combine kernel, in token order and in the routed layout (rows), unrouted rows NaN
 from gpu_engine import combine_experts_kernel, mxfp4_experts
 top = torch.topk(torch.randn(6, 5), 2, dim=-1)  # 5 experts: not a power of two

@@ -189,7 +189,50 @@ def test_a_routed_decode_step_equals_every_token_through_every_expert(loaded):
     assert relative_error(routed, dense) <= BF16_TOLERANCE
 
 
-def test_backward_gives_the_input_gradient_through_the_packed_weights(loaded):
+@pytest.mark.parametrize("transpose", [False, True])
+def test_the_fused_grouped_matmul_matches_the_reference(loaded, transpose, monkeypatch):
+    """mxfp4_kernels.grouped_matmul_kernel at the 20b shape, rows grouped by expert (some experts with none, one
+    with more than any row tile), against fp32 products through the dequantised weights, and against the
+    'dequantize' path (a bf16 copy of the matrix, torch's grouped matmul) that it replaces."""
+    from gpu_engine import mxfp4_experts
+
+    experts = loaded[0].model.layers[9].mlp.experts
+    blocks, scales = experts.matrices()[0]  # gate_up [E, 2I, H / 32, 16]
+    torch.manual_seed(3)
+    counts = torch.randint(0, 40, (experts.num_experts,))
+    counts[[2, 17]] = 0
+    counts[5] = 700
+    counts = counts.cuda()
+    width = scales.shape[1] if transpose else scales.shape[-1] * mxfp4.BLOCK_SIZE
+    x = torch.randn(int(counts.sum()), width, device="cuda").to(torch.bfloat16)
+    expert_of_row = torch.repeat_interleave(torch.arange(experts.num_experts, device="cuda"), counts)
+    bias = None if transpose else experts.gate_up_proj_bias
+    fused = mxfp4_experts.fused_grouped_matmul(x, counts, blocks, scales, transpose, bias)
+    monkeypatch.setenv(mxfp4_experts.GROUPED_MATMUL_VARIABLE, "dequantize")
+    plain = mxfp4_experts.grouped_matmul(x, counts, blocks, scales, transpose, bias, expert_of_row)
+    reference = torch.empty(fused.shape, device="cuda")
+    start = 0
+    for e, count in enumerate(counts.tolist()):
+        weight = mxfp4.dequantize_mxfp4(blocks[e], scales[e], torch.float32)
+        product = x[start:start + count].float() @ (weight if transpose else weight.t())
+        reference[start:start + count] = product + (0 if bias is None else bias[e].float())
+        start += count
+    error, versus_plain = relative_error(fused, reference), relative_error(fused, plain)
+    print(f"\nfused grouped matmul (transpose={transpose}): relative error {error:.2e}, vs 'dequantize' "
+          f"{versus_plain:.2e}")
+    assert fused.dtype == torch.bfloat16 and error <= BF16_TOLERANCE and versus_plain <= BF16_TOLERANCE
+
+
+@pytest.fixture(params=["dequantize", "fused"])
+def grouped_matmul(request, monkeypatch):
+    """Each of mxfp4_experts.GROUPED_MATMUL's choices, for the test that takes this fixture."""
+    from gpu_engine import mxfp4_experts
+
+    monkeypatch.setenv(mxfp4_experts.GROUPED_MATMUL_VARIABLE, request.param)
+    return request.param
+
+
+def test_backward_gives_the_input_gradient_through_the_packed_weights(loaded, grouped_matmul):
     from gpu_engine import mxfp4_experts
 
     experts = loaded[0].model.layers[11].mlp.experts
@@ -215,7 +258,7 @@ def test_backward_gives_the_input_gradient_through_the_packed_weights(loaded):
         assert error <= 2 * BF16_TOLERANCE  # two bf16 matmuls and a bf16 SwiGLU on the way
 
 
-def test_expert_lora_terms_and_their_gradients_match_the_reference(loaded):
+def test_expert_lora_terms_and_their_gradients_match_the_reference(loaded, grouped_matmul):
     """An expert LoRA beside the packed weights (low-rank terms, grouped matmuls on the GPU): output, input and
     factor gradients against fp32 autograd through the dequantised weights plus the LoRA; the decode path (Triton
     kernels, no gradient) computes the same function."""
