@@ -43,6 +43,8 @@ BF16_ROW = "engine, bf16 experts"
 SM80_ROW = "engine, an Ampere card's path (forced)"
 FUSED_ROW = "engine, fused grouped matmul"
 FUSED_SM80_ROW = "engine, an Ampere card's path (forced), fused grouped matmul"
+GROWTH_ROWS = {32: DEFAULT_ROW, 64: "engine, 64 completions a step", 128: "engine, 128 completions a step"}  # W's
+                                                                  #   step, then 2x and 4x its prompts (same micro-batch)
 ROWS = {  # name -> (extra train_grpo.py flags, steps incl. warm-up or None for MEASURED_STEPS + 1); rows that name no
           #   experts format take the default ('auto': MXFP4 on a GPU)
     DEFAULT_ROW: ([], DEFAULT_STEPS),
@@ -55,6 +57,8 @@ ROWS = {  # name -> (extra train_grpo.py flags, steps incl. warm-up or None for 
     FUSED_SM80_ROW: ([], None),
     "generate": (["--generation-backend", "generate"], None),
     "continuous-batching": (["--generation-backend", "continuous-batching"], None),
+    GROWTH_ROWS[64]: (["--prompts-per-step", "8", "--gradient-accumulation", "4"], None),
+    GROWTH_ROWS[128]: (["--prompts-per-step", "16", "--gradient-accumulation", "8"], None),
     "engine, micro-batches of 16": (["--train-batch-size", "16", "--gradient-accumulation", "2"], None),
     "engine, one micro-batch of 32": (["--train-batch-size", "32", "--gradient-accumulation", "1"], None),
 }
@@ -155,16 +159,17 @@ def render(results, model_dir, tokenizer):
              + (f" `--max-gpu-memory-gib {cap:g}` (every row capped at {cap:g} GiB, as on a smaller card)." if cap
                 else "."), "",
              "| back end | experts | steps (measured) | s / step | generation s | update s | generated tokens / s | "
-             "peak GiB | card |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "completions / s | peak GiB | card |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "failed" in r:
-            lines.append(f"| {r['backend']} | | {r['steps']} | failed: {r['failed']} | | | | | |")
+            lines.append(f"| {r['backend']} | | {r['steps']} | failed: {r['failed']} | | | | | | |")
             continue
         lines.append(f"| {r['backend']} | {r.get('experts_format') or 'n/a'} | {r['steps']} ({r['measured_steps']}) | "
                      f"{r['seconds_per_step']:.2f} | "
                      f"{r['generation_seconds']:.2f} | {r['update_seconds']:.2f} | "
-                     f"{r['generated_tokens_per_second']:.0f} | {r['peak_gib']:.1f} | {r['card']} |")
+                     f"{r['generated_tokens_per_second']:.0f} | {completions_per_second(r):.1f} | "
+                     f"{r['peak_gib']:.1f} | {r['card']} |")
     fell_back = [(r["backend"], r["engine_fell_back"][0]) for r in results if r.get("engine_fell_back")]
     if fell_back:
         lines += [""] + [f"**{name}: not the engine's fast path.** Its log says: `{line}`" for name, line in fell_back]
@@ -172,7 +177,16 @@ def render(results, model_dir, tokenizer):
     if "generate" in by_name and DEFAULT_ROW in by_name:
         ratio = by_name["generate"]["seconds_per_step"] / by_name[DEFAULT_ROW]["seconds_per_step"]
         lines += ["", f"Engine vs TRL's generate in this run: {ratio:.1f}x faster per step."]
+    growth = [(n, completions_per_second(by_name[name])) for n, name in GROWTH_ROWS.items() if name in by_name]
+    if len(growth) > 1:
+        lines += ["", "Completions a second by completions a step (the same micro-batch of "
+                  "16): " + ", ".join(f"{n}: {rate:.1f}" for n, rate in growth) + "."]
     return "\n".join(lines) + "\n"
+
+
+def completions_per_second(row):
+    """A measured row's whole GRPO step rate in completions: what a larger step should raise."""
+    return row["completions_per_step"] / row["seconds_per_step"]
 
 
 def main():

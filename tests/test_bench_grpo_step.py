@@ -36,12 +36,31 @@ def test_a_row_whose_engine_fell_back_is_marked_in_the_table():
     assert bench_grpo_step.engine_fallbacks("rollout engine: 2 graphs captured\n") == []
     row = {"backend": "engine, MXFP4 experts", "steps": 20, "measured_steps": 19, "seconds_per_step": 5.34,
            "generation_seconds": 3.42, "update_seconds": 1.92, "generated_tokens_per_second": 2390.0,
-           "peak_gib": 20.0, "card": "NVIDIA H200", "engine_fell_back": fell_back, "experts_format": "mxfp4"}
+           "completions_per_step": 32.0, "peak_gib": 20.0, "card": "NVIDIA H200", "engine_fell_back": fell_back,
+           "experts_format": "mxfp4"}
     fast = dict(row, backend="engine (default)", engine_fell_back=[])
     table = bench_grpo_step.render([row, fast], ROOT / "runs" / "model", "tok")
     assert "**engine, MXFP4 experts: not the engine's fast path.**" in table and "ValueError: dense_matmul" in table
     assert "engine (default): not" not in table
     assert "| engine, MXFP4 experts | mxfp4 | 20 (19) | 5.34 |" in table  # which format a row ran is in the table
+
+
+def test_the_growth_rows_give_completions_a_second_by_step_size():
+    """Issue 34's growth: W's step (32 completions) beside 64 and 128, the rate of each in the table and in one line."""
+    def row(name, completions, seconds):
+        return {"backend": name, "steps": 4, "measured_steps": 3, "seconds_per_step": seconds,
+                "generation_seconds": seconds / 2, "update_seconds": seconds / 2,
+                "generated_tokens_per_second": 256 * completions / (seconds / 2), "completions_per_step": completions,
+                "peak_gib": 20.0, "card": "NVIDIA H100 80GB HBM3", "engine_fell_back": [], "experts_format": "mxfp4"}
+
+    growth = bench_grpo_step.GROWTH_ROWS
+    assert bench_grpo_step.ROWS[growth[64]][0] == ["--prompts-per-step", "8", "--gradient-accumulation", "4"]
+    assert bench_grpo_step.ROWS[growth[128]][0] == ["--prompts-per-step", "16", "--gradient-accumulation", "8"]
+    table = bench_grpo_step.render([row(growth[32], 32.0, 4.0), row(growth[64], 64.0, 6.4),
+                                    row(growth[128], 128.0, 12.8)], ROOT / "runs" / "model", "tok")
+    assert "| 4096 | 8.0 | 20.0 |" in table  # 32 completions in 4 s
+    assert "Completions a second by completions a step (the same micro-batch of 16): 32: 8.0, 64: 10.0, 128: 10.0." \
+        in table
 
 
 def run_main(monkeypatch, argv):
