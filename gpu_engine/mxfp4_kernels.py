@@ -294,20 +294,25 @@ def mxfp4_weight_tile(blocks_ptr, scales_ptr, expert, rows, row_ok, k0, WEIGHT_R
     row = expert.to(tl.int64) * WEIGHT_ROWS + rows
     packed = tl.load(blocks_ptr + row[:, None] * (WIDTH // 2) + pair[None, :],
                      mask=row_ok[:, None] & (pair < WIDTH // 2)[None, :], other=0).to(tl.int32)
-    scale = scale_values(tl.load(scales_ptr + row[:, None] * (WIDTH // 32) + group[None, :],
-                                 mask=row_ok[:, None] & (group < WIDTH // 32)[None, :], other=0))
-    w = tl.join(e2m1_magnitudes(packed & 15), e2m1_magnitudes(packed >> 4))  # [R, W/2, 2]: low nibble first
-    w = tl.reshape(w, [BLOCK_R, BLOCK_W // 32, 32]) * scale[:, :, None]
+    scale_byte = tl.load(scales_ptr + row[:, None] * (WIDTH // 32) + group[None, :],
+                         mask=row_ok[:, None] & (group < WIDTH // 32)[None, :], other=0)
+    scale = (scale_byte.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(byte - 127); byte 0 -> 0
+    # each nibble's sign and 3 magnitude bits straight into float32 bits (fp32_times_2_to_126), both from the byte
+    low = ((packed & 7) << 22) | ((packed & 8) << 28)
+    high = ((packed & 0x70) << 18) | ((packed & 0x80) << 24)
+    w = tl.join(low.to(tl.float32, bitcast=True), high.to(tl.float32, bitcast=True))  # [R, W/2, 2]: low first
+    w = tl.reshape(w * 2.0**126, [BLOCK_R, BLOCK_W // 32, 32]) * scale[:, :, None]
     return tl.reshape(w, [BLOCK_R, BLOCK_W])
 
 
 def grouped_configs():
     """Tile shapes for grouped_matmul_kernel (triton.autotune, once per weight shape and direction): hundreds of rows
-    an expert, so each weight tile is dequantised once for BLOCK_M rows and the tensor cores' share is large."""
+    an expert, so each weight tile is dequantised once for BLOCK_M rows; more rows a tile, less dequantisation per
+    product, more rows wasted past an expert's last (a W micro-batch gives each expert ~1,000)."""
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=stages)
             for m, n, k, w, stages in ((128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4),
-                                       (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
-                                       (64, 64, 128, 4, 3))]
+                                       (64, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                                       (128, 128, 128, 8, 3), (64, 64, 128, 4, 3))]
 
 
 @triton.jit

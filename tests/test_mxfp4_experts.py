@@ -511,6 +511,18 @@ for transpose, width in ((False, 288), (True, 96)):
         weight = ref[expert] if transpose else ref[expert].transpose(1, 2)
         expected = torch.bmm(rows[:, None], weight)[:, 0] + (0 if transpose else bias[expert])
         torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+# ... and its dequantisation exact for every code under scale bytes from 1 to 250 (6 x 2^123: 251 and up overflow
+# float32 at code 7), byte 0 a block of zeros as in the other kernels: one-hot rows read the weights back
+codes = torch.arange(256, dtype=torch.uint8).reshape(16, 16)  # every byte: every pair of codes
+scale_bytes = torch.tensor([0, 1, 2, 100, 127, 128, 200, 250], dtype=torch.uint8)
+blocks_all = codes[None, :, None, :].expand(len(scale_bytes), 16, 1, 16).reshape(1, 128, 1, 16).contiguous()
+scales_all = scale_bytes[:, None].expand(-1, 16).reshape(1, 128, 1).contiguous()
+exact = mxfp4.dequantize_mxfp4(blocks_all, scales_all, torch.float32)[0]  # [128, 32]
+exact[:16] = 0  # scale byte 0
+y = torch.full((32, 128), float("nan"))
+kernel[(2, 2)](torch.eye(32), blocks_all, scales_all, y, torch.tensor([0, 32], dtype=torch.int32), y, N=128, K=32,
+               EXPERTS=1, EXPERTS_PADDED=1, TRANSPOSE=False, HAS_BIAS=False, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64)
+assert torch.equal(y, exact.t()), (y - exact.t()).abs().max()
 # the combine kernel, in token order and in the routed layout (rows), unrouted rows NaN
 from gpu_engine import combine_experts_kernel, mxfp4_experts
 top = torch.topk(torch.randn(6, 5), 2, dim=-1)  # 5 experts: not a power of two

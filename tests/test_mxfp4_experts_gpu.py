@@ -223,6 +223,25 @@ def test_the_fused_grouped_matmul_matches_the_reference(loaded, transpose, monke
     assert fused.dtype == torch.bfloat16 and error <= BF16_TOLERANCE and versus_plain <= BF16_TOLERANCE
 
 
+def test_the_fused_grouped_matmul_reads_every_code_exactly():
+    """One-hot rows read the weights back through the tensor cores: every code under scale bytes 2 .. 200 exact in
+    bf16, forward and transposed; scale byte 0 a block of zeros, as in the other kernels."""
+    from gpu_engine import mxfp4_experts
+
+    codes = torch.arange(256, dtype=torch.uint8).reshape(16, 16)  # every byte: every pair of codes
+    scale_bytes = torch.tensor([0, 2, 100, 127, 128, 200], dtype=torch.uint8)
+    blocks = codes[None, :, None, :].expand(len(scale_bytes), 16, 1, 16).reshape(1, -1, 1, 16).contiguous().cuda()
+    scales = scale_bytes[:, None].expand(-1, 16).reshape(1, -1, 1).contiguous().cuda()
+    exact = mxfp4.dequantize_mxfp4(blocks, scales, torch.float32)[0]  # [96, 32]
+    exact[:16] = 0  # scale byte 0
+    rows = exact.shape[0]
+    forward = mxfp4_experts.fused_grouped_matmul(torch.eye(32, device="cuda", dtype=torch.bfloat16),
+                                                 torch.tensor([32], device="cuda"), blocks, scales, False)
+    backward = mxfp4_experts.fused_grouped_matmul(torch.eye(rows, device="cuda", dtype=torch.bfloat16),
+                                                  torch.tensor([rows], device="cuda"), blocks, scales, True)
+    assert torch.equal(forward.float(), exact.t()) and torch.equal(backward.float(), exact)
+
+
 @pytest.fixture(params=["dequantize", "fused"])
 def grouped_matmul(request, monkeypatch):
     """Each of mxfp4_experts.GROUPED_MATMUL's choices, for the test that takes this fixture."""
