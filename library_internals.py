@@ -54,6 +54,7 @@ ATTENTION = (  # sink_attention.register: gpt-oss attention with sinks through S
     ("transformers.masking_utils", "AttentionMaskInterface.register", ("key", "value")),
     ("transformers.masking_utils", "sdpa_mask", ("allow_is_causal_skip",)),  # materialised: the sink needs a column
     ("transformers.models.gpt_oss.modeling_gpt_oss", None, "s_aux=self.sinks"),  # the sinks reach the interface
+    ("transformers.configuration_utils", None, "_attn_implementation"),  # attends_through_this: packed rows need NAME
 )
 OWNERS = {  # the one file that may use each group's names (tests/test_layout.py checks that no other file does)
     "training/grpo_trainer.py": TRAINER,

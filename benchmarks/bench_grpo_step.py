@@ -12,7 +12,8 @@ format alone (`--experts-format mxfp4`, `--experts-format bf16`), and the defaul
 what an A100 or an RTX 3090 / 4090 executes (no 'transposed' kernel, no TMA, grouped matmuls as a loop over the
 experts; mxfp4_experts.gpu_capability), here on a Hopper card. The two 'fused grouped matmul' rows run the training
 forward and backward's expert matmuls as one Triton kernel each (GPT_OSS_GROUPED_MATMUL=fused, on the Hopper path and
-on the forced Ampere one). `--max-gpu-memory-gib 23` runs every row under a
+on the forced Ampere one); the 'shared prompts' rows score each micro-batch packed, each shared prompt once
+(GPT_OSS_SHARED_PROMPTS=1, training/packed_scoring.py). `--max-gpu-memory-gib 23` runs every row under a
 23 GiB cap (torch.cuda.set_per_process_memory_fraction): what fits a 24 GB card is shown, not assumed.
 The stand-in's random weights never write a stop token, so every completion runs the full 256 tokens.
 
@@ -43,6 +44,8 @@ BF16_ROW = "engine, bf16 experts"
 SM80_ROW = "engine, an Ampere card's path (forced)"
 FUSED_ROW = "engine, fused grouped matmul"
 FUSED_SM80_ROW = "engine, an Ampere card's path (forced), fused grouped matmul"
+SHARED_ROW = "engine, shared prompts"
+SHARED_FUSED_ROW = "engine, shared prompts, fused grouped matmul"
 GROWTH_ROWS = {32: DEFAULT_ROW, 64: "engine, 64 completions a step", 128: "engine, 128 completions a step"}  # W's
                                                                   #   step, then 2x and 4x its prompts (same micro-batch)
 ROWS = {  # name -> (extra train_grpo.py flags, steps incl. warm-up or None for MEASURED_STEPS + 1); rows that name no
@@ -55,6 +58,8 @@ ROWS = {  # name -> (extra train_grpo.py flags, steps incl. warm-up or None for 
     "engine, bf16 experts + expert LoRA": (["--experts-format", "bf16", "--lora-experts", "true"], None),
     FUSED_ROW: ([], None),
     FUSED_SM80_ROW: ([], None),
+    SHARED_ROW: ([], None),
+    SHARED_FUSED_ROW: ([], None),
     "generate": (["--generation-backend", "generate"], None),
     "continuous-batching": (["--generation-backend", "continuous-batching"], None),
     GROWTH_ROWS[64]: (["--prompts-per-step", "8", "--gradient-accumulation", "4"], None),
@@ -66,10 +71,14 @@ FORCED_SM80 = {"GPT_OSS_GPU_CAPABILITY": "8.0"}  # the code an A100 / RTX 3090 r
                                                 #   grouped matmuls as a loop over the experts (gpu_engine/mxfp4_experts.py)
 FUSED = {"GPT_OSS_GROUPED_MATMUL": "fused"}  # the many-rows expert matmuls as one Triton kernel each, no bf16 copy of a
                                             #   layer's matrix (mxfp4_experts.GROUPED_MATMUL)
+SHARED = {"GPT_OSS_SHARED_PROMPTS": "1"}  # each micro-batch's rows packed, each shared prompt run once
+                                        #   (training/packed_scoring.SHARED_PROMPTS)
 ROW_ENVIRONMENT = {  # name -> variables set for that row's process
     SM80_ROW: FORCED_SM80,
     FUSED_ROW: FUSED,
     FUSED_SM80_ROW: {**FORCED_SM80, **FUSED},
+    SHARED_ROW: SHARED,
+    SHARED_FUSED_ROW: {**SHARED, **FUSED},
 }
 FULL_ROWS = (DEFAULT_ROW, MXFP4_ROW, BF16_ROW, SM80_ROW)  # rows that keep the defaults' checkpoints and scoring
 ROW_TIMEOUT = 420  # seconds a row may run (model loading included) before it is stopped and reported as such

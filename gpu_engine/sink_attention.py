@@ -24,9 +24,15 @@ eager's (the engine's tests hold it to the same tolerance rule).
     sink_attention.register()                                   # once; model_loader does it
     AutoModelForCausalLM.from_pretrained(..., attn_implementation=sink_attention.NAME)
 
+Rows packed with their shared prompt once (training/packed_scoring.py) come as one sequence and a
+`SharedPrefixRows` keyword: `shared_prefix_attention` gathers each group's prefix and each row's segment and runs
+the same function over them, so a row attends to exactly what its own forward would.
+
 model_loader uses it on a GPU; a CPU keeps eager attention (the reference the CPU tests hold everything to in fp32).
 tests/test_sink_attention.py checks outputs and gradients against transformers' eager gpt-oss attention.
 """
+
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -50,9 +56,14 @@ def sdpa_with_sinks(module, query, key, value, attention_mask, scaling, dropout=
     """transformers' attention interface: query [batch, heads, queries, d], key / value [batch, kv heads, keys, d],
     attention_mask a boolean [batch, 1, queries, keys] (True = may attend; `sink_mask` makes it) or an additive
     float mask, s_aux the sinks [heads]. Returns ([batch, queries, heads, d], None) as eager attention does, without
-    the probabilities."""
+    the probabilities. With the keyword `shared_prefix_rows` (a SharedPrefixRows, passed through the model's
+    forward) the batch is one packed sequence and the mask is not read: `shared_prefix_attention`."""
     if s_aux is None:
         raise ValueError(f"{NAME}: no attention sinks were passed (s_aux); this implementation is for gpt-oss")
+    rows = kwargs.get("shared_prefix_rows")
+    if rows is not None:
+        return shared_prefix_attention(module, query, key, value, rows, scaling, dropout, s_aux,
+                                       kwargs.get("sliding_window"))
     batch, heads, queries, dim = query.shape
     groups = heads // key.shape[1]
     keys = key.shape[2]
@@ -78,6 +89,102 @@ def sdpa_with_sinks(module, query, key, value, attention_mask, scaling, dropout=
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                                                dropout_p=dropout)
     return out[..., :dim].transpose(1, 2).contiguous(), None
+
+
+@dataclass
+class SharedPrefixRows:
+    """Rows that share prompts, packed into one sequence with each shared part once (training/packed_scoring.py
+    builds it): for each group (the rows of one prompt, consecutive in row order) its shared prefix, then each row's
+    own segment. A row's queries see its group's prefix and its own segment, causally by position; a prefix's
+    queries see that prefix. Tensors index the packed sequence ([T] tokens); padding slots point at token 0 and are
+    masked.
+
+    prefix_index [G, Lp], prefix_valid [G, Lp]: each group's prefix tokens; segment_index [R, Ls], segment_valid
+    [R, Ls]: each row's segment; group_rows: rows of each group (a tuple of ints, row order = group order);
+    positions [T]: each token's position in its row (RoPE's, the causal and sliding-window masks')."""
+    prefix_index: torch.Tensor
+    prefix_valid: torch.Tensor
+    segment_index: torch.Tensor
+    segment_valid: torch.Tensor
+    group_rows: tuple
+    positions: torch.Tensor
+    made: dict = field(default_factory=dict)  # window -> (prefix mask, rows' mask), made once per forward
+
+    def __post_init__(self):
+        # the slots that hold a token, flat, and that token's place: where each output goes (found once here, not
+        # by a host sync in every layer)
+        self.slots = tuple((valid.reshape(-1).nonzero().squeeze(1), index.reshape(-1)[valid.reshape(-1)])
+                           for index, valid in ((self.prefix_index, self.prefix_valid),
+                                                (self.segment_index, self.segment_valid)))
+
+    def masks(self, window=None):
+        """(prefix mask [G, 1, Lp, Lp], rows' mask [R, 1, Ls, Lp + Ls]): causal by position, within `window`
+        positions for a sliding layer, padding slots never attended (a padding query attends only to the sink)."""
+        if window not in self.made:
+            prefix_pos, segment_pos = self.positions[self.prefix_index], self.positions[self.segment_index]
+            groups = torch.arange(len(self.group_rows), device=self.positions.device)
+            group_of_row = groups.repeat_interleave(torch.tensor(self.group_rows, device=groups.device))
+            keys_pos = torch.cat([prefix_pos[group_of_row], segment_pos], dim=1)
+            keys_valid = torch.cat([self.prefix_valid[group_of_row], self.segment_valid], dim=1)
+            self.made[window] = tuple(
+                visible(query_pos, key_pos, key_ok & query_ok[..., None], window)
+                for query_pos, key_pos, query_ok, key_ok in ((prefix_pos, prefix_pos, self.prefix_valid,
+                                                              self.prefix_valid[:, None, :]),
+                                                             (segment_pos, keys_pos, self.segment_valid,
+                                                              keys_valid[:, None, :])))
+        return self.made[window]
+
+
+def visible(query_pos, key_pos, allowed, window=None):
+    """[N, 1, queries, keys] True where a query may attend a key: causal by position (within `window` positions
+    when given) and `allowed` ([N, queries, keys])."""
+    seen = (key_pos[:, None, :] <= query_pos[:, :, None]) & allowed
+    if window:
+        seen = seen & (key_pos[:, None, :] > query_pos[:, :, None] - window)
+    return seen[:, None]
+
+
+def shared_prefix_attention(module, query, key, value, rows, scaling, dropout, s_aux, window=None):
+    """sdpa_with_sinks over one packed sequence (query [1, heads, T, d], key / value [1, kv heads, T, d]) laid out
+    by `rows` (SharedPrefixRows): each group's prefix attends to itself, each row's segment to its group's prefix
+    and itself, two calls of sdpa_with_sinks over gathered tokens; every token's output put back in its place.
+    The same attention as each row's own forward over its prompt and completion, with the shared prefix's
+    projections computed once. A prefix's keys and values reach each row of its group by `RepeatedGroups`, whose
+    backward sums the rows' gradients in a fixed order (gathers of unique indices elsewhere): reproducible."""
+    tokens, heads, dim = query.shape[2], query.shape[1], query.shape[3]
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, d]
+    prefix_mask, rows_mask = rows.masks(window)
+    k_prefix, v_prefix = gathered(k, rows.prefix_index), gathered(v, rows.prefix_index)
+    out_prefix, _ = sdpa_with_sinks(module, gathered(q, rows.prefix_index), k_prefix, v_prefix, prefix_mask,
+                                    scaling, dropout, s_aux=s_aux)  # [G, Lp, heads, d]
+    keys = torch.cat([RepeatedGroups.apply(k_prefix, rows.group_rows), gathered(k, rows.segment_index)], dim=2)
+    values = torch.cat([RepeatedGroups.apply(v_prefix, rows.group_rows), gathered(v, rows.segment_index)], dim=2)
+    out_rows, _ = sdpa_with_sinks(module, gathered(q, rows.segment_index), keys, values, rows_mask, scaling,
+                                  dropout, s_aux=s_aux)  # [R, Ls, heads, d]
+    out = q.new_zeros(tokens, heads, dim)
+    for result, (slots, places) in zip((out_prefix, out_rows), rows.slots):  # padding slots' outputs are dropped
+        out = out.index_copy(0, places, result.reshape(-1, heads, dim).index_select(0, slots))
+    return out[None], None
+
+
+def gathered(x, index):
+    """x [T, heads, d] at index [N, L] -> [N, heads, L, d] (SDPA's layout)."""
+    return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:]).transpose(1, 2)
+
+
+class RepeatedGroups(torch.autograd.Function):
+    """x [G, ...] -> each x[g] repeated group_rows[g] times (rows of a group consecutive); backward: each group's
+    rows' gradients summed in a fixed order (repeat_interleave's own backward adds them with atomics on a GPU)."""
+
+    @staticmethod
+    def forward(ctx, x, group_rows):
+        ctx.group_rows = group_rows
+        return torch.cat([x[g:g + 1].expand(n, *x.shape[1:]) for g, n in enumerate(group_rows)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        sums = [part.sum(dim=0) for part in grad.split(list(ctx.group_rows))]
+        return torch.stack(sums), None
 
 
 def with_sink_column(mask, batch, queries, keys, query, window=None):
@@ -109,6 +216,11 @@ def register():
     library_internals.check(library_internals.ATTENTION)
     AttentionInterface.register(NAME, sdpa_with_sinks)
     AttentionMaskInterface.register(NAME, sink_mask)
+
+
+def attends_through_this(model):
+    """Whether `model` (plain or PEFT-wrapped) runs its attention through NAME."""
+    return getattr(model.config, "_attn_implementation", None) == NAME
 
 
 def implementation_for(device):

@@ -4,9 +4,10 @@
                              generation_backend="engine", base_model_id="tiny")     # train_grpo.make_trainer
 
 What it changes (each by overriding the method the documented way, never by assigning to an instance):
-- `_get_per_token_logps_and_entropies`: on a CPU, completion_scoring.py scores a GRPO group's prompt once and
-  projects only the completion positions; on every other device, a model wrapped for several processes and
-  multimodal inputs, TRL's own chunked path;
+- `_get_per_token_logps_and_entropies`: where packed_scoring.applies (chosen by its SHARED_PROMPTS, a model
+  attending through sink_attention), each micro-batch packed into one sequence with each shared prompt once; else on
+  a CPU, completion_scoring.py scores a GRPO group's prompt once and projects only the completion positions; on
+  every other device, a model wrapped for several processes and multimodal inputs, TRL's own chunked path;
 - `_generate`: each step's generation seconds and generated tokens are logged (TRL times generation for wandb
   only), and transformers' continuous batching returning nothing (its out-of-memory) becomes
   generation.GenerationFailed;
@@ -44,7 +45,7 @@ from trl import GRPOTrainer
 
 import library_internals
 from library_internals import LibraryMismatch  # noqa: F401  (what a failed check raises)
-from training import completion_scoring, generation, memory_plan, rewards, run_directory
+from training import completion_scoring, generation, memory_plan, packed_scoring, rewards, run_directory
 
 
 PROFILER_RANGES = {  # part of a step -> the torch.profiler range it runs in
@@ -80,7 +81,12 @@ class TesGRPOTrainer(GRPOTrainer):
         wrapped = self.accelerator.unwrap_model(model) is not model
         part = "log-probabilities for the loss" if torch.is_grad_enabled() else "log-probabilities without gradient"
         with torch.profiler.record_function(PROFILER_RANGES[part]):
-            if input_ids.device.type != "cpu" or wrapped or any(x is not None for x in extra.values()):
+            plain = not wrapped and all(x is None for x in extra.values())
+            if plain and packed_scoring.applies(model, attention_mask, logits_to_keep):
+                return packed_scoring.score_rows(model, input_ids, attention_mask, logits_to_keep,
+                                                 batch_size or input_ids.size(0), compute_entropy, compute_aux_loss,
+                                                 self.accelerator.autocast)
+            if input_ids.device.type != "cpu" or not plain:
                 return super()._get_per_token_logps_and_entropies(
                     model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                     compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
