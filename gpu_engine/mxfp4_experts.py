@@ -162,7 +162,7 @@ def grouped_forward(experts, hidden_states, router_indices, routing_weights, fac
     flat = router_indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
     expert_of_row = flat[order]
-    counts = torch.bincount(flat, minlength=experts.num_experts)
+    counts = expert_counts(flat, experts.num_experts)
     dtype = experts.gate_up_proj_bias.dtype
     unsort = torch.argsort(order)
     x = GatheredRows.apply(hidden_states, order, unsort, top_k).to(dtype)  # each token's row top_k times, by expert
@@ -180,6 +180,12 @@ def grouped_forward(experts, hidden_states, router_indices, routing_weights, fac
     # experts sum them
     unsorted = GatheredRows.apply(out, unsort, order, 1)
     return unsorted.view(tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(hidden_states.dtype)
+
+
+def expert_counts(flat, num_experts):
+    """Rows routed to each expert ([E] int64) from the flat router indices, as a comparison summed: no host sync
+    (torch.bincount on a GPU reads the largest index back first, which would stall every layer's forward)."""
+    return (flat[:, None] == torch.arange(num_experts, device=flat.device)).sum(dim=0)
 
 
 class GatheredRows(torch.autograd.Function):

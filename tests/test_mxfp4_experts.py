@@ -210,6 +210,12 @@ def test_backward_saves_only_the_packed_bytes():
         mxfp4_experts.Mxfp4GroupedMatmul.apply(x, counts, blocks, scales, bias.requires_grad_(), expert_of_row)
 
 
+def test_expert_counts_equal_bincount():
+    flat = torch.tensor([3, 0, 3, 7, 7, 7, 1])
+    assert torch.equal(mxfp4_experts.expert_counts(flat, 9), torch.bincount(flat, minlength=9))
+    assert torch.equal(mxfp4_experts.expert_counts(flat[:0], 4), torch.zeros(4, dtype=torch.long))
+
+
 def test_the_grouped_matmul_choice_is_named_or_refused(monkeypatch):
     assert mxfp4_experts.grouped_matmul_kind() == mxfp4_experts.GROUPED_MATMUL
     monkeypatch.setenv(mxfp4_experts.GROUPED_MATMUL_VARIABLE, "fused")

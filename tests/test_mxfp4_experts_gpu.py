@@ -251,6 +251,29 @@ def grouped_matmul(request, monkeypatch):
     return request.param
 
 
+def test_the_many_rows_forward_and_backward_never_wait_for_the_gpu(loaded, grouped_matmul):
+    """The training forward and backward of the experts queue their kernels without reading anything back to the
+    host (a read-back in every layer would stall the queue 24 times a pass): torch's sync debug mode raises on one.
+    Below Hopper the 'dequantize' choice loops over the experts on the host, so only 'fused' is held to it there."""
+    from gpu_engine import mxfp4_experts
+
+    if grouped_matmul == "dequantize" and not mxfp4_experts.grouped_mm_fused("cuda"):
+        pytest.skip("torch's grouped_mm loops on the host below Hopper")
+    experts = loaded[0].model.layers[2].mlp.experts
+    torch.manual_seed(4)
+    rows = 500
+    h = torch.randn(rows, experts.hidden_size, device="cuda").to(torch.bfloat16).requires_grad_()
+    index = torch.stack([torch.randperm(experts.num_experts, device="cuda")[:4] for _ in range(rows)])
+    scores = torch.softmax(torch.randn(rows, 4, device="cuda"), -1).to(torch.bfloat16)
+    mxfp4_experts.grouped_forward(experts, h, index, scores).sum().backward()  # the autotuner's runs, once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mxfp4_experts.grouped_forward(experts, h, index, scores).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_backward_gives_the_input_gradient_through_the_packed_weights(loaded, grouped_matmul):
     from gpu_engine import mxfp4_experts
 
