@@ -60,7 +60,8 @@ GPU_CAPABILITY_VARIABLE = "GPT_OSS_GPU_CAPABILITY"  # e.g. 8.6: run a newer card
 GROUPED_MATMUL = "dequantize"  # the many-rows matmul on a GPU (a prefill, the training forward and backward):
                                #   'dequantize' (one layer's matrix into a bf16 buffer, then torch's grouped matmul)
                                #   or 'fused' (mxfp4_kernels.grouped_matmul_kernel: each weight tile dequantised in
-                               #   registers, no bf16 copy of the matrix, no host sync); benchmarks/RESULTS.md
+                               #   registers, no bf16 copy of the matrix, no host sync; and the SwiGLU between the
+                               #   two as swiglu_kernel.FusedSwiglu); benchmarks/RESULTS.md
 GROUPED_MATMUL_VARIABLE = "GPT_OSS_GROUPED_MATMUL"  # names GROUPED_MATMUL's choice for one process (benchmark rows)
 # -----------------------------------------------------------------------------
 
@@ -171,7 +172,12 @@ def grouped_forward(experts, hidden_states, router_indices, routing_weights, fac
                                        expert_of_row)
     if "gate_up_proj" in factors:
         gate_up = gate_up + grouped_lora(x, counts, *factors["gate_up_proj"])
-    act = swiglu(gate_up, experts.limit, experts.alpha)
+    if gate_up.is_cuda and grouped_matmul_kind() == "fused":  # the SwiGLU as two kernels too, saving gate_up alone
+        from gpu_engine.swiglu_kernel import FusedSwiglu  # triton: a GPU extra, here where it runs
+
+        act = FusedSwiglu.apply(gate_up, experts.limit, experts.alpha)
+    else:
+        act = swiglu(gate_up, experts.limit, experts.alpha)
     out = Mxfp4GroupedMatmul.apply(act, counts, down_blocks, down_scales, experts.down_proj_bias, expert_of_row)
     if "down_proj" in factors:
         out = out + grouped_lora(act, counts, *factors["down_proj"])

@@ -16,6 +16,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from gpu_engine import combine_experts_kernel  # noqa: E402
 from gpu_engine import decode_attention_kernel  # noqa: E402
 from gpu_engine import mxfp4_kernels  # noqa: E402
+from gpu_engine import swiglu_kernel  # noqa: E402
 
 # compute capability -> shared memory a block may use there, bytes (CUDA's per-block opt-in maximum)
 CARDS = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 101376}
@@ -45,6 +46,12 @@ KERNELS = {  # name -> (kernel, argument types, constant arguments, the cards it
     "grouped matmul, transposed": (mxfp4_kernels.grouped_matmul_kernel, GROUPED,
                                    {"N": K, "K": 2 * K, "EXPERTS": 32, "EXPERTS_PADDED": 32, "TRANSPOSE": True,
                                     "HAS_BIAS": False}, CARDS),
+    "swiglu forward": (swiglu_kernel.swiglu_forward_kernel,
+                       {"gate_up_ptr": "*bf16", "out_ptr": "*bf16", "n": "i32", "limit": "fp32", "alpha": "fp32"},
+                       {"BLOCK": swiglu_kernel.BLOCK}, CARDS),
+    "swiglu backward": (swiglu_kernel.swiglu_backward_kernel,
+                        {"gate_up_ptr": "*bf16", "grad_ptr": "*bf16", "grad_in_ptr": "*bf16", "n": "i32",
+                         "limit": "fp32", "alpha": "fp32"}, {"BLOCK": swiglu_kernel.BLOCK}, CARDS),
     "decode attention": (decode_attention_kernel.decode_attention_kernel,
                          {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "sinks_ptr": "*bf16", "pos_ptr": "*i64",
                           "out_ptr": "*bf16", "scaling": "fp32", "length": "i32", "window": "i32"},

@@ -529,6 +529,21 @@ y = torch.full((32, 128), float("nan"))
 kernel[(2, 2)](torch.eye(32), blocks_all, scales_all, y, torch.tensor([0, 32], dtype=torch.int32), y, N=128, K=32,
                EXPERTS=1, EXPERTS_PADDED=1, TRANSPOSE=False, HAS_BIAS=False, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64)
 assert torch.equal(y, exact.t()), (y - exact.t()).abs().max()
+# the SwiGLU kernels (fp32 here: no rounding between steps) against eager swiglu and its autograd, values on both
+# sides of the clamps included
+from gpu_engine import mxfp4_experts, swiglu_kernel
+gate_up = (torch.randn(37, 2 * 29) * 6).requires_grad_()  # 37 x 29 activations: not a multiple of the block
+limit, alpha = 7.0, 1.702
+expected = mxfp4_experts.swiglu(gate_up, limit, alpha)
+grad = torch.randn_like(expected)
+expected.backward(grad)
+out = torch.full_like(expected, float("nan")).detach()
+swiglu_kernel.swiglu_forward_kernel[(2,)](gate_up.detach(), out, out.numel(), limit, alpha, BLOCK=1024)
+torch.testing.assert_close(out, expected.detach())
+grad_in = torch.full_like(gate_up, float("nan")).detach()
+swiglu_kernel.swiglu_backward_kernel[(2,)](gate_up.detach(), grad, grad_in, out.numel(), limit, alpha, BLOCK=1024)
+torch.testing.assert_close(grad_in, gate_up.grad)
+assert (gate_up.detach().abs() > limit).any() and (grad_in == 0).any()  # clamped values, whose gradient stops
 # the combine kernel, in token order and in the routed layout (rows), unrouted rows NaN
 from gpu_engine import combine_experts_kernel, mxfp4_experts
 top = torch.topk(torch.randn(6, 5), 2, dim=-1)  # 5 experts: not a power of two

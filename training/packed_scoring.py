@@ -4,7 +4,7 @@
 
 Why: a GRPO micro-batch holds several completions of each prompt (a micro-batch of 16 rows of workload W holds all
 4 of its prompts, ~4 rows each: TRL shuffles the rows), and TRL's forward runs each row's prompt again, padded to
-the longest: 16 x (~270 + 256) tokens, ~40 % of them a repeated prompt or padding. Every token costs the experts,
+the longest: 16 x (~270 + 256) tokens, ~38 % of them a repeated prompt or padding. Every token costs the experts,
 the attention projections and the router, three times over with gradient checkpointing (forward, recompute,
 backward).
 
