@@ -34,6 +34,10 @@ TRAINER = (  # grpo_trainer.TesGRPOTrainer overrides or calls these
     ("transformers.trainer", "SCHEDULER_NAME", ()),
     ("trl.trainer.utils", "selective_log_softmax_and_entropy", ("logits", "index", "temperature")),
     ("trl.trainer.grpo_trainer", None, "_metrics"),  # {"train" | "eval": {metric: [values]}}, read by its `log`
+    # packed_scoring, which the scoring override calls: TRL's fused LM head scores pre-shifted labels, and its MoE loss
+    # reads the 2-D attention mask as given (the packed rows' token weights)
+    ("trl.trainer.utils", None, "hidden_states = backbone_outputs.last_hidden_state\n            labels = shift_labels"),
+    ("trl.trainer.utils", None, 'num_experts_per_tok, kwargs.get("attention_mask")'),
 )
 EXPERT_LORA = (  # gpu_engine/expert_lora.py's wrapper for MXFP4-resident experts subclasses PEFT's ParamWrapper
     ("peft.tuners.lora.config", "LoraConfig._register_custom_module", ("mapping",)),

@@ -12,7 +12,8 @@ format alone (`--experts-format mxfp4`, `--experts-format bf16`), and the defaul
 what an A100 or an RTX 3090 / 4090 executes (no 'transposed' kernel, no TMA, grouped matmuls as a loop over the
 experts; mxfp4_experts.gpu_capability), here on a Hopper card. The two 'fused grouped matmul' rows run the training
 forward and backward's expert matmuls as one Triton kernel each (GPT_OSS_GROUPED_MATMUL=fused, on the Hopper path and
-on the forced Ampere one); the 'shared prompts' rows score each micro-batch packed, each shared prompt once
+on the forced Ampere one: the forced rows take an Ampere card's choices, but Triton still builds for the card at hand,
+so what an A100 compiles is checked only by tests/test_kernel_targets.py); the 'shared prompts' rows score each micro-batch packed, each shared prompt once
 (GPT_OSS_SHARED_PROMPTS=1, training/packed_scoring.py). `--max-gpu-memory-gib 23` runs every row under a
 23 GiB cap (torch.cuda.set_per_process_memory_fraction): what fits a 24 GB card is shown, not assumed.
 The stand-in's random weights never write a stop token, so every completion runs the full 256 tokens.
@@ -150,7 +151,8 @@ def measure(name, out, steps, wall):
     step, generation, tokens = mean("step_time"), mean("timing/generation_seconds"), mean("timing/generated_tokens")
     return {"backend": name, "steps": steps, "measured_steps": len(rows), "seconds_per_step": step,
             "generation_seconds": generation, "update_seconds": step - generation,
-            "generated_tokens_per_second": tokens / generation, "completions_per_step": tokens / 256,
+            "generated_tokens_per_second": tokens / generation,
+            "completions_per_step": summary.get("completions_per_step") or tokens / 256,
             "peak_gib": summary["speed"].get("peak_gpu_memory_gib"), "card": summary["device"],
             "wall_seconds": wall, "generation_backend": summary.get("generation_backend"),
             "experts_format": summary.get("experts_format"),

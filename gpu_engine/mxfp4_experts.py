@@ -275,6 +275,9 @@ def fused_grouped_matmul(x, counts, blocks, scales, transpose, bias=None):
     n, k = (groups * mxfp4.BLOCK_SIZE, weight_rows) if transpose else (weight_rows, groups * mxfp4.BLOCK_SIZE)
     if x.shape[-1] != k:
         raise ValueError(f"grouped_matmul: input has {x.shape[-1]} features, the weight takes {k}")
+    if not all(t.is_contiguous() for t in (blocks, scales) + ((bias,) if bias is not None else ())):
+        raise ValueError("grouped_matmul: the fused kernel reads the blocks, scales and bias as laid out in memory; "
+                         "pass contiguous ones (the module's buffers are)")
     x = x.contiguous()
     rows = x.shape[0]
     offsets = torch.nn.functional.pad(torch.cumsum(counts, dim=0, dtype=torch.int32), (1, 0))
@@ -283,7 +286,8 @@ def fused_grouped_matmul(x, counts, blocks, scales, transpose, bias=None):
     def grid(tile):
         return triton_cdiv(n, tile["BLOCK_N"]), triton_cdiv(rows, tile["BLOCK_M"]) + experts
 
-    kernels.grouped_matmul_kernel[grid](x, blocks, scales, bias if bias is not None else out, offsets, out, N=n, K=k,
+    kernels.grouped_matmul_kernel[grid](x, blocks, scales, bias if bias is not None else out, offsets, out,
+                                        triton_next_power_of_2(max(1, rows // experts)), N=n, K=k,
                                         EXPERTS=experts, EXPERTS_PADDED=triton_next_power_of_2(experts),
                                         TRANSPOSE=transpose, HAS_BIAS=bias is not None)
     return out

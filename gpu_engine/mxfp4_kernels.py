@@ -262,8 +262,9 @@ def transposed_tile(x_desc, w_desc, s_desc, bias_ptr, out_ptr, N, limit, alpha, 
         stored = acc.to(bias_ptr.dtype.element_ty).to(tl.float32)
         pairs = tl.permute(tl.reshape(stored, [BLOCK_N // 2, 2, BLOCK_M]), [0, 2, 1])
         gate, up = tl.split(pairs)
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
+        gate = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)  # a NaN stays NaN, as in torch's clamp
+        up = tl.minimum(tl.maximum(up, -limit, propagate_nan=tl.PropagateNan.ALL), limit,
+                        propagate_nan=tl.PropagateNan.ALL)
         # each step rounded to the bias' dtype, as the plain path's (and the training forward's) bf16 ops round it
         up_plus_one = rounded(up + 1.0, bias_ptr.dtype.element_ty)
         gated = rounded(gate * rounded(tl.sigmoid(rounded(gate * alpha, bias_ptr.dtype.element_ty)),
@@ -308,11 +309,12 @@ def mxfp4_weight_tile(blocks_ptr, scales_ptr, expert, rows, row_ok, k0, WEIGHT_R
 def grouped_configs():
     """Tile shapes for grouped_matmul_kernel (triton.autotune, once per weight shape and direction): hundreds of rows
     an expert, so each weight tile is dequantised once for BLOCK_M rows; more rows a tile, less dequantisation per
-    product, more rows wasted past an expert's last (a W micro-batch gives each expert ~1,000)."""
+    product, more rows wasted past an expert's last (a W micro-batch gives each expert ~1,000). One BLOCK_K for all:
+    every shape then sums each output's products in the same order, whichever the autotuner picks."""
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=stages)
             for m, n, k, w, stages in ((128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4),
                                        (64, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-                                       (128, 128, 128, 8, 3), (64, 64, 128, 4, 3))]
+                                       (64, 64, 64, 4, 4))]
 
 
 @triton.jit
@@ -333,16 +335,17 @@ def grouped_tile(offsets_ptr, tile, EXPERTS: tl.constexpr, EXPERTS_PADDED: tl.co
     return expert, start + (tile - first_tile) * BLOCK_M, end
 
 
-@triton.autotune(configs=grouped_configs(), key=["N", "K", "TRANSPOSE"])
+@triton.autotune(configs=grouped_configs(), key=["N", "K", "TRANSPOSE", "ROWS_BUCKET"])
 @triton.jit
-def grouped_matmul_kernel(x_ptr, blocks_ptr, scales_ptr, bias_ptr, offsets_ptr, out_ptr, N: tl.constexpr,
+def grouped_matmul_kernel(x_ptr, blocks_ptr, scales_ptr, bias_ptr, offsets_ptr, out_ptr, ROWS_BUCKET, N: tl.constexpr,
                           K: tl.constexpr, EXPERTS: tl.constexpr, EXPERTS_PADDED: tl.constexpr,
                           TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[r] = x[r] W_e^T (+ bias_e) for rows r grouped by expert (expert e's rows offsets[e] .. offsets[e + 1]),
     W_e [N, K] as MXFP4 blocks and scales [E, N, K / 32, ...]; TRANSPOSE: out[r] = x[r] W_e instead, W_e [K, N] as
     blocks [E, K, N / 32, ...] (the input gradient of the former). x [rows, K], out [rows, N], one dtype (bf16 on a
-    GPU); accumulated in fp32.
+    GPU); accumulated in fp32. ROWS_BUCKET (the rows an expert gets on average, to a power of two) is read by the
+    autotuner alone: a prefill's few hundred rows an expert and a training micro-batch's thousand get their own tiles.
 
     Each weight tile is dequantised in registers from its packed bytes (never a bf16 copy of the matrix in memory)
     and multiplied on the tensor cores by BLOCK_M rows. Grid (N tiles, row tiles): the row tiles of each expert in

@@ -150,7 +150,9 @@ def shared_prefix_attention(module, query, key, value, rows, scaling, dropout, s
     and itself, two calls of sdpa_with_sinks over gathered tokens; every token's output put back in its place.
     The same attention as each row's own forward over its prompt and completion, with the shared prefix's
     projections computed once. A prefix's keys and values reach each row of its group by `RepeatedGroups`, whose
-    backward sums the rows' gradients in a fixed order (gathers of unique indices elsewhere): reproducible."""
+    backward sums the rows' gradients in a fixed order; the other gathers read each token once, and their padding
+    slots (all at token 0) get exactly zero gradient (masked keys, dropped outputs), which adds the same in any
+    order: reproducible."""
     tokens, heads, dim = query.shape[2], query.shape[1], query.shape[3]
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, d]
     prefix_mask, rows_mask = rows.masks(window)

@@ -36,8 +36,8 @@ def swiglu_forward_kernel(gate_up_ptr, out_ptr, n, limit, alpha, BLOCK: tl.const
     ok = i < n
     gate, up = gate_and_up(gate_up_ptr, i, ok)
     dtype: tl.constexpr = out_ptr.dtype.element_ty
-    gate = tl.minimum(gate, limit)
-    up = tl.minimum(tl.maximum(up, -limit), limit)
+    gate = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)  # a NaN stays NaN, as in torch's clamp
+    up = tl.minimum(tl.maximum(up, -limit, propagate_nan=tl.PropagateNan.ALL), limit, propagate_nan=tl.PropagateNan.ALL)
     gated = rounded(gate * rounded(tl.sigmoid(rounded(gate * alpha, dtype)), dtype), dtype)
     tl.store(out_ptr + i, (rounded(up + 1.0, dtype) * gated).to(dtype), mask=ok)
 

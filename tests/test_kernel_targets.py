@@ -23,7 +23,7 @@ CARDS = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 101376}
 K = 2880  # gpt-oss-20b's hidden and intermediate size: the experts' input width
 MATMUL = {"M": "i32", "N": "i32", "stride_xe": "i32", "stride_xm": "i32"}
 GROUPED = {"x_ptr": "*bf16", "blocks_ptr": "*u8", "scales_ptr": "*u8", "bias_ptr": "*bf16", "offsets_ptr": "*i32",
-           "out_ptr": "*bf16"}
+           "out_ptr": "*bf16", "ROWS_BUCKET": "i32"}
 KERNELS = {  # name -> (kernel, argument types, constant arguments, the cards it is built for)
     "dequantize": (mxfp4_kernels.dequantize_kernel,
                    {"blocks_ptr": "*u8", "scales_ptr": "*u8", "out_ptr": "*bf16", "n_blocks": "i32"},

@@ -512,7 +512,7 @@ for transpose, width in ((False, 288), (True, 96)):
         n = 96 if not transpose else 288
         y = torch.full((24, n), float("nan"))
         grid = (-(-n // tile_n), -(-24 // tile_m) + 3)
-        kernel[grid](rows, blocks, scales, bias, offsets, y, N=n, K=width, EXPERTS=3, EXPERTS_PADDED=4,
+        kernel[grid](rows, blocks, scales, bias, offsets, y, 8, N=n, K=width, EXPERTS=3, EXPERTS_PADDED=4,
                      TRANSPOSE=transpose, HAS_BIAS=not transpose, BLOCK_M=tile_m, BLOCK_N=tile_n, BLOCK_K=tile_k)
         weight = ref[expert] if transpose else ref[expert].transpose(1, 2)
         expected = torch.bmm(rows[:, None], weight)[:, 0] + (0 if transpose else bias[expert])
@@ -526,7 +526,7 @@ scales_all = scale_bytes[:, None].expand(-1, 16).reshape(1, 128, 1).contiguous()
 exact = mxfp4.dequantize_mxfp4(blocks_all, scales_all, torch.float32)[0]  # [128, 32]
 exact[:16] = 0  # scale byte 0
 y = torch.full((32, 128), float("nan"))
-kernel[(2, 2)](torch.eye(32), blocks_all, scales_all, y, torch.tensor([0, 32], dtype=torch.int32), y, N=128, K=32,
+kernel[(2, 2)](torch.eye(32), blocks_all, scales_all, y, torch.tensor([0, 32], dtype=torch.int32), y, 32, N=128, K=32,
                EXPERTS=1, EXPERTS_PADDED=1, TRANSPOSE=False, HAS_BIAS=False, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64)
 assert torch.equal(y, exact.t()), (y - exact.t()).abs().max()
 # the SwiGLU kernels (fp32 here: no rounding between steps) against eager swiglu and its autograd, values on both

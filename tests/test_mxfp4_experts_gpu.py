@@ -251,6 +251,7 @@ def test_the_fused_swiglu_rounds_as_eager_torch_and_its_gradient_matches():
 
     torch.manual_seed(5)
     gate_up = (torch.randn(3000, 2 * 2880, device="cuda") * 4).to(torch.bfloat16)
+    gate_up[0, 0] = gate_up[1, 3] = float("nan")  # a NaN gate and a NaN up stay NaN, as torch's clamp keeps them
     limit, alpha = 7.0, 1.702
     grad = torch.randn(3000, 2880, device="cuda").to(torch.bfloat16)
     results = {}
@@ -260,6 +261,9 @@ def test_the_fused_swiglu_rounds_as_eager_torch_and_its_gradient_matches():
         out = fn(x, limit, alpha)
         out.backward(grad.to(dtype))
         results[name] = (out.detach().float(), x.grad.float())
+    assert torch.equal(results["fused"][0].isnan(), results["eager"][0].isnan())
+    assert results["fused"][0][:2].isnan().sum() == 2
+    results = {name: (out[2:], grad[2:]) for name, (out, grad) in results.items()}  # the rows without a NaN
     equal = (results["fused"][0] == results["eager"][0]).float().mean().item()
     print(f"\nfused swiglu: {equal:.5%} of activations equal eager's")
     assert equal > 0.999

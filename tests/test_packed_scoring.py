@@ -90,15 +90,26 @@ def test_a_packed_chunk_runs_each_shared_prompt_once():
     assert packed.input_ids[0, first].tolist() == input_ids[chunk][:, 139].tolist()
 
 
-def test_rows_with_holes_in_their_masks_are_left_to_trls_path(trainer, shared_prompts):
+def test_rows_with_holes_in_their_masks_are_left_to_trls_path_and_the_run_is_told_once(trainer, shared_prompts,
+                                                                                         capsys):
     input_ids, attention_mask, _ = padded_batch(trainer.processing_class.pad_token_id, LAYOUTS["groups"])
-    assert packed_scoring.applies(trainer.model, attention_mask, 9)
+    assert packed_scoring.why_not(trainer.model, attention_mask, 9) is None
     holed = attention_mask.clone()
     holed[0, 145] = 0  # a masked token inside a completion
-    assert not packed_scoring.applies(trainer.model, holed, 9)
+    assert packed_scoring.why_not(trainer.model, holed, 9) == "a row's attention mask has a hole"
     holed = attention_mask.clone()
     holed[3, 50] = 0  # inside a prompt
-    assert not packed_scoring.applies(trainer.model, holed, 9)
+    assert packed_scoring.why_not(trainer.model, holed, 9) == "a row's attention mask has a hole"
+    rows = []
+    hook = trainer.model.get_base_model().model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(len(kwargs["input_ids"])), with_kwargs=True)
+    with torch.no_grad():
+        for _ in range(2):
+            trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, holed, 9, batch_size=6)
+    hook.remove()
+    assert rows == [6, 6]  # TRL's forward of every row
+    said = capsys.readouterr().err
+    assert said.count("shared prompts: scoring row by row instead (a row's attention mask has a hole)") == 1
 
 
 def test_the_choice_is_off_by_default_and_a_bad_value_is_refused(trainer, monkeypatch):
@@ -110,4 +121,82 @@ def test_the_choice_is_off_by_default_and_a_bad_value_is_refused(trainer, monkey
     monkeypatch.setenv(packed_scoring.SHARED_PROMPTS_VARIABLE, "1")
     eager = make_model(expert_lora=False, device="cpu")  # a CPU's eager attention cannot read the packed layout
     _, attention_mask, _ = padded_batch(0, LAYOUTS["groups"])
-    assert not packed_scoring.applies(eager, attention_mask, 9)
+    assert "does not attend through" in packed_scoring.why_not(eager, attention_mask, 9)
+    monkeypatch.setenv(packed_scoring.SHARED_PROMPTS_VARIABLE, "0")
+    assert packed_scoring.why_not(trainer.model, attention_mask, 9) == "GPT_OSS_SHARED_PROMPTS is off"
+
+
+def edge_batch(pad_id):
+    """Rows of a one-token prompt and of a 150-token one (left padding), completions of 0, 9, 3 and 1 tokens."""
+    generator = torch.Generator().manual_seed(4)
+    short, long = torch.randint(0, 900, (1,), generator=generator), torch.randint(0, 900, (150,), generator=generator)
+    prompts = torch.full((2, 150), pad_id)
+    prompt_masks = torch.zeros(2, 150, dtype=torch.long)
+    prompts[0, -1], prompt_masks[0, -1] = short[0], 1
+    prompts[1], prompt_masks[1] = long, 1
+    layout = [0, 1, 0, 1]
+    completion = torch.randint(0, 900, (4, 9), generator=generator)
+    completion_mask = torch.zeros(4, 9, dtype=torch.long)
+    for row, n in enumerate([0, 9, 3, 1]):
+        completion_mask[row, :n] = 1
+        completion[row, n:] = pad_id
+    return (torch.cat([prompts[layout], completion], 1), torch.cat([prompt_masks[layout], completion_mask], 1),
+            completion_mask)
+
+
+def test_an_empty_completion_and_a_one_token_prompt_score_as_trls_forward(trainer, shared_prompts):
+    input_ids, attention_mask, completion_mask = edge_batch(trainer.processing_class.pad_token_id)
+    with torch.no_grad():
+        expected = trl_path(trainer)(trainer.model, input_ids, attention_mask, 9, batch_size=4, compute_entropy=True,
+                                     compute_aux_loss=True)
+        got = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, 9, batch_size=4,
+                                                         compute_entropy=True, compute_aux_loss=True)
+    kept = completion_mask.bool()
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1][kept], expected[1][kept], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[2], expected[2])
+    assert (got[0][0] == 0).all() and kept.sum() == 13
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_packed_rows_score_as_trls_forward_on_a_gpu_in_bf16(monkeypatch):
+    """The GPU's own path: bf16, sink attention through SDPA's memory-efficient kernel, MXFP4 experts, LoRA;
+    log-probabilities, entropies, aux loss and LoRA gradients against TRL's forward per row, to bf16 rounding."""
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    import model_loader
+
+    monkeypatch.setenv(packed_scoring.SHARED_PROMPTS_VARIABLE, "1")
+    torch.manual_seed(0)
+    base = model_loader.load_model("tiny", device="cuda")
+    assert sink_attention.attends_through_this(base) and base.dtype == torch.bfloat16
+    add_fused_lm_head(base, temperature=0.7, outputs=("log_probs", "entropy"))
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    input_ids, attention_mask, completion_mask = (t.cuda() for t in padded_batch(0, LAYOUTS["groups"]))
+
+    def trl_forward():
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :-9] = -100
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
+                    output_router_logits=True)
+        return out.log_probs[:, -9:], out.entropy[:, -9:], out.aux_loss
+
+    results = []
+    for score in (trl_forward, lambda: packed_scoring.score_rows(model, input_ids, attention_mask, 9, 6, True, True)):
+        model.zero_grad()
+        logps, entropy, aux = score()
+        ((logps * completion_mask).sum() + 100 * aux).backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((logps.float().detach(), entropy.float().detach(), aux.float().detach(), grads))
+    kept = completion_mask.bool()
+    (plain_logps, plain_entropy, plain_aux, plain_grads), (logps, entropy, aux, grads) = results
+    assert ((logps - plain_logps)[kept].norm() / plain_logps[kept].norm()) < 1e-2
+    assert ((entropy - plain_entropy)[kept].norm() / plain_entropy[kept].norm()) < 2e-2
+    torch.testing.assert_close(aux, plain_aux, rtol=1e-2, atol=1e-3)
+    for name, grad in plain_grads.items():
+        assert (grads[name] - grad).norm() <= 5e-2 * grad.norm() + 1e-6, name

@@ -34,6 +34,7 @@ instead of training on with a silently different behaviour.
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -72,6 +73,7 @@ class TesGRPOTrainer(GRPOTrainer):
         self.memory_phases = memory_phases or memory_plan.PhasePeaks("cpu")
         self.staging_dir = None  # the hidden directory a checkpoint is being written into
         self.completion_log = completion_log  # completion_log.CompletionLog, or None: every scored completion
+        self.said_unpacked = False  # whether the run was told that its shared prompts are scored row by row
         super().__init__(*args, **kwargs)
 
     # -- scoring ---------------------------------------------------------------------------------------------------
@@ -82,10 +84,15 @@ class TesGRPOTrainer(GRPOTrainer):
         part = "log-probabilities for the loss" if torch.is_grad_enabled() else "log-probabilities without gradient"
         with torch.profiler.record_function(PROFILER_RANGES[part]):
             plain = not wrapped and all(x is None for x in extra.values())
-            if plain and packed_scoring.applies(model, attention_mask, logits_to_keep):
+            unpacked = (packed_scoring.why_not(model, attention_mask, logits_to_keep) if plain
+                        else "a model wrapped for several processes, or extra inputs")
+            if unpacked is None:
                 return packed_scoring.score_rows(model, input_ids, attention_mask, logits_to_keep,
                                                  batch_size or input_ids.size(0), compute_entropy, compute_aux_loss,
                                                  self.accelerator.autocast)
+            if packed_scoring.shared_prompts_enabled() and not self.said_unpacked:  # asked for, not taken: say so once
+                print(f"shared prompts: scoring row by row instead ({unpacked})", file=sys.stderr, flush=True)
+                self.said_unpacked = True
             if input_ids.device.type != "cpu" or not plain:
                 return super()._get_per_token_logps_and_entropies(
                     model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,

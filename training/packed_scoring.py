@@ -20,7 +20,8 @@ back in the rows' order: the same log-probabilities, entropies and losses as TRL
 (tests/test_packed_scoring.py).
 
 Used where SHARED_PROMPTS (or the variable SHARED_PROMPTS_VARIABLE) says so and the model attends through
-sink_attention.NAME (model_loader's choice on a GPU); rows whose masks have holes are scored by TRL's path.
+sink_attention.NAME (model_loader's choice on a GPU); rows whose masks have holes are scored by TRL's path
+(`why_not` says which; the trainer says it once).
 """
 
 import contextlib
@@ -60,12 +61,17 @@ def shared_prompts_enabled():
     return SHARED_PROMPTS if value == "" else value == "1"
 
 
-def applies(model, attention_mask, completion_len):
-    """Whether score_rows can score these rows: enabled, the model attending through sink_attention.NAME, and every
-    row's mask one run of prompt tokens ending at the completion and one run of completion tokens starting there."""
-    if not shared_prompts_enabled() or not sink_attention.attends_through_this(model):
-        return False
-    return bool(contiguous_rows(attention_mask.bool(), attention_mask.size(1) - completion_len).all())
+def why_not(model, attention_mask, completion_len):
+    """None where score_rows scores these rows (enabled, the model attending through sink_attention.NAME, every
+    row's mask one run of prompt tokens ending at the completion and one run of completion tokens starting there),
+    else why not, in a few words."""
+    if not shared_prompts_enabled():
+        return f"{SHARED_PROMPTS_VARIABLE} is off"
+    if not sink_attention.attends_through_this(model):
+        return f"the model does not attend through {sink_attention.NAME} (a GPU's attention)"
+    if not contiguous_rows(attention_mask.bool(), attention_mask.size(1) - completion_len).all():
+        return "a row's attention mask has a hole"
+    return None
 
 
 def contiguous_rows(mask, width):
