@@ -261,6 +261,8 @@ def grouped_matmul(x, counts, blocks, scales, transpose, bias=None, expert_of_ro
                 rows = x[start:start + count]
                 out[start:start + count] = rows @ weight if transpose else rows @ weight.t()
             start += count
+    del weights  # the layer's bf16 matrix is freed before the bias' [rows, out] tensors are made, as it was when the
+                 #   bias was added by the caller
     if bias is not None:
         out = out + bias.index_select(0, expert_of_row)
     return out
