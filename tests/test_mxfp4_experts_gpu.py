@@ -282,6 +282,33 @@ def grouped_matmul(request, monkeypatch):
     return request.param
 
 
+def test_the_many_rows_forward_holds_one_dequantised_matrix_and_nothing_beside_it(loaded, monkeypatch):
+    """The 'dequantize' path's peak is the gate_up matrix in bf16 beside its input and output rows: the bias' row-
+    sized tensors come after the matrix is freed (with them beside it, the peak would be two output sizes higher)."""
+    from gpu_engine import mxfp4_experts
+
+    monkeypatch.setenv(mxfp4_experts.GROUPED_MATMUL_VARIABLE, "dequantize")
+    experts = loaded[0].model.layers[6].mlp.experts
+    torch.manual_seed(6)
+    tokens = 3000
+    h = torch.randn(tokens, experts.hidden_size, device="cuda").to(torch.bfloat16)
+    index = torch.stack([torch.randperm(experts.num_experts, device="cuda")[:4] for _ in range(tokens)])
+    scores = torch.softmax(torch.randn(tokens, 4, device="cuda"), -1).to(torch.bfloat16)
+    with torch.no_grad():
+        mxfp4_experts.grouped_forward(experts, h, index, scores)  # the kernels' first launch, outside the figure
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        mxfp4_experts.grouped_forward(experts, h, index, scores)
+        peak = torch.cuda.max_memory_allocated() - base
+    pairs, two = tokens * 4, torch.tensor([], dtype=torch.bfloat16).element_size()
+    matrix = experts.num_experts * 2 * experts.intermediate_size * experts.hidden_size * two
+    rows_in, rows_out = pairs * experts.hidden_size * two, pairs * 2 * experts.intermediate_size * two
+    print(f"\nmany-rows forward: peak {peak / 2**30:.2f} GiB beside the model; matrix {matrix / 2**30:.2f} GiB, "
+          f"rows in {rows_in / 2**30:.2f}, rows out {rows_out / 2**30:.2f}")
+    assert peak <= matrix + rows_in + rows_out + 2**26  # 64 MiB for the indices and the allocator's rounding
+
+
 def test_the_many_rows_forward_and_backward_never_wait_for_the_gpu(loaded, grouped_matmul):
     """The training forward and backward of the experts queue their kernels without reading anything back to the
     host (a read-back in every layer would stall the queue 24 times a pass): torch's sync debug mode raises on one.
