@@ -4,7 +4,7 @@
                              generation_backend="engine", base_model_id="tiny")     # train_grpo.make_trainer
 
 What it changes (each by overriding the method the documented way, never by assigning to an instance):
-- `_get_per_token_logps_and_entropies`: where packed_scoring.applies (chosen by its SHARED_PROMPTS, a model
+- `_get_per_token_logps_and_entropies`: where packed_scoring.why_not finds nothing (its SHARED_PROMPTS on, a model
   attending through sink_attention), each micro-batch packed into one sequence with each shared prompt once; else on
   a CPU, completion_scoring.py scores a GRPO group's prompt once and projects only the completion positions; on
   every other device, a model wrapped for several processes and multimodal inputs, TRL's own chunked path;
