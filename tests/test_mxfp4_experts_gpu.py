@@ -257,7 +257,7 @@ def test_the_fused_swiglu_rounds_as_eager_torch_and_its_gradient_matches():
     results = {}
     for name, fn, dtype in (("fused", FusedSwiglu.apply, torch.bfloat16), ("eager", mxfp4_experts.swiglu, torch.bfloat16),
                             ("float32", mxfp4_experts.swiglu, torch.float32)):
-        x = gate_up.to(dtype).requires_grad_()
+        x = gate_up.detach().to(dtype).clone().requires_grad_()  # each its own leaf
         out = fn(x, limit, alpha)
         out.backward(grad.to(dtype))
         results[name] = (out.detach().float(), x.grad.float())

@@ -160,43 +160,62 @@ def test_an_empty_completion_and_a_one_token_prompt_score_as_trls_forward(traine
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_packed_rows_score_as_trls_forward_on_a_gpu_in_bf16(monkeypatch):
-    """The GPU's own path: bf16, sink attention through SDPA's memory-efficient kernel, MXFP4 experts, LoRA;
-    log-probabilities, entropies, aux loss and LoRA gradients against TRL's forward per row, to bf16 rounding."""
+def test_packed_rows_score_as_trls_forward_on_a_gpu(monkeypatch):
+    """The GPU's own path (sink attention through SDPA's memory-efficient kernel, MXFP4 experts, LoRA): in fp32 the
+    same log-probabilities, entropies, aux loss and LoRA gradients as TRL's forward per row; in bf16 each path as
+    close to fp32 as the other (the two round differently: positions, sums over a shared prefix, the router's top-k
+    at near ties)."""
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
     import model_loader
 
     monkeypatch.setenv(packed_scoring.SHARED_PROMPTS_VARIABLE, "1")
-    torch.manual_seed(0)
-    base = model_loader.load_model("tiny", device="cuda")
-    assert sink_attention.attends_through_this(base) and base.dtype == torch.bfloat16
-    add_fused_lm_head(base, temperature=0.7, outputs=("log_probs", "entropy"))
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
     input_ids, attention_mask, completion_mask = (t.cuda() for t in padded_batch(0, LAYOUTS["groups"]))
-
-    def trl_forward():
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        labels[:, :-9] = -100
-        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
-                    output_router_logits=True)
-        return out.log_probs[:, -9:], out.entropy[:, -9:], out.aux_loss
-
-    results = []
-    for score in (trl_forward, lambda: packed_scoring.score_rows(model, input_ids, attention_mask, 9, 6, True, True)):
-        model.zero_grad()
-        logps, entropy, aux = score()
-        ((logps * completion_mask).sum() + 100 * aux).backward()
-        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
-        results.append((logps.float().detach(), entropy.float().detach(), aux.float().detach(), grads))
     kept = completion_mask.bool()
-    (plain_logps, plain_entropy, plain_aux, plain_grads), (logps, entropy, aux, grads) = results
-    assert ((logps - plain_logps)[kept].norm() / plain_logps[kept].norm()) < 1e-2
-    assert ((entropy - plain_entropy)[kept].norm() / plain_entropy[kept].norm()) < 2e-2
-    torch.testing.assert_close(aux, plain_aux, rtol=1e-2, atol=1e-3)
-    for name, grad in plain_grads.items():
-        assert (grads[name] - grad).norm() <= 5e-2 * grad.norm() + 1e-6, name
+    lora = None
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        base = model_loader.load_model("tiny", device="cuda", dtype=dtype)
+        assert sink_attention.attends_through_this(base)
+        add_fused_lm_head(base, temperature=0.7, outputs=("log_probs", "entropy"))
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+        if lora is None:
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(param, std=0.05)
+            lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad():  # the same adapter in both dtypes
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    param.copy_(lora[name])
+
+        def trl_forward():
+            labels = input_ids.masked_fill(attention_mask == 0, -100)
+            labels[:, :-9] = -100
+            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
+                        output_router_logits=True)
+            return out.log_probs[:, -9:], out.entropy[:, -9:], out.aux_loss
+
+        def packed():
+            return packed_scoring.score_rows(model, input_ids, attention_mask, 9, 6, True, True)
+
+        for path, score in (("plain", trl_forward), ("packed", packed)):
+            model.zero_grad()
+            logps, entropy, aux = score()
+            ((logps * completion_mask).sum() + aux).backward()
+            grads = torch.cat([p.grad.float().reshape(-1) for n, p in model.named_parameters() if p.requires_grad])
+            results[path, dtype] = (logps.float().detach()[kept], entropy.float().detach()[kept],
+                                    aux.float().detach(), grads)
+
+    def error(got, ref):
+        return ((got - ref).norm() / ref.norm()).item()
+
+    fp32, bf16 = torch.float32, torch.bfloat16
+    for part, tolerance in ((0, 1e-5), (1, 1e-4), (2, 1e-5), (3, 1e-4)):  # logps, entropy, aux, gradients
+        assert error(results["packed", fp32][part], results["plain", fp32][part]) <= tolerance, part
+        packed_error = error(results["packed", bf16][part], results["plain", fp32][part])
+        plain_error = error(results["plain", bf16][part], results["plain", fp32][part])
+        print(f"\npart {part}: bf16 against fp32, packed {packed_error:.2e}, row by row {plain_error:.2e}")
+        assert packed_error <= 2 * plain_error + 1e-3, part
