@@ -168,6 +168,18 @@ def rounded(x, dtype: tl.constexpr):
     return x.to(dtype).to(tl.float32)
 
 
+@triton.jit
+def rounded_swiglu(gate, up, limit, alpha, dtype: tl.constexpr):
+    """mxfp4_experts.swiglu of float32 gate and up values as eager torch computes it in `dtype`: the clamps (a NaN
+    stays NaN, as in torch's clamp), then (up + 1) * (gate * sigmoid(gate * alpha)) with every step rounded to dtype
+    as those eager ops round it; the last product is returned in float32, for the caller to round."""
+    gate = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)
+    up = tl.minimum(tl.maximum(up, -limit, propagate_nan=tl.PropagateNan.ALL), limit, propagate_nan=tl.PropagateNan.ALL)
+    up_plus_one = rounded(up + 1.0, dtype)
+    gated = rounded(gate * rounded(tl.sigmoid(rounded(gate * alpha, dtype)), dtype), dtype)
+    return up_plus_one * gated
+
+
 def set_transposed_block_shapes(nargs):
     """triton.autotune pre-hook: the TMA descriptors' tile shapes follow the config being run."""
     nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
@@ -262,14 +274,9 @@ def transposed_tile(x_desc, w_desc, s_desc, bias_ptr, out_ptr, N, limit, alpha, 
         stored = acc.to(bias_ptr.dtype.element_ty).to(tl.float32)
         pairs = tl.permute(tl.reshape(stored, [BLOCK_N // 2, 2, BLOCK_M]), [0, 2, 1])
         gate, up = tl.split(pairs)
-        gate = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)  # a NaN stays NaN, as in torch's clamp
-        up = tl.minimum(tl.maximum(up, -limit, propagate_nan=tl.PropagateNan.ALL), limit,
-                        propagate_nan=tl.PropagateNan.ALL)
         # each step rounded to the bias' dtype, as the plain path's (and the training forward's) bf16 ops round it
-        up_plus_one = rounded(up + 1.0, bias_ptr.dtype.element_ty)
-        gated = rounded(gate * rounded(tl.sigmoid(rounded(gate * alpha, bias_ptr.dtype.element_ty)),
-                                       bias_ptr.dtype.element_ty), bias_ptr.dtype.element_ty)
-        act = (up_plus_one * gated).to(bias_ptr.dtype.element_ty).to(tl.float16)
+        act = rounded_swiglu(gate, up, limit, alpha, bias_ptr.dtype.element_ty)
+        act = act.to(bias_ptr.dtype.element_ty).to(tl.float16)
         # column j of the activation -> its place in permute_for_transposed's order (input 8c + 4j + 2i + h of a
         # block sits at 16h + 8j + 2c + i)
         j = n0 // 2 + tl.arange(0, BLOCK_N // 2)

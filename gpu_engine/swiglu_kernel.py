@@ -13,13 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from gpu_engine.mxfp4_kernels import rounded_swiglu
+
 BLOCK = 1024  # activations a program computes
-
-
-@triton.jit
-def rounded(x, dtype: tl.constexpr):
-    """fp32 x rounded to dtype and back: one eager op's rounding of its result."""
-    return x.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -36,10 +32,7 @@ def swiglu_forward_kernel(gate_up_ptr, out_ptr, n, limit, alpha, BLOCK: tl.const
     ok = i < n
     gate, up = gate_and_up(gate_up_ptr, i, ok)
     dtype: tl.constexpr = out_ptr.dtype.element_ty
-    gate = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)  # a NaN stays NaN, as in torch's clamp
-    up = tl.minimum(tl.maximum(up, -limit, propagate_nan=tl.PropagateNan.ALL), limit, propagate_nan=tl.PropagateNan.ALL)
-    gated = rounded(gate * rounded(tl.sigmoid(rounded(gate * alpha, dtype)), dtype), dtype)
-    tl.store(out_ptr + i, (rounded(up + 1.0, dtype) * gated).to(dtype), mask=ok)
+    tl.store(out_ptr + i, rounded_swiglu(gate, up, limit, alpha, dtype).to(dtype), mask=ok)
 
 
 @triton.jit
