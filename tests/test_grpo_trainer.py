@@ -12,6 +12,11 @@ from test_rollout_engine import make_model
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
+    return make_trainer(tmp_path_factory, make_model(expert_lora=True, device="cpu"))
+
+
+def make_trainer(tmp_path_factory, model):
+    """A TesGRPOTrainer on the CPU around `model`, 6 rows a batch in groups of 3, temperature 0.7, no rewards."""
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -23,8 +28,7 @@ def trainer(tmp_path_factory):
     args = GRPOConfig(output_dir=str(tmp_path_factory.mktemp("out")), use_cpu=True, report_to=[],
                       per_device_train_batch_size=6, num_generations=3, temperature=0.7, bf16=False,
                       **train_grpo.checkpointing_fields(True))
-    return TesGRPOTrainer(model=make_model(expert_lora=True, device="cpu"),
-                          reward_funcs=lambda completions, **_: [0.0], args=args,
+    return TesGRPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0], args=args,
                           train_dataset=Dataset.from_dict({"prompt": ["a"] * 6}),
                           processing_class=model_loader.load_tokenizer("tiny"), generation_backend="generate",
                           base_model_id="tiny")
@@ -80,21 +84,28 @@ def test_completion_scores_match_trls_chunked_lm_head(trainer, layout):
     expected = scores_and_gradients(trainer, trl_path(trainer), LAYOUTS[layout])
     got = scores_and_gradients(trainer, trainer._get_per_token_logps_and_entropies, LAYOUTS[layout])
 
+    # the entropy only feeds logging (and TOP_ENTROPY_QUANTILE); TRL folds it online, here it is summed, so the two
+    # round differently at low entropy
+    assert_scores_match(got, expected, entropy_tolerance=1e-3)
+    # rows per forward of the model's backbone: each chunk of 3 rows as one forward, or its 2 prompts then 3 rows
+    assert got[5] == {"groups": [2, 3, 2, 3], "distinct": [3, 3]}[layout]
+
+
+def assert_scores_match(got, expected, entropy_tolerance):
+    """`scores_and_gradients` of a scoring path (`got`) against TRL's (`expected`): the same MoE load-balancing
+    loss, log-probabilities, entropies (to `entropy_tolerance`) and LoRA gradients, 0 past each completion, on a
+    batch whose log-probabilities and gradients are real."""
     kept = expected[4]
     assert got[0].shape == expected[0].shape == (6, 9)
     torch.testing.assert_close(got[2], expected[2])  # the MoE load-balancing loss (gpt-oss: coefficient 0.001)
     torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
-    # the entropy only feeds logging (and TOP_ENTROPY_QUANTILE); TRL folds it online, here it is summed, so the two
-    # round differently at low entropy
-    torch.testing.assert_close(got[1][kept], expected[1][kept], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(got[1][kept], expected[1][kept], atol=entropy_tolerance, rtol=entropy_tolerance)
     assert (got[0][~kept] == 0).all() and (got[1][~kept] == 0).all()
     assert expected[0][kept].std() > 0.1  # real, varied log-probabilities, not a degenerate batch
     assert set(got[3]) == set(expected[3]) and any("experts" in name for name in got[3])
     for name, grad in expected[3].items():
         torch.testing.assert_close(got[3][name], grad, atol=1e-4, rtol=1e-5, msg=name)
         assert grad.abs().sum() > 0 or "lora_A" in name, name  # B starts perturbed, so A's gradient need not vanish
-    # rows per forward of the model's backbone: each chunk of 3 rows as one forward, or its 2 prompts then 3 rows
-    assert got[5] == {"groups": [2, 3, 2, 3], "distinct": [3, 3]}[layout]
 
 
 def test_entropy_and_aux_loss_are_left_out_unless_asked_for(trainer):
